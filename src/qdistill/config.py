@@ -1,0 +1,254 @@
+"""The one config schema every command shares: defaults, TOML files, overrides, checks.
+
+A config is a plain ``dict`` of sections (``data``, ``teacher``, ``student``, ``train``,
+``study``, ``run``). Layers, last wins: defaults < ``--config FILE.toml`` < command-line
+flags < ``--set section.key=value``. Every error is a `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import math
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULTS: dict[str, dict] = {
+    "data": {
+        "dataset": "digits",          # svhn, digits, npz, fake
+        "data_dir": "~/.cache/qdistill/svhn",
+        "data_path": "",              # the .npz of the npz dataset
+        "extra": False,               # svhn: add extra_32x32.mat to train
+        "augment": "none",            # none, light
+        "val_fraction": 0.05,
+        "verify": True,               # svhn: md5-check the official files
+        "max_train": 0,               # keep the first N train images (0: all)
+        "max_test": 0,                # keep the first N test images (0: all)
+    },
+    "teacher": {
+        "run": "",                    # an existing teacher run to reuse
+        "model": "vgg7",
+    },
+    "student": {
+        "model": "vgg7",
+        "weight_bits": 2,
+        "act_bits": 1,
+        "grad_bits": 32,
+        "scheme": "dorefa",           # dorefa, homework
+        "quantize_first_last": False,
+        "loss": "hard",               # hard, soft, hard+soft, hard+softgt
+        "temperature": 4.0,
+        # "c": absent means T**2
+    },
+    "train": {
+        "epochs": 60,
+        "batch_size": 256,
+        "lr": 0.01,
+        "schedule": "course",         # course (x0.1 at 25%, x0.05 at 67%), cosine
+        "weight_decay": 0.0,
+        "seed": 0,
+        "device": "auto",             # auto, cpu, cuda, cuda:N, mps
+    },
+    "study": {
+        "temperatures": [1.0, 2.0, 4.0, 8.0, 15.0],
+        # "c": absent means T**2
+        "seeds": [0, 1, 2],
+        "questions": ["q1", "q2", "q3", "q4"],
+        "teacher_epochs": 0,          # 0: train.epochs
+        "fused": True,
+        "workers": 0,                 # 0: 1 on CPU, one per GPU otherwise
+    },
+    "run": {
+        "role": "student",            # teacher, student (written by the command)
+    },
+}
+OPTIONAL = {("student", "c"), ("study", "c")}
+
+DATASETS = ("svhn", "digits", "npz", "fake")
+AUGMENTS = ("none", "light")
+SCHEMES = ("dorefa", "homework")
+LOSSES = ("hard", "soft", "hard+soft", "hard+softgt")
+SCHEDULES = ("course", "cosine")
+QUESTIONS = ("q1", "q2", "q3", "q4")
+ROLES = ("teacher", "student")
+
+
+def defaults() -> dict:
+    return copy.deepcopy(DEFAULTS)
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def merge(cfg: dict, override: dict, origin: str = "config") -> dict:
+    """Merge ``override`` into ``cfg`` in place, refusing unknown sections and keys."""
+    for section, values in override.items():
+        if section not in DEFAULTS:
+            raise ConfigError(f"{origin}: unknown section [{section}]; known: {', '.join(DEFAULTS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        for key, value in values.items():
+            if key not in DEFAULTS[section] and (section, key) not in OPTIONAL:
+                known = sorted(set(DEFAULTS[section]) | {k for s, k in OPTIONAL if s == section})
+                raise ConfigError(f"{origin}: unknown key {section}.{key}; known: {', '.join(known)}")
+            cfg[section][key] = value
+    return cfg
+
+
+def parse_set(item: str) -> dict:
+    """``section.key=value`` -> ``{section: {key: value}}``; the value is read as TOML
+    (numbers, booleans, lists), falling back to a plain string."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return {section: {key: value}}
+
+
+def _type_check(cfg: dict) -> None:
+    for section, values in DEFAULTS.items():
+        for key, default in values.items():
+            value = cfg[section][key]
+            where = f"{section}.{key}"
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where} must be true or false, got {value!r}")
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"{where} must be an integer, got {value!r}")
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{where} must be a number, got {value!r}")
+                cfg[section][key] = float(value)
+            elif isinstance(default, str):
+                if not isinstance(value, str):
+                    raise ConfigError(f"{where} must be a string, got {value!r}")
+            elif isinstance(default, list):
+                if not isinstance(value, list) or not value:
+                    raise ConfigError(f"{where} must be a non-empty list, got {value!r}")
+
+
+def _choice(cfg, section, key, choices):
+    if cfg[section][key] not in choices:
+        raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {cfg[section][key]!r}")
+
+
+def _bits(cfg, section, key):
+    b = cfg[section][key]
+    if not (1 <= b <= 8 or b == 32):
+        raise ConfigError(f"{section}.{key} must be 1..8 or 32, got {b}")
+
+
+def _positive_number(value, where):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def validate(cfg: dict) -> dict:
+    """Check every value; fill ``student.c`` (T**2 when absent). Returns ``cfg``."""
+    _type_check(cfg)
+    _choice(cfg, "data", "dataset", DATASETS)
+    _choice(cfg, "data", "augment", AUGMENTS)
+    _choice(cfg, "student", "scheme", SCHEMES)
+    _choice(cfg, "student", "loss", LOSSES)
+    _choice(cfg, "train", "schedule", SCHEDULES)
+    _choice(cfg, "run", "role", ROLES)
+    for key in ("weight_bits", "act_bits", "grad_bits"):
+        _bits(cfg, "student", key)
+    if not 0.0 <= cfg["data"]["val_fraction"] < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg['data']['val_fraction']}")
+    for key in ("max_train", "max_test"):
+        if cfg["data"][key] < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {cfg['data'][key]}")
+    if cfg["data"]["dataset"] == "npz" and not cfg["data"]["data_path"]:
+        raise ConfigError("dataset npz needs data.data_path (--data-path FILE.npz)")
+    t = cfg["train"]
+    if t["epochs"] < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {t['epochs']}")
+    if t["batch_size"] < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {t['batch_size']}")
+    _positive_number(t["lr"], "train.lr")
+    if t["weight_decay"] < 0:
+        raise ConfigError(f"train.weight_decay must be >= 0, got {t['weight_decay']}")
+    s = cfg["student"]
+    s["temperature"] = _positive_number(s["temperature"], "student.temperature")
+    if "c" in s:
+        if isinstance(s["c"], bool) or not isinstance(s["c"], (int, float)) or s["c"] < 0:
+            raise ConfigError(f"student.c must be a number >= 0, got {s['c']!r}")
+        s["c"] = float(s["c"])
+    st = cfg["study"]
+    st["temperatures"] = [_positive_number(v, "study.temperatures[]") for v in st["temperatures"]]
+    for seed in st["seeds"]:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"study.seeds must be integers >= 0, got {seed!r}")
+    for q in st["questions"]:
+        if q not in QUESTIONS:
+            raise ConfigError(f"study.questions: unknown question {q!r}; known: {', '.join(QUESTIONS)}")
+    if "c" in st:
+        if isinstance(st["c"], bool) or not isinstance(st["c"], (int, float)) or st["c"] < 0:
+            raise ConfigError(f"study.c must be a number >= 0, got {st['c']!r}")
+    if st["teacher_epochs"] < 0 or st["workers"] < 0:
+        raise ConfigError("study.teacher_epochs and study.workers must be >= 0")
+    return cfg
+
+
+def resolve(config_file: str | None = None, flags: dict | None = None, sets: list[str] = ()) -> dict:
+    """defaults < config file < flags < ``--set`` items, then `validate`."""
+    cfg = defaults()
+    if config_file:
+        merge(cfg, read_toml(config_file), origin=str(config_file))
+    if flags:
+        merge(cfg, flags, origin="command line")
+    for item in sets:
+        merge(cfg, parse_set(item), origin=f"--set {item}")
+    return validate(cfg)
+
+
+def loss_c(student: dict) -> float:
+    """The weight c of the soft term: ``student.c`` or ``T**2``."""
+    return float(student["c"]) if "c" in student else float(student["temperature"]) ** 2
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dumps(cfg: dict, sections=None) -> str:
+    """The config as TOML text, sections and keys in schema order."""
+    out = []
+    for section in sections or DEFAULTS:
+        if section not in cfg:
+            continue
+        out.append(f"[{section}]")
+        keys = list(DEFAULTS[section]) + [k for k in cfg[section] if k not in DEFAULTS[section]]
+        for key in keys:
+            if key in cfg[section]:
+                out.append(f"{key} = {_toml_value(cfg[section][key])}")
+        out.append("")
+    return "\n".join(out)

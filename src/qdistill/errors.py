@@ -1,0 +1,20 @@
+"""Errors a user can cause. The CLI catches `UserError` once: one line on stderr, exit code 2.
+
+Anything else that raises is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a config, a flag, a path or a data file."""
+
+
+class ConfigError(UserError):
+    """A config file or flag has an unknown key or a value out of range."""
+
+
+class DataError(UserError):
+    """A dataset file is missing, corrupt or malformed."""
+
+
+class RunError(UserError):
+    """A run directory is missing, incomplete, or would be overwritten."""

@@ -191,9 +191,11 @@ def validate(cfg: dict) -> dict:
     s = cfg["student"]
     s["temperature"] = _positive_number(s["temperature"], "student.temperature")
     if "c" in s:
-        if isinstance(s["c"], bool) or not isinstance(s["c"], (int, float)) or s["c"] < 0:
+        if isinstance(s["c"], bool) or not isinstance(s["c"], (int, float)) or not 0 <= s["c"] < math.inf:
             raise ConfigError(f"student.c must be a number >= 0, got {s['c']!r}")
         s["c"] = float(s["c"])
+    if s["loss"] in ("hard+soft", "hard+softgt") and "c" not in s:
+        s["c"] = s["temperature"] ** 2  # written out, so a run's config says what it used
     st = cfg["study"]
     st["temperatures"] = [_positive_number(v, "study.temperatures[]") for v in st["temperatures"]]
     for seed in st["seeds"]:
@@ -203,7 +205,7 @@ def validate(cfg: dict) -> dict:
         if q not in QUESTIONS:
             raise ConfigError(f"study.questions: unknown question {q!r}; known: {', '.join(QUESTIONS)}")
     if "c" in st:
-        if isinstance(st["c"], bool) or not isinstance(st["c"], (int, float)) or st["c"] < 0:
+        if isinstance(st["c"], bool) or not isinstance(st["c"], (int, float)) or not 0 <= st["c"] < math.inf:
             raise ConfigError(f"study.c must be a number >= 0, got {st['c']!r}")
     if st["teacher_epochs"] < 0 or st["workers"] < 0:
         raise ConfigError("study.teacher_epochs and study.workers must be >= 0")
@@ -237,6 +239,14 @@ def _toml_value(v) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
+
+
+RUN_SECTIONS = ("data", "teacher", "student", "train", "run")
+
+
+def run_text(cfg: dict) -> str:
+    """The config of one run as written to ``RUN/config.toml`` (no ``[study]``)."""
+    return dumps(cfg, RUN_SECTIONS)
 
 
 def dumps(cfg: dict, sections=None) -> str:

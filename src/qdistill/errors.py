@@ -18,3 +18,7 @@ class DataError(UserError):
 
 class RunError(UserError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class ExportError(UserError):
+    """A model cannot be exported: full precision, or a layer or bit-width the packed format lacks."""

@@ -14,53 +14,18 @@ Layout of ``RUN/``:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import config as configlib
+from .atomic import atomic_write
 from .errors import RunError
 from .models import build
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: a reader never sees a
-    half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_torch_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def model_meta(cfg: dict, num_classes: int, class_names: list[str]) -> dict:
@@ -120,3 +85,17 @@ def read_metrics(run: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_teacher(run: str | Path, data) -> torch.nn.Module:
+    """The eval-mode teacher of a finished run, checked against ``data``'s classes."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"teacher run not found: {run}")
+    if read_summary(run) is None:
+        raise RunError(f"teacher run {run} has not finished (no summary.json)")
+    model, meta = load_model(run, "best")
+    if meta["build"]["num_classes"] != data.num_classes or meta["class_names"] != list(data.class_names):
+        raise RunError(f"teacher {run} was trained on {meta['build']['num_classes']} classes "
+                       f"{meta['class_names']}, but the data has {data.num_classes} {list(data.class_names)}")
+    return model

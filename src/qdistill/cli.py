@@ -1,0 +1,291 @@
+"""The ``qdistill`` command: argument parsing, config layering and error messages.
+
+Every command takes ``--config FILE.toml`` and ``--set section.key=value``; flags
+override the file and ``--set`` overrides both. A `UserError` anywhere becomes one
+line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from . import config as configlib
+from .errors import ConfigError, RunError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"qdistill: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# --- flags shared by the training commands -------------------------------------------------
+
+def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
+    g = p.add_argument_group("config")
+    g.add_argument("--config", help="TOML config file (see configs/)")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key (repeatable)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=configlib.DATASETS)
+    g.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
+    g.add_argument("--data-path", help="the .npz file of the npz dataset")
+    g.add_argument("--extra", action="store_true", default=None, help="svhn: add extra_32x32.mat to train")
+    g.add_argument("--no-verify", action="store_false", dest="verify", default=None,
+                   help="svhn: accept files that are not the official ones (skip md5)")
+    g.add_argument("--augment", choices=configlib.AUGMENTS)
+    g.add_argument("--val-fraction", type=float)
+    g.add_argument("--max-train", type=int, help="keep the first N training images")
+    g.add_argument("--max-test", type=int, help="keep the first N test images")
+    g = p.add_argument_group("training")
+    g.add_argument("--model", help=model_help)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--schedule", choices=configlib.SCHEDULES)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_student_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("student")
+    g.add_argument("--loss", choices=configlib.LOSSES)
+    g.add_argument("--temperature", "-T", type=float)
+    g.add_argument("--c", type=float, help="weight of the soft term (default T^2)")
+    g.add_argument("--weight-bits", type=int)
+    g.add_argument("--act-bits", type=int)
+    g.add_argument("--grad-bits", type=int)
+    g.add_argument("--scheme", choices=configlib.SCHEMES)
+    g.add_argument("--quantize-first-last", action="store_true", default=None)
+
+
+_FLAG_KEYS = {
+    "data": ("dataset", "data_dir", "data_path", "extra", "verify", "augment", "val_fraction",
+             "max_train", "max_test"),
+    "train": ("epochs", "batch_size", "lr", "schedule", "weight_decay", "seed", "device"),
+    "student": ("loss", "temperature", "c", "weight_bits", "act_bits", "grad_bits", "scheme",
+                "quantize_first_last"),
+}
+
+
+def _flags(args, model_section: str | None) -> dict:
+    """The config keys the command line sets, as a partial config."""
+    out: dict[str, dict] = {}
+    for section, keys in _FLAG_KEYS.items():
+        for key in keys:
+            value = getattr(args, key, None)
+            if value is not None:
+                out.setdefault(section, {})[key] = value
+    if model_section and getattr(args, "model", None):
+        out.setdefault(model_section, {})["model"] = args.model
+    if getattr(args, "teacher", None):
+        out.setdefault("teacher", {})["run"] = args.teacher
+    return out
+
+
+def _explicit(args, flags: dict) -> dict:
+    """Everything the user set (file, flags, --set), without defaults."""
+    explicit = {s: {} for s in configlib.DEFAULTS}
+    if args.config:
+        configlib.merge(explicit, configlib.read_toml(args.config), origin=args.config)
+    configlib.merge(explicit, flags)
+    for item in args.set:
+        configlib.merge(explicit, configlib.parse_set(item), origin=f"--set {item}")
+    return explicit
+
+
+def _resolve(args, *, role: str, model_section: str) -> dict:
+    flags = _flags(args, model_section)
+    explicit = _explicit(args, flags)
+    cfg = configlib.defaults()
+    teacher_run = explicit["teacher"].get("run", "")
+    if role == "student" and teacher_run:
+        # The student's data defaults to its teacher's.
+        from .runs import read_config
+        tdata = read_config(teacher_run).get("data", {})
+        configlib.merge(cfg, {"data": {k: v for k, v in tdata.items() if k in configlib.DEFAULTS["data"]}},
+                        origin=f"{teacher_run}/config.toml")
+    for section, values in explicit.items():
+        cfg[section].update(values)
+    cfg["run"]["role"] = role
+    return configlib.validate(cfg)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def cmd_teacher(args) -> int:
+    from .data import load
+    from .train import train
+    cfg = _resolve(args, role="teacher", model_section="teacher")
+    _require_out(args)
+    summary = train(cfg, args.out, load(cfg["data"]), resume=args.resume, force=args.force,
+                    progress=not args.quiet)
+    print(f"teacher {args.out}: val {summary['val_best_acc']:.4f} "
+          f"test at best val {summary['test_acc_at_val_best']:.4f} ({summary['wall_s']:.0f} s)")
+    return 0
+
+
+def cmd_student(args) -> int:
+    from .data import load
+    from .losses import NEEDS_TEACHER
+    from .runs import load_teacher
+    from .train import train
+    cfg = _resolve(args, role="student", model_section="student")
+    _require_out(args)
+    data = load(cfg["data"])
+    run = cfg["teacher"]["run"]
+    if not run and NEEDS_TEACHER[cfg["student"]["loss"]]:
+        raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN")
+    teacher = load_teacher(run, data) if run else None
+    summary = train(cfg, args.out, data, teacher=teacher, resume=args.resume, force=args.force,
+                    progress=not args.quiet)
+    print(f"student {args.out}: val {summary['val_best_acc']:.4f} "
+          f"test at best val {summary['test_acc_at_val_best']:.4f} ({summary['wall_s']:.0f} s)")
+    return 0
+
+
+def _require_out(args) -> None:
+    if not args.out:
+        raise ConfigError("--out RUN is required")
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from .data import load
+    from .runs import load_model, read_config
+    from .train import per_class_accuracy, predict
+    cfg = configlib.validate(configlib.merge(configlib.defaults(), read_config(args.run), origin=args.run))
+    model, meta = load_model(args.run, args.checkpoint)
+    data = load(cfg["data"])
+    if meta["build"]["num_classes"] != data.num_classes:
+        raise RunError(f"run {args.run} has {meta['build']['num_classes']} classes, its data {data.num_classes}")
+    logits = predict(model, data.x_test)
+    pred = logits.argmax(1)
+    k = data.num_classes
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    confusion.index_put_((data.y_test, pred), torch.ones_like(pred), accumulate=True)
+    result = {"run": str(args.run), "checkpoint": args.checkpoint,
+              "test_acc": (pred == data.y_test).float().mean().item(),
+              "per_class_acc": dict(zip(data.class_names, per_class_accuracy(logits, data.y_test, k))),
+              "confusion": confusion.tolist(), "class_names": data.class_names}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.run} ({args.checkpoint}.pt): test accuracy {result['test_acc']:.4f} on {len(pred)} images")
+    print("per-class accuracy: " + "  ".join(f"{c}:{a:.3f}" for c, a in result["per_class_acc"].items()))
+    width = max(5, *(len(c) for c in data.class_names))
+    print("confusion (rows: true, columns: predicted)")
+    print(" " * width + "".join(f"{c:>{width}}" for c in data.class_names))
+    for name, row in zip(data.class_names, confusion.tolist()):
+        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import describe
+    for d in describe():
+        extra = {k: v for k, v in d.items() if k not in ("name", "description")}
+        print(f"{d['name']:8s} {d['description']}" + (f"  {extra}" if extra else ""))
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .report import write_report
+    from .study import run_study
+    if args.config_file and args.config:
+        raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
+    args.config = args.config_file or args.config
+    flags = _flags(args, "student")
+    cfg = configlib.defaults()
+    configlib.merge(cfg, _explicit(args, flags))
+    cfg = configlib.validate(cfg)
+    if cfg["teacher"]["run"] and not Path(cfg["teacher"]["run"]).is_dir():
+        raise RunError(f"teacher.run {cfg['teacher']['run']} is not a run directory")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    result = run_study(cfg, args.out, force=args.force, workers=args.workers,
+                       fused=False if args.no_fused else None, progress=not args.quiet)
+    ok = len(result["rows"]) - len(result["failed"])
+    print(f"study {args.out}: {ok}/{len(result['rows'])} runs finished")
+    for name in result["failed"]:
+        print(f"  not finished: {name} (see {Path(args.out) / 'runs' / name / 'error.txt'})")
+    print(f"report: {write_report(args.out)['html']}")
+    return 1 if result["failed"] else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    if not (Path(args.study) / "results.csv").is_file():
+        raise RunError(f"{args.study} is not a study (no results.csv)")
+    paths = write_report(args.study)
+    print(f"report: {paths['html']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qdistill", description="Distil full-precision teachers into DoReFa low-bit students.")
+    p.add_argument("--version", action="version", version=f"qdistill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("teacher", help="train a full-precision teacher")
+    _add_common(t, model_help="teacher architecture (default vgg7)")
+    t.add_argument("--out", help="run directory to write")
+    t.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    t.add_argument("--force", action="store_true", help="overwrite an existing run")
+    t.set_defaults(func=cmd_teacher)
+
+    s = sub.add_parser("student", help="train a quantized student (Q1-Q4 losses)")
+    _add_common(s, model_help="student architecture (default vgg7)")
+    _add_student_flags(s)
+    s.add_argument("--teacher", help="teacher run directory (required except for --loss hard/hard+softgt)")
+    s.add_argument("--out", help="run directory to write")
+    s.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    s.add_argument("--force", action="store_true", help="overwrite an existing run")
+    s.set_defaults(func=cmd_student)
+
+    e = sub.add_parser("eval", help="test accuracy, per-class accuracy and confusion matrix of a run")
+    e.add_argument("run")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    st = sub.add_parser("study", help="the Q1-Q4 temperature study, then its report")
+    st.add_argument("config_file", nargs="?", metavar="CONFIG.toml", help="study config (see configs/)")
+    _add_common(st, model_help="student architecture (default vgg7)")
+    _add_student_flags(st)
+    st.add_argument("--teacher", help="reuse this teacher run instead of training one")
+    st.add_argument("--out", required=True, help="study directory")
+    st.add_argument("--workers", type=int, help="runs at once in separate processes (with --no-fused)")
+    st.add_argument("--no-fused", action="store_true", help="train runs one by one, not as fused groups")
+    st.add_argument("--force", action="store_true", help="accept a changed config (stale runs are redone)")
+    st.set_defaults(func=cmd_study)
+
+    r = sub.add_parser("report", help="(re)write the report of a study")
+    r.add_argument("study")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")
+    d.set_defaults(func=cmd_datasets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"qdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdistill: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

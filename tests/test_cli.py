@@ -1,0 +1,190 @@
+"""The single-run path end to end: teacher, students, eval, resume, and bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qdistill import cli, train as trainlib
+
+SMALL = ["--dataset", "digits", "--max-train", "240", "--max-test", "80", "--batch-size", "64", "--quiet"]
+
+
+def run(args, capsys=None):
+    code = cli.main([str(a) for a in args])
+    out = capsys.readouterr() if capsys else None
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t") / "teacher"
+    assert cli.main(["teacher", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_teacher_run_files(teacher):
+    for name in ("config.toml", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json"):
+        assert (teacher / name).is_file(), name
+    summary = json.loads((teacher / "summary.json").read_text())
+    metrics = [json.loads(l) for l in (teacher / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    best = max(metrics, key=lambda m: m["val_acc"])  # first of equals, as the loop keeps it
+    assert summary["val_best_acc"] == best["val_acc"]
+    assert summary["test_acc_at_val_best"] == best["test_acc"]
+    assert summary["test_acc_last"] == metrics[-1]["test_acc"]
+    assert summary["epochs"] == 2 and summary["params"] > 0
+    assert 'role = "teacher"' in (teacher / "config.toml").read_text()
+    # the course schedule: 2 epochs -> x0.1 from epoch round(0.5)=0... both epochs recorded with their lr
+    assert all(m["lr"] > 0 for m in metrics)
+
+
+def test_student_q3_inherits_teacher_data(teacher, tmp_path, capsys):
+    out = tmp_path / "q3"
+    code, cap = run(["student", "--teacher", teacher, "--loss", "hard+soft", "--temperature", "4",
+                     "--epochs", "1", "--quiet", "--out", out], capsys)
+    assert code == 0, cap.err
+    text = (out / "config.toml").read_text()
+    assert "max_train = 240" in text and 'loss = "hard+soft"' in text and "c = 16.0" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["teacher_agreement"] <= 1.0 and summary["kl_to_teacher"] >= 0.0
+    assert summary["model_bytes_at_bits"] * 10 < summary["fp32_bytes"]
+    code, cap = run(["eval", out, "--json"], capsys)
+    result = json.loads(cap.out)
+    assert code == 0 and len(result["confusion"]) == 10
+    assert sum(map(sum, result["confusion"])) == 80
+    assert result["test_acc"] == pytest.approx(summary["test_acc_at_val_best"])
+
+
+def test_schedule_factors():
+    assert [trainlib.lr_factor(e, 60, "course") for e in (0, 14, 15, 39, 40, 59)] == [1, 1, 0.1, 0.1, 0.05, 0.05]
+    assert trainlib.lr_factor(0, 10, "cosine") == 1.0
+    assert trainlib.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
+
+
+def test_same_seed_same_metrics_and_resume_matches(tmp_path, monkeypatch):
+    args = ["student", *SMALL, "--loss", "hard", "--epochs", "3", "--lr", "0.005"]
+    assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "b")]) == 0
+
+    # Crash run c during epoch 2's evaluation: epoch 1's checkpoint stays.
+    calls = {"n": 0}
+    real_predict = trainlib.predict
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(trainlib, "predict", crashing)
+    assert cli.main([*args, "--out", str(tmp_path / "c")]) == 130
+    monkeypatch.setattr(trainlib, "predict", real_predict)
+    assert not (tmp_path / "c" / "summary.json").exists()
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # without --resume the unfinished run is not touched
+    assert cli.main([*args, "--out", str(tmp_path / "c")]) == 2
+    assert cli.main([*args, "--resume", "--out", str(tmp_path / "c")]) == 0
+
+    def metrics(name):
+        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in rows]
+
+    assert metrics("a") == metrics("b")
+    assert metrics("c") == metrics("a")
+    state_a = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]
+    state_c = torch.load(tmp_path / "c" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(state_a[k], state_c[k]) for k in state_a)
+
+
+def test_non_finite_loss_stops_with_a_clear_line(tmp_path, monkeypatch, capsys):
+    real = trainlib.build_loss
+
+    def nan_loss(*a, **k):
+        fn = real(*a, **k)
+        wrapped = lambda z, t, y: fn(z, t, y) * float("nan")
+        wrapped.needs_teacher = fn.needs_teacher
+        return wrapped
+
+    monkeypatch.setattr(trainlib, "build_loss", nan_loss)
+    code, cap = run(["student", *SMALL, "--epochs", "1", "--out", tmp_path / "nan"], capsys)
+    assert code == 2
+    assert "epoch 1, step 1" in cap.err and "Traceback" not in cap.err
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def bad_inputs(tmp_path, teacher):
+    ok = dict(x_train=np.zeros((8, 32, 32, 3), np.uint8), y_train=np.arange(8) % 3,
+              x_test=np.zeros((4, 32, 32, 3), np.uint8), y_test=np.arange(4) % 3)
+    three = _npz(tmp_path / "three.npz", **ok)
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    (finished / "checkpoint.pt").write_text("x")
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[train]\nepohcs = 3\n")
+    mat_dir = tmp_path / "svhn"
+    mat_dir.mkdir()
+    (mat_dir / "train_32x32.mat").write_bytes(b"not a mat file")
+    (mat_dir / "test_32x32.mat").write_bytes(b"not a mat file")
+    out = ["--out", tmp_path / "never"]
+    return [
+        (["teacher", "--config", cfg, *out], "unknown key train.epohcs"),
+        (["teacher", "--config", tmp_path / "nope.toml", *out], "config file not found"),
+        (["student", "--weight-bits", "9", *out], "1..8 or 32"),
+        (["student", "--temperature", "0", *out], "temperature"),
+        (["teacher", "--epochs", "0", *out], "train.epochs"),
+        (["teacher", "--dataset", "npz", "--data-path", tmp_path / "missing.npz", *out], "missing.npz"),
+        (["teacher", "--dataset", "npz", "--data-path",
+          _npz(tmp_path / "partial.npz", x_train=ok["x_train"]), *out], "y_train"),
+        (["teacher", "--dataset", "npz", "--data-path",
+          _npz(tmp_path / "len.npz", **{**ok, "y_train": np.arange(5) % 3}), *out], "y_train"),
+        (["teacher", "--dataset", "npz", "--data-path",
+          _npz(tmp_path / "neg.npz", **{**ok, "y_test": np.array([0, 1, -1, 2])}), *out], "y_test"),
+        (["teacher", "--dataset", "svhn", "--data-dir", mat_dir, *out], "md5"),
+        (["teacher", "--dataset", "svhn", "--no-verify", "--data-dir", mat_dir, *out], "train_32x32.mat"),
+        (["student", "--loss", "soft", "--teacher", tmp_path / "no-teacher", *out], "no-teacher"),
+        (["student", "--loss", "soft", *SMALL, *out], "--teacher"),
+        (["student", "--loss", "soft", "--teacher", teacher, "--dataset", "npz", "--data-path", three, *out],
+         "classes"),
+        (["teacher", *SMALL, "--out", finished], "--force"),
+        (["eval", tmp_path / "nothing"], "not a qdistill run"),
+        (["teacher", "--epochs", "x", *out], "invalid int"),
+        (["teacher", "--set", "train.lr=-1", *out], "train.lr"),
+    ]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, teacher, capsys):
+    for args, words in bad_inputs(tmp_path, teacher):
+        with pytest.raises(SystemExit) if "invalid int" in words else _NoRaise() as e:
+            code, cap = run(args, capsys)
+        if "invalid int" in words:
+            code, cap = e.value.code, capsys.readouterr()
+        assert code == 2, (args, cap)
+        lines = cap.err.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (args, cap.err)
+        assert "Traceback" not in cap.err
+    assert not (tmp_path / "never").exists()
+    assert (tmp_path / "finished" / "checkpoint.pt").read_text() == "x"  # untouched
+    assert sorted(p.name for p in (tmp_path / "svhn").iterdir()) == ["test_32x32.mat", "train_32x32.mat"]
+
+
+class _NoRaise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_console_script_reports_one_line():
+    proc = subprocess.run([sys.executable, "-m", "qdistill.cli", "student", "--set", "student.act_bits=33",
+                           "--out", "x"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "student.act_bits" in proc.stderr

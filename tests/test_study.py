@@ -1,0 +1,163 @@
+"""The temperature study end to end on a small digits subset."""
+import base64
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from qdistill import cli, study as studylib, train as trainlib
+from qdistill.config import resolve
+from qdistill.data import load
+from qdistill.results import COLUMNS
+
+CONFIG = """
+[data]
+dataset = "digits"
+max_train = 200
+max_test = 60
+[train]
+epochs = 1
+batch_size = 64
+[study]
+temperatures = [1.0, 4.0]
+seeds = [0]
+teacher_epochs = 1
+"""
+RUNS = ["q1-hard-T1-s0", "q2-soft-T1-s0", "q2-soft-T4-s0", "q3-hard+soft-T1-s0", "q3-hard+soft-T4-s0",
+        "q4-hard+softgt-T1-s0", "q4-hard+softgt-T4-s0"]
+
+
+def write_config(path, extra=""):
+    path.write_text(CONFIG + extra)
+    return path
+
+
+def rows_of(study):
+    with open(study / "results.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        return list(reader)
+
+
+@pytest.fixture(scope="module")
+def fused_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cfg = write_config(root / "study.toml")
+    assert cli.main(["study", str(cfg), "--out", str(root / "S"), "--quiet"]) == 0
+    return root / "S", cfg
+
+
+def test_study_writes_every_run_results_report_and_chosen(fused_study):
+    s, _ = fused_study
+    assert sorted(p.name for p in (s / "runs").iterdir()) == sorted(RUNS)
+    for name in RUNS:
+        for f in ("config.toml", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json"):
+            assert (s / "runs" / name / f).is_file(), (name, f)
+    rows = rows_of(s)
+    assert [r["run"] for r in rows] == RUNS and all(r["status"] == "ok" for r in rows)
+    by = {r["run"]: r for r in rows}
+    assert by["q3-hard+soft-T4-s0"]["c"] == "16.0" and by["q2-soft-T4-s0"]["c"] == ""
+    for name in RUNS:
+        summary = json.loads((s / "runs" / name / "summary.json").read_text())
+        assert float(by[name]["test_acc_at_val_best"]) == summary["test_acc_at_val_best"]
+        assert float(by[name]["teacher_agreement"]) == summary["teacher_agreement"]
+    md = (s / "report.md").read_text()
+    html = (s / "report.html").read_text()
+    assert "Q3" in md and "data:image/png;base64," in html and "src=\"http" not in html
+    png = html.split("data:image/png;base64,")[1].split('"')[0]
+    assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    for q in ("q1", "q2", "q3", "q4"):
+        assert (s / "chosen" / f"{q}.toml").is_file()
+    diff = (s / "chosen" / "q3.diff").read_text()
+    assert '-loss = "hard"' in diff and '+loss = "hard+soft"' in diff
+
+
+def test_fused_members_are_paired_and_split_back_like_runs(fused_study):
+    s, _ = fused_study
+    prints = [json.loads((s / "runs" / n / "summary.json").read_text()) for n in RUNS]
+    for key in ("init_sha256", "val_split_sha256", "batch_order_sha256"):
+        assert len({p[key] for p in prints}) == 1, key
+    assert all(p["fused_k"] == len(RUNS) for p in prints)
+    # a split-back member evaluates (eval command) to the accuracy the fused network reported
+    for name in ("q2-soft-T4-s0", "q4-hard+softgt-T1-s0"):
+        code = cli.main(["eval", str(s / "runs" / name), "--json"])
+        assert code == 0
+    from qdistill.runs import load_model
+    data = load(resolve(None, None, ["data.max_train=200", "data.max_test=60"])["data"])
+    for name in RUNS:
+        model, _ = load_model(s / "runs" / name)
+        acc = trainlib.accuracy(trainlib.predict(model, data.x_test), data.y_test)
+        summary = json.loads((s / "runs" / name / "summary.json").read_text())
+        assert acc == pytest.approx(summary["test_acc_at_val_best"], abs=1e-9), name
+
+
+def test_rerun_skips_finished_runs_and_changed_config_needs_force(fused_study, capsys):
+    s, cfg = fused_study
+    stamps = {n: os.stat(s / "runs" / n / "summary.json").st_mtime_ns for n in RUNS}
+    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet"]) == 0
+    assert stamps == {n: os.stat(s / "runs" / n / "summary.json").st_mtime_ns for n in RUNS}
+    capsys.readouterr()
+    changed = write_config(cfg.parent / "changed.toml", "").read_text().replace("[1.0, 4.0]", "[1.0, 2.0]")
+    (cfg.parent / "changed.toml").write_text(changed)
+    assert cli.main(["study", str(cfg.parent / "changed.toml"), "--out", str(s), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (s / "runs" / "q2-soft-T4-s0" / "summary.json").exists()  # nothing destroyed
+
+
+def test_paired_design_across_conditions_and_seeds_unfused(tmp_path):
+    cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
+    text = cfg.read_text().replace("seeds = [0]", "seeds = [0, 1]").replace("temperatures = [1.0, 4.0]",
+                                                                            "temperatures = [4.0]")
+    cfg.write_text(text)
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S"), "--quiet", "--no-fused"]) == 0
+    p = {n: json.loads((tmp_path / "S" / "runs" / n / "summary.json").read_text())
+         for n in ("q1-hard-T1-s0", "q2-soft-T4-s0", "q1-hard-T1-s1", "q2-soft-T4-s1")}
+    for key in ("init_sha256", "val_split_sha256", "batch_order_sha256"):
+        assert p["q1-hard-T1-s0"][key] == p["q2-soft-T4-s0"][key]
+        assert p["q1-hard-T1-s1"][key] == p["q2-soft-T4-s1"][key]
+        assert p["q1-hard-T1-s0"][key] != p["q1-hard-T1-s1"][key]
+    assert "fused_k" not in p["q1-hard-T1-s0"]
+
+
+def test_stale_teacher_cache_is_recomputed(fused_study, tmp_path):
+    s, _ = fused_study
+    data = load(resolve(None, None, ["data.max_train=200", "data.max_test=60"])["data"])
+    stored = torch.load(s / "teacher_logits.pt", weights_only=True)
+    good = stored["logits"].clone()
+    assert stored["fingerprint"]["data"] == data.fingerprint
+    stale = {**stored, "logits": torch.zeros_like(good),
+             "fingerprint": {**stored["fingerprint"], "teacher": "0" * 64}}
+    torch.save(stale, s / "teacher_logits.pt")
+    logits, _ = studylib.teacher_files(s, s / "teacher", data, torch.device("cpu"))
+    assert torch.allclose(logits, good) and not torch.equal(logits, torch.zeros_like(good))
+    assert torch.load(s / "teacher_logits.pt", weights_only=True)["fingerprint"] == stored["fingerprint"]
+    # a cache whose fingerprint matches is used as it is
+    torch.save({**stored, "logits": good + 1}, s / "teacher_logits.pt")
+    logits, _ = studylib.teacher_files(s, s / "teacher", data, torch.device("cpu"))
+    assert torch.allclose(logits, good + 1)
+    torch.save(stored, s / "teacher_logits.pt")
+
+
+def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
+    cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
+    real = trainlib.train
+
+    def flaky(cfg, out, *a, **k):
+        if out.name == "q2-soft-T1-s0":
+            raise RuntimeError("simulated crash")
+        return real(cfg, out, *a, **k)
+
+    monkeypatch.setattr(trainlib, "train", flaky)
+    s = tmp_path / "S"
+    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 1
+    rows = {r["run"]: r for r in rows_of(s)}
+    assert rows["q2-soft-T1-s0"]["status"] == "failed"
+    assert "simulated crash" in rows["q2-soft-T1-s0"]["error"]
+    assert rows["q1-hard-T1-s0"]["status"] == "ok" and rows["q2-soft-T4-s0"]["status"] == "ok"
+    assert "simulated crash" in (s / "report.md").read_text()
+    monkeypatch.setattr(trainlib, "train", real)
+    capsys.readouterr()
+    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 0
+    assert all(r["status"] == "ok" for r in rows_of(s))

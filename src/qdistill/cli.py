@@ -188,9 +188,13 @@ def cmd_eval(args) -> int:
 
 def cmd_datasets(args) -> int:
     from .data import describe
-    for d in describe():
-        extra = {k: v for k, v in d.items() if k not in ("name", "description")}
-        print(f"{d['name']:8s} {d['description']}" + (f"  {extra}" if extra else ""))
+    for d in describe(args.data_dir):
+        sizes = f"{d['train']} train / {d['test']} test" if d.get("train") else "sizes from the file"
+        print(f"{d['name']:7s} {sizes}: {d['description']}")
+        if "files" in d:
+            for name, present in d["files"].items():
+                state = ("converted" if d["cached"].get(name) else "present") if present else "missing"
+                print(f"        {Path(d['data_dir']) / name}: {state}")
     return 0
 
 
@@ -270,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")
+    d.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
     d.set_defaults(func=cmd_datasets)
     return p
 

@@ -188,3 +188,30 @@ def test_console_script_reports_one_line():
                            "--out", "x"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "student.act_bits" in proc.stderr
+
+
+def test_export_predict_round_trip(teacher, tmp_path, capsys):
+    run_dir = tmp_path / "q1"
+    assert cli.main(["student", *SMALL, "--epochs", "1", "--out", str(run_dir)]) == 0
+    qdz = tmp_path / "s.qdz"
+    code, cap = run(["export", run_dir, "--out", qdz], capsys)
+    assert code == 0 and qdz.stat().st_size * 12 < json.loads((run_dir / "summary.json").read_text())["fp32_bytes"]
+    code, cap = run(["eval", run_dir, "--json"], capsys)
+    torch_acc = json.loads(cap.out)["test_acc"]
+    code, cap = run(["predict", qdz, "--dataset", "digits", "--max-test", "80", "--json"], capsys)
+    assert code == 0 and json.loads(cap.out)["accuracy"] == pytest.approx(torch_acc, abs=1.5 / 80)
+    from PIL import Image
+    from qdistill.data import load
+    image = load({"dataset": "digits", "max_test": 1}).x_test[0].permute(1, 2, 0).numpy()
+    Image.fromarray(image).save(tmp_path / "digit.png")
+    code, cap = run(["predict", qdz, tmp_path / "digit.png", "--json"], capsys)
+    assert code == 0 and json.loads(cap.out)["label"] in [str(i) for i in range(10)]
+    assert run(["export", run_dir, "--out", tmp_path / "s.onnx", "--format", "onnx"], capsys)[0] == 0
+    # a full-precision run cannot be packed; a tampered file is refused; neither leaves output
+    code, cap = run(["export", teacher, "--out", tmp_path / "t.qdz"], capsys)
+    assert code == 2 and "full precision" in cap.err and not (tmp_path / "t.qdz").exists()
+    raw = bytearray(qdz.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "bad.qdz").write_bytes(bytes(raw))
+    code, cap = run(["predict", tmp_path / "bad.qdz", tmp_path / "digit.png"], capsys)
+    assert code == 2 and len(cap.err.strip().splitlines()) == 1 and "Traceback" not in cap.err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -231,6 +232,55 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+    from .runs import read_summary
+    manifest = export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=args.format)
+    size = Path(args.out).stat().st_size
+    print(f"exported {args.run} ({args.checkpoint}.pt) to {args.out} ({args.format}, {size:,} bytes)")
+    fp32 = (read_summary(args.run) or {}).get("fp32_bytes")
+    if args.format == "qdz" and fp32:
+        print(f"its fp32 weights: {fp32:,} bytes ({fp32 / size:.1f}x the packed file)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_dataset, predict_image
+    if args.image:
+        if args.dataset or args.data_path or args.config or args.set:
+            raise ConfigError("give either an image file or dataset options, not both")
+        label, probs = predict_image(args.model, args.image)
+        print(json.dumps({"image": args.image, "label": label, "probability": float(probs.max())})
+              if args.json else f"{args.image}: {label} (p = {probs.max():.3f})")
+        return 0
+    if not args.dataset and not args.config and not args.set:
+        raise ConfigError("give an image file or --dataset (and its options) to predict on")
+    cfg = configlib.defaults()
+    configlib.merge(cfg, _explicit(args, _flags(args, None)))
+    cfg = configlib.validate(cfg)
+    result = predict_dataset(args.model, cfg["data"])
+    print(json.dumps(result) if args.json else
+          f"{args.model} on {result['dataset']} test: accuracy {result['accuracy']:.4f} "
+          f"({result['correct']}/{result['total']}, {result['backend']} engine)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.deploy:
+        from . import bench_deploy
+        result = bench_deploy.run()
+        print(json.dumps(result) if args.json else bench_deploy.format_table(result))
+        return 0
+    from . import bench
+    if args.k < 2 or args.steps < 1:
+        raise ConfigError("--k must be >= 2 and --steps >= 1")
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    result = bench.run(k=args.k, steps=args.steps, device=args.device,
+                       channels_last=not args.no_channels_last, log=log)
+    print(json.dumps(result) if args.json else bench.format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qdistill", description="Distil full-precision teachers into DoReFa low-bit students.")
     p.add_argument("--version", action="version", version=f"qdistill {__version__}")
@@ -273,6 +323,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("study")
     r.set_defaults(func=cmd_report)
 
+    x = sub.add_parser("export", help="write a trained student as a packed .qdz (or ONNX)")
+    x.add_argument("run")
+    x.add_argument("--out", required=True, help="output file (student.qdz or student.onnx)")
+    x.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    x.add_argument("--format", choices=("qdz", "onnx"), default="qdz")
+    x.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="classify with an exported .qdz (integer engine, no torch)")
+    pr.add_argument("model", metavar="MODEL.qdz")
+    pr.add_argument("image", nargs="?", help="an image file (PNG, JPEG); else the test split of --dataset")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.add_argument("--config", help="TOML config whose [data] section names the dataset")
+    pr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    pr.add_argument("--dataset", choices=configlib.DATASETS)
+    pr.add_argument("--data-dir")
+    pr.add_argument("--data-path")
+    pr.add_argument("--no-verify", action="store_false", dest="verify", default=None)
+    pr.add_argument("--max-test", type=int)
+    pr.set_defaults(func=cmd_predict)
+
+    b = sub.add_parser("bench", help="training throughput vs a reference-style pipeline (a benchmark)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--k", type=int, default=10, help="fused students (default 10)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per pipeline (default 10)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--no-channels-last", action="store_true", help="NCHW for qdistill's students too")
+    b.add_argument("--deploy", action="store_true", help="size and speed of the packed export instead")
+    b.set_defaults(func=cmd_bench)
+
     d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")
     d.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
     d.set_defaults(func=cmd_datasets)
@@ -290,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qdistill: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `qdistill eval RUN | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

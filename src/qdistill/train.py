@@ -158,7 +158,11 @@ def train(cfg: dict, out: str | Path, data: Dataset, *, teacher=None,
         loss_fn = build_loss(s["loss"], s["temperature"], configlib.loss_c(s))
         if loss_fn.needs_teacher and teacher is None and teacher_logits is None:
             raise RunError(f"loss {s['loss']} needs a teacher (--teacher RUN)")
-    use_cache = teacher_logits is not None and cfg["data"]["augment"] == "none"
+    if cfg["data"]["augment"] != "none":
+        teacher_logits = None  # the teacher must see each augmented batch
+    elif teacher is not None and teacher_logits is None and role == "student" and loss_fn.needs_teacher:
+        # Without augmentation the targets never change: one teacher pass serves every epoch.
+        teacher_logits = predict(teacher.to(device), data.x_train.to(device), device)
 
     # Paired design: the seed alone fixes the initial weights, the validation split
     # and the batch order, whatever the loss or temperature.
@@ -171,7 +175,7 @@ def train(cfg: dict, out: str | Path, data: Dataset, *, teacher=None,
     x_tr, y_tr = x_all[train_idx.to(device)], data.y_train[train_idx].to(device)
     x_val, y_val = x_all[val_idx.to(device)], data.y_train[val_idx]
     x_test, y_test = data.x_test.to(device), data.y_test
-    cached = teacher_logits[train_idx].to(device) if use_cache else None
+    cached = teacher_logits[train_idx].to(device) if teacher_logits is not None else None
     if teacher is not None:
         teacher = teacher.to(device).eval()
     order = torch.Generator().manual_seed(seed + 1)

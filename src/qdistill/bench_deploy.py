@@ -1,0 +1,181 @@
+"""Size and speed of the deployed student: ``qdistill bench --deploy``.
+
+One student, one machine, one run: bytes of the ``.qdz`` file against torch's fp32
+``state_dict``; batch-1 latency (median of ``runs`` calls) and batch-``batch`` throughput
+of (a) PyTorch fp32 eager on the fake-quantized model, (b) the packed integer engine,
+(c) ONNX Runtime on the ONNX export. Batch-1 calls run in blocks of 25 per runtime,
+taking turns (torch, engine, ort, torch, ...), so load from elsewhere on the machine hits
+all three alike while one runtime's spinning worker threads do not slow the next call of
+another. All three use the same number of threads.
+
+The default student is vgg7 W2A1 (dorefa), randomly initialised (seed 0) with BatchNorm
+running statistics calibrated on 8 batches of 64 uniform random images in train mode
+(cumulative average). The engine's cost does not depend on the weight values and on the
+activations only through all-zero words, which it skips; the calibrated statistics make
+the activations realistic (about a third of the A1 levels are 1), neither all 0 nor all 1.
+"""
+from __future__ import annotations
+
+import io
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from . import deploy
+from .deploy import kernels
+from .export import export_model, export_onnx
+from .models import build
+
+DEFAULT_STUDENT = "vgg7 W2A1 dorefa, random init (seed 0), BN stats calibrated on random images"
+
+
+def default_student() -> torch.nn.Module:
+    """vgg7 W2A1 with calibrated BatchNorm statistics (see the module docstring)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = build("vgg7", weight_bits=2, act_bits=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(8):
+            model(torch.rand(64, 3, 32, 32, generator=gen))
+    return model.eval()
+
+
+def cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def run(model: torch.nn.Module | None = None, *, runs: int = 200, batch: int = 256) -> dict:
+    """Measure the figures of the module docstring; returns one flat dict (see ``KEYS``)."""
+    described = DEFAULT_STUDENT if model is None else f"{getattr(model, 'arch', type(model).__name__)} (given)"
+    model = default_student() if model is None else model.eval()
+    threads = torch.get_num_threads()
+    if kernels.HAVE_NUMBA:
+        kernels.numba.set_num_threads(min(threads, kernels.numba.config.NUMBA_NUM_THREADS))
+    num_classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    with tempfile.TemporaryDirectory() as tmp:
+        qdz_path, onnx_path = Path(tmp) / "student.qdz", Path(tmp) / "student.onnx"
+        export_model(model, qdz_path, class_names=[str(i) for i in range(num_classes)])
+        qdz_bytes = qdz_path.stat().st_size
+        engine = deploy.load(qdz_path)
+        session = _ort_session(model, onnx_path, threads)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fp32_bytes = len(buf.getvalue())
+
+    gen = torch.Generator().manual_seed(1)
+    x1 = torch.rand(1, 3, 32, 32, generator=gen)
+    xb = torch.rand(batch, 3, 32, 32, generator=gen)
+    x1n, xbn = x1.numpy(), xb.numpy()
+
+    def torch_call(x):
+        with torch.inference_mode():
+            return model(x)
+
+    calls = {"torch": (lambda: torch_call(x1), lambda: torch_call(xb)),
+             "engine": (lambda: engine.predict(x1n), lambda: engine.predict(xbn))}
+    if session is not None:
+        calls["ort"] = (lambda: session.run(None, {"images": x1n}), lambda: session.run(None, {"images": xbn}))
+
+    for one, many in calls.values():  # warm-up: JIT, allocator, thread pools
+        for _ in range(10):
+            one()
+        many()
+    b1 = {k: [] for k in calls}
+    block = 25
+    for start in range(0, runs, block):
+        for k, (one, _) in calls.items():
+            one()  # the first call after another runtime's block wakes this one's threads
+            for _ in range(min(block, runs - start)):
+                t = time.perf_counter()
+                one()
+                b1[k].append(time.perf_counter() - t)
+    bb = {k: [] for k in calls}
+    for _ in range(max(3, min(10, runs // 20))):
+        for k, (_, many) in calls.items():
+            many()
+            t = time.perf_counter()
+            many()
+            bb[k].append(time.perf_counter() - t)
+
+    torch_labels = torch_call(xb).argmax(1).numpy()
+    agreement = float((engine.classify(xbn) == torch_labels).mean())
+    ms = {k: _median_ms(v) for k, v in b1.items()}
+    img_s = {k: batch / statistics.median(v) for k, v in bb.items()}
+    return {
+        "qdz_bytes": qdz_bytes,
+        "fp32_bytes": fp32_bytes,
+        "size_ratio": fp32_bytes / qdz_bytes,
+        "torch_ms_b1": ms["torch"],
+        "engine_ms_b1": ms["engine"],
+        "ort_ms_b1": ms.get("ort"),
+        "torch_img_s_b256": img_s["torch"],
+        "engine_img_s_b256": img_s["engine"],
+        "ort_img_s_b256": img_s.get("ort"),
+        "engine_vs_torch_b1": ms["torch"] / ms["engine"],
+        "cpu": cpu_name(),
+        "threads": threads,
+        "model": described,
+        "backend": engine.backend,
+        "batch": batch,
+        "runs": runs,
+        "label_agreement": agreement,
+        "torch_version": torch.__version__,
+        "date": date.today().isoformat(),
+    }
+
+
+def _ort_session(model, path: Path, threads: int):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    export_onnx(model, path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def format_table(result: dict) -> str:
+    """The figures of `run` as a plain-text table."""
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    rows = [("", "batch-1 ms", f"batch-{result['batch']} img/s"),
+            ("PyTorch fp32 eager", f(result["torch_ms_b1"], ".3f"), f(result["torch_img_s_b256"], ".0f")),
+            (f"qdistill engine ({result['backend']})", f(result["engine_ms_b1"], ".3f"),
+             f(result["engine_img_s_b256"], ".0f")),
+            ("ONNX Runtime", f(result["ort_ms_b1"], ".3f"), f(result["ort_img_s_b256"], ".0f"))]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"model: {result['model']}",
+             f"cpu: {result['cpu']}; threads: {result['threads']}; torch {result['torch_version']}; "
+             f"{result['date']}",
+             f"size: .qdz {result['qdz_bytes']} B vs fp32 state_dict {result['fp32_bytes']} B "
+             f"(x{result['size_ratio']:.1f} smaller)"]
+    for r in rows:
+        lines.append("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+    lines.append(f"engine vs torch at batch 1: x{result['engine_vs_torch_b1']:.2f}; "
+                 f"engine/torch label agreement: {result['label_agreement']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,420 @@
+"""Inference kernels: bit-plane popcount convolution, threshold activation, max-pool,
+bit packing, and the float first layer. Numpy only, with numba versions where numpy
+is too slow; both compute the same integers (the tests check it).
+
+Layouts (N images, channels last so one position's channels are contiguous):
+
+* levels ``L``: ``uint8 (N, H, W, C)``, the integer activation levels ``0..2**a-1``.
+* packed activations ``X``: ``uint64 (N, H + 2p, W + 2p, a, ceil(C/64))``, bit ``c % 64``
+  of word ``c // 64`` in plane ``i`` is bit ``i`` of ``L[..., c]``; the border of width
+  ``p`` is zero, i.e. level 0, which is what zero padding of ``L / (2**a - 1)`` gives.
+* packed weight rows ``Wq``: ``uint64 (k, ceil(KH*KW*C/64), O)``: the receptive field
+  of output channel ``o`` as one bit string, bit ``(ky*KW + kx)*C + c`` of plane ``j``
+  being bit ``j`` of the weight code at ``[o, c, ky, kx]``. A conv gathers the same bit
+  string of activations at each output position (`_gather`, an im2col on bits), so a
+  16-channel 3x3 layer costs 3 words per plane instead of 9 mostly empty ones.
+
+Accumulator of a conv with weights ``w = alpha * (2c - n)`` on levels ``q``::
+
+    A = sum q * (2c - n) = 2 * sum_ij 2^(i+j) popcount(x_i & c_j) - n * sum_i 2^i popcount(x_i)
+
+(sums over the words of the receptive field). Bits past the end of the field are zero in
+both ``x`` and ``c``, and so is the zero border, so they add nothing to either sum.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+except ImportError:  # numba is optional: the numpy kernels compute the same values
+    numba = None
+
+HAVE_NUMBA = numba is not None
+BACKENDS = ("numba", "numpy") if HAVE_NUMBA else ("numpy",)
+
+
+def words(channels: int) -> int:
+    return (channels + 63) // 64
+
+
+# ---------------------------------------------------------------- numpy reference
+
+if hasattr(np, "bitwise_count"):
+    def popcount(a: np.ndarray) -> np.ndarray:
+        return np.bitwise_count(a)
+else:  # numpy < 2.0
+    _BYTE_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def popcount(a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a, dtype=np.uint64)
+        return _BYTE_COUNTS[a.view(np.uint8)].reshape(a.shape + (8,)).sum(-1, dtype=np.uint8)
+
+
+def _pack_np(levels: np.ndarray, bits: int, pad: int) -> np.ndarray:
+    n, h, w, c = levels.shape
+    wd = words(c)
+    planes = (levels[:, :, :, None, :] >> np.arange(bits, dtype=np.uint8)[:, None]) & 1
+    planes = np.pad(planes, ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, wd * 64 - c)))
+    packed = np.packbits(planes, axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<u8").astype(np.uint64)
+
+
+def _im2col_np(x: np.ndarray, kh: int, kw: int, cin: int) -> np.ndarray:
+    """The receptive field of every output position as packed bits ``(N, Ho, Wo, a, Kw)``,
+    in the bit order of `weight_rows`."""
+    lv = unpack(x, cin, 0)
+    n, hp, wp, _ = lv.shape
+    win = np.lib.stride_tricks.sliding_window_view(lv, (kh, kw), axis=(1, 2))  # N Ho Wo C KH KW
+    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n, hp - kh + 1, wp - kw + 1, kh * kw * cin)
+    return _pack_np(np.ascontiguousarray(cols), x.shape[3], 0)
+
+
+def _acc_np(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: int) -> np.ndarray:
+    cols = _im2col_np(x, kh, kw, cin)
+    k, _, o = wq.shape
+    out = np.empty(cols.shape[:3] + (o,), np.int32)
+    for s in range(0, len(cols), 8):  # chunks bound the (n, y, x, words, O) temporaries
+        xs = cols[s:s + 8]
+        dot = np.zeros(xs.shape[:3] + (o,), np.int64)
+        ones = np.zeros(xs.shape[:3], np.int64)
+        for i in range(xs.shape[3]):
+            xi = xs[:, :, :, i, :, None]
+            ones += popcount(xi).sum((-2, -1), dtype=np.int64) << i
+            for j in range(k):
+                dot += popcount(xi & wq[j]).sum(-2, dtype=np.int64) << (i + j)
+        out[s:s + 8] = 2 * dot - nw * ones[..., None]
+    return out
+
+
+def _threshold_np(v: np.ndarray, thr: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """``level = #{t : sign * v >= thr[t]}`` per channel (the last axis of ``v``);
+    ``thr`` is ``(T, channels)``."""
+    signed = v.astype(np.float64) * sign
+    return (signed[..., None, :] >= thr).sum(-2).astype(np.uint8)
+
+
+def maxpool(levels: np.ndarray, k: int) -> np.ndarray:
+    """``k x k`` max-pool, stride ``k``, of channels-last maps (floor mode, as torch)."""
+    if k == 1:
+        return levels
+    n, h, w, c = levels.shape
+    h2, w2 = h // k, w // k
+    return levels[:, :h2 * k, :w2 * k].reshape(n, h2, k, w2, k, c).max(axis=(2, 4))
+
+
+def unpack(x: np.ndarray, channels: int, pad: int) -> np.ndarray:
+    """Inverse of `pack`: levels ``uint8 (N, H, W, channels)`` without the border."""
+    n, hp, wp, bits, wd = x.shape
+    raw = np.ascontiguousarray(x[:, pad:hp - pad, pad:wp - pad]).astype("<u8").view(np.uint8)
+    planes = np.unpackbits(raw.reshape(n, hp - 2 * pad, wp - 2 * pad, bits, wd * 8), axis=-1,
+                           count=channels, bitorder="little")
+    return (planes << np.arange(bits, dtype=np.uint8)[:, None]).sum(-2, dtype=np.uint8)
+
+
+def _emit_np(levels: np.ndarray, bits: int, out_pad: int | None) -> np.ndarray:
+    return levels if out_pad is None else _pack_np(levels, bits, out_pad)
+
+
+def _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad):
+    levels = maxpool(_threshold_np(_acc_np(x, wq, nw, kh, kw, cin), thr, sign), pool)
+    return _emit_np(levels, out_bits, out_pad)
+
+
+def _conv_float_np(x: np.ndarray, wt: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Float conv of a padded ``(N, C, H, W)`` input, channels-last output. Summed in the
+    numba kernel's order (bias, then over ``c, ky, kx``, float32 multiply then add), so both
+    backends round alike and give the same levels."""
+    c, kh, kw, o = wt.shape
+    n, _, hp, wp = x.shape
+    ho, wo = hp - kh + 1, wp - kw + 1
+    acc = np.empty((n, o, ho, wo), np.float32)
+    acc[:] = bias[None, :, None, None]
+    for ci in range(c):
+        for ky in range(kh):
+            for kx in range(kw):
+                acc += wt[ci, ky, kx][None, :, None, None] * x[:, ci:ci + 1, ky:ky + ho, kx:kx + wo]
+    return acc.transpose(0, 2, 3, 1)
+
+
+def _conv_float_levels_np(x, wt, bias, thr, sign, pool, out_bits, out_pad):
+    levels = maxpool(_threshold_np(_conv_float_np(x, wt, bias), thr, sign), pool)
+    return _emit_np(levels, out_bits, out_pad)
+
+
+# ---------------------------------------------------------------- numba
+
+if HAVE_NUMBA:
+    @intrinsic
+    def _popc(typingctx, v):
+        """LLVM's ``ctpop``: one instruction (vectorised when the CPU has it)."""
+        sig = types.int64(types.uint64)
+
+        def codegen(context, builder, signature, args):
+            return builder.ctpop(args[0])
+        return sig, codegen
+
+    @njit(inline="always")
+    def _gather(x, b, y, xx, kh, kw, cin, xw):
+        """``xw[i]`` = the bits of plane ``i`` over the receptive field of output ``(y, xx)``."""
+        a, wd, kwords = x.shape[3], x.shape[4], xw.shape[1]
+        xw[:, :] = 0
+        for ky in range(kh):
+            for kx in range(kw):
+                base = (ky * kw + kx) * cin
+                for s in range(wd):
+                    off = base + 64 * s
+                    d = off >> 6
+                    sh = off & 63
+                    for i in range(a):
+                        v = x[b, y + ky, xx + kx, i, s]
+                        xw[i, d] |= v << np.uint64(sh)
+                        if sh != 0 and d + 1 < kwords:
+                            xw[i, d + 1] |= v >> np.uint64(64 - sh)
+
+    @njit(inline="always")
+    def _dot(xw, wq, acc):
+        """Fill ``acc[o]`` with ``sum_ij 2^(i+j) popcount(x_i & c_j)`` over the gathered
+        field ``xw`` and return ``sum_i 2^i popcount(x_i)``."""
+        k, kwords, o = wq.shape
+        acc[:] = 0
+        ones = 0
+        for i in range(xw.shape[0]):
+            for w in range(kwords):
+                xv = xw[i, w]
+                if xv == 0:
+                    continue
+                ones += _popc(xv) << i
+                if k == 2:  # W2, the common case: one pass over acc for both planes
+                    r0, r1 = wq[0, w], wq[1, w]
+                    for oc in range(o):
+                        acc[oc] += (_popc(xv & r0[oc]) + (_popc(xv & r1[oc]) << 1)) << i
+                else:
+                    for j in range(k):
+                        sh = i + j
+                        row = wq[j, w]
+                        for oc in range(o):
+                            acc[oc] += _popc(xv & row[oc]) << sh
+        return ones
+
+    @njit(inline="always")
+    def _levels_max(v, sign, thr, count, lv):
+        """``lv = max(lv, #{t : sign * v >= thr[t]})`` per channel (max: the pool window).
+        Channels are the inner loop everywhere, so it vectorises."""
+        o = v.shape[0]
+        for oc in range(o):
+            v[oc] *= sign[oc]
+            count[oc] = 0
+        for t in range(thr.shape[0]):
+            for oc in range(o):
+                count[oc] += v[oc] >= thr[t, oc]
+        for oc in range(o):
+            lv[oc] = max(lv[oc], count[oc])
+
+    @njit(inline="always")
+    def _emit(lv, packed, out_l, out_p, b, yq, xq, bits, pad):
+        """Write one position's levels: as they are, or packed into the next layer's planes."""
+        if packed:
+            o = lv.shape[0]
+            for i in range(bits):
+                for w in range(out_p.shape[4]):
+                    word = np.uint64(0)
+                    for oc in range(64 * w, min(o, 64 * w + 64)):
+                        word |= np.uint64((lv[oc] >> i) & 1) << np.uint64(oc - 64 * w)
+                    out_p[b, yq + pad, xq + pad, i, w] = word
+        else:
+            for oc in range(lv.shape[0]):
+                out_l[b, yq, xq, oc] = lv[oc]
+
+    @njit(inline="always")
+    def _outputs(n, hq, wq, o, bits, packed, pad):
+        if packed:
+            return (np.zeros((1, 1, 1, 1), np.uint8),
+                    np.zeros((n, hq + 2 * pad, wq + 2 * pad, bits, (o + 63) // 64), np.uint64))
+        return np.zeros((n, hq, wq, o), np.uint8), np.zeros((1, 1, 1, 1, 1), np.uint64)
+
+    @njit(parallel=True, cache=True)
+    def _acc_nb(x, wq, nw, kh, kw, cin):
+        n = x.shape[0]
+        o = wq.shape[2]
+        ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+        out = np.empty((n, ho, wo, o), np.int32)
+        for r in prange(n * ho):
+            b = r // ho
+            y = r - b * ho
+            acc = np.empty(o, np.int64)
+            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            for xx in range(wo):
+                _gather(x, b, y, xx, kh, kw, cin, xw)
+                ones = _dot(xw, wq, acc)
+                for oc in range(o):
+                    out[b, y, xx, oc] = 2 * acc[oc] - nw * ones
+        return out
+
+    @njit(parallel=True, cache=True)
+    def _conv_packed_nb(x, wq, nw, kh, kw, cin, thr, sign, pool, bits, packed, pad):
+        n = x.shape[0]
+        o = wq.shape[2]
+        hq, wq_ = (x.shape[1] - kh + 1) // pool, (x.shape[2] - kw + 1) // pool
+        out_l, out_p = _outputs(n, hq, wq_, o, bits, packed, pad)
+        for r in prange(n * hq):
+            b = r // hq
+            yq = r - b * hq
+            acc = np.empty(o, np.int64)
+            v = np.empty(o, np.int64)
+            count = np.empty(o, np.uint8)
+            lv = np.empty(o, np.uint8)
+            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            for xq in range(wq_):
+                lv[:] = 0
+                for dy in range(pool):
+                    for dx in range(pool):
+                        _gather(x, b, yq * pool + dy, xq * pool + dx, kh, kw, cin, xw)
+                        ones = _dot(xw, wq, acc)
+                        for oc in range(o):
+                            v[oc] = 2 * acc[oc] - nw * ones
+                        _levels_max(v, sign, thr, count, lv)
+                _emit(lv, packed, out_l, out_p, b, yq, xq, bits, pad)
+        return out_l, out_p
+
+    @njit(parallel=True, cache=True)
+    def _conv_float_nb(x, wt, bias, thr, sign, pool, bits, packed, pad):
+        """``thr``: float32 ``(T, O)`` bounds for ``sign * v`` (see `float32_bounds`)."""
+        n, c, hp, wpix = x.shape
+        _, kh, kw, o = wt.shape
+        wo = wpix - kw + 1
+        hq, wq = (hp - kh + 1) // pool, wo // pool
+        out_l, out_p = _outputs(n, hq, wq, o, bits, packed, pad)
+        for r in prange(n * hq):
+            b = r // hq
+            yq = r - b * hq
+            acc = np.empty((o, wo), np.float32)  # one output row; x is the vector loop
+            count = np.empty(wo, np.uint8)
+            lv = np.zeros((wq, o), np.uint8)
+            for dy in range(pool):
+                y = yq * pool + dy
+                for oc in range(o):
+                    acc[oc, :] = bias[oc]
+                for ci in range(c):
+                    for ky in range(kh):
+                        src = x[b, ci, y + ky]
+                        for kx in range(kw):
+                            for oc in range(o):
+                                wv = wt[ci, ky, kx, oc]
+                                row = acc[oc]
+                                for xx in range(wo):
+                                    row[xx] += wv * src[xx + kx]
+                for oc in range(o):
+                    s = sign[oc]
+                    row = acc[oc]
+                    count[:] = 0
+                    for t in range(thr.shape[0]):
+                        bound = thr[t, oc]
+                        for xx in range(wo):
+                            count[xx] += s * row[xx] >= bound
+                    for xq in range(wq):
+                        m = lv[xq, oc]
+                        for dx in range(pool):
+                            m = max(m, count[xq * pool + dx])
+                        lv[xq, oc] = m
+            for xq in range(wq):
+                _emit(lv[xq], packed, out_l, out_p, b, yq, xq, bits, pad)
+        return out_l, out_p
+
+
+# ---------------------------------------------------------------- dispatch
+
+def pack(levels: np.ndarray, bits: int, pad: int) -> np.ndarray:
+    """Packed activations ``X`` (see the module docstring) of ``levels`` with a zero
+    border of width ``pad``."""
+    return _pack_np(np.ascontiguousarray(levels, dtype=np.uint8), bits, pad)
+
+
+def weight_rows(planes: np.ndarray, in_channels: int) -> np.ndarray:
+    """Weight bit-planes from the file layout ``uint8 (k, O, KH, KW, ceil(C/8))`` (see
+    `qdz.pack_codes`) to the kernel layout ``Wq`` ``uint64 (k, ceil(KH*KW*C/64), O)``."""
+    k, o, kh, kw, _ = planes.shape
+    bits = np.unpackbits(planes, axis=-1, count=in_channels, bitorder="little")  # k O KH KW C
+    field = bits.reshape(k, o, kh * kw * in_channels)
+    kwords = words(field.shape[-1])
+    field = np.pad(field, ((0, 0), (0, 0), (0, kwords * 64 - field.shape[-1])))
+    rows = np.packbits(field, axis=-1, bitorder="little").view("<u8").astype(np.uint64)  # k O Kw
+    return np.ascontiguousarray(rows.transpose(0, 2, 1))
+
+
+def accumulate(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: int,
+               backend: str) -> np.ndarray:
+    """The integer accumulator ``A`` ``int32 (N, Ho, Wo, O)`` of a stride-1 valid ``kh x kw``
+    conv of packed (already bordered) activations ``x`` with ``cin`` channels and packed
+    weight rows ``wq`` (code offset ``nw``)."""
+    if backend == "numba":
+        return _acc_nb(x, wq, nw, kh, kw, cin)
+    return _acc_np(x, wq, nw, kh, kw, cin)
+
+
+def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend):
+    """Levels of a packed conv, ``level = #{t : sign * A >= thr[t]}`` per channel (``thr``
+    is ``(T, O)``), max-pooled ``pool x pool`` (1: none); returned as levels
+    ``(N, Ho, Wo, O)`` when ``out_pad`` is None, else packed with a border ``out_pad``
+    for the next conv."""
+    if backend == "numba":
+        packed = out_pad is not None
+        out_l, out_p = _conv_packed_nb(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, packed,
+                                       out_pad or 0)
+        return out_p if packed else out_l
+    return _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad)
+
+
+def float32_bounds(thr: np.ndarray) -> np.ndarray:
+    """The smallest float32 ``>= thr`` (float64): for a float32 ``v``, ``v >= thr`` exactly
+    when ``v >= float32_bounds(thr)``, so the comparison can run in float32."""
+    b = thr.astype(np.float32)
+    below = b.astype(np.float64) < thr
+    return np.where(below, np.nextafter(b, np.float32(np.inf)), b).astype(np.float32)
+
+
+def conv_float(x, wt, bias, pad, thr, sign, pool, out_bits, out_pad, backend, thr32=None):
+    """Levels of a float conv (input ``(N, C, H, W)``, weights ``(C, KH, KW, O)``, zero
+    padding ``pad``): ``v = conv(x) + bias`` in float32, ``level = #{t : sign * v >= thr[t]}``
+    (``thr`` float64 ``(T, O)``; ``thr32 = float32_bounds(thr)`` if precomputed),
+    max-pooled; output as in `conv_packed`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if pad:
+        x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    if backend == "numba":
+        packed = out_pad is not None
+        thr32 = float32_bounds(thr) if thr32 is None else thr32
+        out_l, out_p = _conv_float_nb(x, wt, bias, thr32, sign.astype(np.float32), pool, out_bits,
+                                      packed, out_pad or 0)
+        return out_p if packed else out_l
+    return _conv_float_levels_np(x, wt, bias, thr, sign, pool, out_bits, out_pad)
+
+
+def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of ``(N, C, H, W)`` to ``size x size``, with the semantics of
+    torch's ``F.interpolate(mode="bilinear", align_corners=False)``: output pixel ``d``
+    samples source coordinate ``s = max(0, (d + 0.5) * H / size - 0.5)``, between rows
+    ``floor(s)`` and ``min(floor(s) + 1, H - 1)`` with weights ``1 - l`` and ``l``,
+    ``l = s - floor(s)``; computed in float32 in torch's order
+    ``h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11)``. It agrees with torch to
+    float32 rounding (~1e-7, up to ~1e-6), not bit for bit: torch's kernel lets the
+    compiler fuse multiply-adds depending on the CPU's instruction set."""
+    def axis(n_in):
+        scale = np.float32(n_in / size)
+        s = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+        s = np.maximum(s, np.float32(0))
+        i0 = np.floor(s).astype(np.int64)
+        i0 = np.minimum(i0, n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        l1 = (s - i0.astype(np.float32)).astype(np.float32)
+        return i0, i1, (np.float32(1) - l1).astype(np.float32), l1
+
+    x = np.asarray(x, dtype=np.float32)
+    y0, y1, hy0, hy1 = axis(x.shape[2])
+    x0, x1, wx0, wx1 = axis(x.shape[3])
+    rows0, rows1 = x[:, :, y0], x[:, :, y1]
+    top = wx0 * rows0[..., x0] + wx1 * rows0[..., x1]
+    bottom = wx0 * rows1[..., x0] + wx1 * rows1[..., x1]
+    return (hy0[:, None] * top + hy1[:, None] * bottom).astype(np.float32)

@@ -1,0 +1,108 @@
+"""Small trained students and a hooked PyTorch reference, shared by the export, deploy and
+ONNX tests (cached per process: each configuration is trained once)."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qdistill.data import digits
+from qdistill.models import build
+from qdistill.quant import QuantAct
+
+# (arch, weight_bits, act_bits, scheme): the issue's configurations
+CONFIGS = [(arch, wb, ab, scheme) for arch in ("vgg7", "dorefa-svhn")
+           for wb, ab, scheme in ((2, 1, "dorefa"), (1, 1, "dorefa"), (1, 2, "dorefa"),
+                                  (2, 2, "dorefa"), (2, 1, "homework"))]
+N_EVAL = {"vgg7": 1024, "dorefa-svhn": 100}  # dorefa-svhn costs ~4x vgg7 per image
+CLASSES = [str(i) for i in range(10)]
+NEAR = 1e-4  # a pre-activation this close to a quantizer threshold may round either way
+
+
+@functools.lru_cache(maxsize=None)
+def digits_data() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(64 train images, their labels, the other 1733 images as float32 numpy, test split
+    first), in [0, 1]."""
+    ds = digits.load()
+    x_train = ds.x_train[:64].float() / 255
+    rest = torch.cat([ds.x_test, ds.x_train[64:]]).numpy()
+    return x_train, ds.y_train[:64], rest.astype(np.float32) / np.float32(255)
+
+
+@functools.lru_cache(maxsize=None)
+def student(arch: str, wb: int, ab: int, scheme: str, steps: int = 4) -> nn.Module:
+    """A student after ``steps`` Adam steps on 64 digits images, so weights and BN are not at
+    their init. Dorefa students get every third BN scale negated, so export's direction flag
+    (thresholds on -A) is exercised; running statistics are then re-estimated on the 64
+    images (train-mode passes, cumulative average)."""
+    torch.manual_seed(0)
+    x, y, _ = digits_data()
+    model = build(arch, weight_bits=wb, act_bits=ab, scheme=scheme)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for s in range(steps):
+        xb, yb = x[32 * (s % 2):32 * (s % 2) + 32], y[32 * (s % 2):32 * (s % 2) + 32]
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight[::3] *= -1
+                m.reset_running_stats()
+                m.momentum = None
+        model(x[:32])
+        model(x[32:])
+    return model.eval()
+
+
+def eval_images(arch: str) -> np.ndarray:
+    """Images the student was not trained on: `N_EVAL` of them."""
+    return digits_data()[2][:N_EVAL[arch]]
+
+
+def torch_trace(model: nn.Sequential, x: np.ndarray) -> tuple[dict, dict, np.ndarray]:
+    """``(inputs, outputs, logits)``: every module's input and output by its index in the
+    Sequential (eval mode, float32)."""
+    inputs, outputs, hooks = {}, {}, []
+    for i, m in enumerate(model):
+        def hook(mod, args, out, i=i):
+            inputs[i], outputs[i] = args[0].detach(), out.detach()
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(x)).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, outputs, logits
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def levels(t: torch.Tensor, bits: int) -> np.ndarray:
+    """Torch activation values ``q / m`` as integer levels ``q``, channels last."""
+    return nhwc(torch.round(t * (2**bits - 1))).astype(np.uint8)
+
+
+def near_mask(model: nn.Sequential, spec: dict, inputs: dict) -> np.ndarray:
+    """Where the block's float pre-activation ``u`` lies within `NEAR` of a quantizer
+    threshold ``(t - 0.5) / m``, at the block's output positions (a max-pool after the
+    quantizer spreads it over the pool window), channels last."""
+    first, last = spec["modules"]
+    (qi, act), = [(i, model[i]) for i in range(first, last + 1) if isinstance(model[i], QuantAct)]
+    u = inputs[qi] * 0.1 if act.scheme == "homework" else inputs[qi]
+    m = 2**act.bits - 1
+    s = u * m + 0.5                       # threshold t sits at s = t
+    nearest = torch.clamp(torch.round(s), 1, m)
+    near = (s - nearest).abs() < NEAR * m
+    for i in range(qi + 1, last + 1):
+        if isinstance(model[i], nn.MaxPool2d):
+            near = F.max_pool2d(near.float(), model[i].kernel_size) > 0
+    return nhwc(near)

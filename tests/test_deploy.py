@@ -1,0 +1,279 @@
+"""The torch-free side: the .qdz format and its checks, the kernels, the engine's API and
+the predict helpers."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qdistill import deploy
+from qdistill.deploy import kernels, qdz
+from qdistill.errors import DataError, UserError
+from qdistill.export import export_model
+from qdistill.predict import load_image, predict_dataset, predict_image
+
+from qdz_students import CLASSES, eval_images, student
+
+needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba not installed")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qdz") / "student.qdz"
+    manifest = export_model(student("vgg7", 2, 1, "dorefa"), path, class_names=CLASSES,
+                            meta={"note": "test"})
+    return path, manifest
+
+
+def _members(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def _rezip(members: dict[str, bytes], path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _refused(path, match):
+    with pytest.raises(qdz.QdzError, match=match) as e:
+        deploy.load(path)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- torch-free
+
+def test_deploy_runs_without_torch(exported):
+    """A subprocess loads and runs the model through qdistill.deploy (and the predict
+    helpers' module) and never imports torch."""
+    path, _ = exported
+    code = ("import sys, numpy as np, qdistill.deploy as d, qdistill.predict\n"
+            f"e = d.load({str(path)!r})\n"
+            "p = e.predict(np.full((2, 3, 32, 32), 0.5, np.float32))\n"
+            "assert p.shape == (2, 10), p.shape\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "print('ok', e.backend)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")
+
+
+def test_numpy_fallback_without_numba(exported):
+    """With numba absent the engine imports and runs on the numpy kernels."""
+    path, _ = exported
+    x = eval_images("vgg7")[:4]
+    np.save(path.parent / "x.npy", x)
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import numpy as np, qdistill.deploy as d\n"
+            "from qdistill.deploy import kernels\n"
+            "assert kernels.BACKENDS == ('numpy',)\n"
+            f"e = d.load({str(path)!r})\n"
+            f"np.save({str(path.parent / 'y.npy')!r}, e.predict(np.load({str(path.parent / 'x.npy')!r})))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want = deploy.load(path).predict(x)
+    np.testing.assert_allclose(np.load(path.parent / "y.npy"), want, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- the file and its checks
+
+def test_round_trip_preserves_the_manifest(exported):
+    path, manifest = exported
+    engine = deploy.load(path)
+    assert engine.manifest == manifest
+    assert engine.class_names == CLASSES and manifest["meta"] == {"note": "test"}
+    assert json.loads(_members(path)["manifest.json"]) == manifest
+
+
+def test_flipped_byte_in_an_array_is_detected(exported, tmp_path):
+    path, manifest = exported
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(manifest["arrays"]["l4.planes"]["file"])
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + info.compress_size // 2] ^= 0x01
+    bad = tmp_path / "flipped.qdz"
+    bad.write_bytes(bytes(raw))
+    _refused(bad, "corrupt|checksum")
+
+
+def test_changed_array_with_valid_zip_fails_the_sha256(exported, tmp_path):
+    path, manifest = exported
+    members = _members(path)
+    member = manifest["arrays"]["l4.thresholds"]["file"]
+    data = bytearray(members[member])
+    data[0] ^= 0x01
+    members[member] = bytes(data)
+    _refused(_rezip(members, tmp_path / "t.qdz"), "checksum mismatch in array 'l4.thresholds'")
+
+
+def test_newer_format_is_refused(exported, tmp_path):
+    path, manifest = exported
+    members = _members(path)
+    newer = dict(manifest, format_version=qdz.FORMAT_VERSION + 1)
+    members["manifest.json"] = json.dumps(newer).encode()
+    _refused(_rezip(members, tmp_path / "n.qdz"), "newer")
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("garbage", "bad zip"),
+    ("truncated", "bad zip|corrupt"),
+    ("missing", "not found"),
+    ("no-manifest", "missing member manifest.json"),
+    ("foreign", "not a qdistill model"),
+    ("shape", "holds .* bytes"),
+    ("op", "unknown op"),
+    ("key", "bad or missing 'padding'"),
+    ("classes", "10 outputs for 9 class names"),
+    ("layers", "malformed layer list"),
+])
+def test_damaged_files_are_refused(damage, match, exported, tmp_path):
+    path, manifest = exported
+    bad = tmp_path / "bad.qdz"
+    members = _members(path)
+    if damage == "garbage":
+        bad.write_bytes(b"not a zip at all" * 10)
+    elif damage == "truncated":
+        bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "missing":
+        bad = tmp_path / "absent.qdz"
+    elif damage == "no-manifest":
+        del members["manifest.json"]
+        _rezip(members, bad)
+    else:
+        m = json.loads(members["manifest.json"])
+        if damage == "foreign":
+            m["format"] = "something-else"
+        elif damage == "shape":
+            m["arrays"]["l4.planes"]["shape"][1] += 1
+        elif damage == "key":
+            del m["layers"][2]["padding"]
+        elif damage == "classes":
+            m["class_names"] = m["class_names"][:9]
+        elif damage == "layers":
+            m["layers"][-1]["weight"] = ["not", "a", "name"]
+        else:
+            m["layers"][2]["op"] = "conv_magic"
+        members["manifest.json"] = json.dumps(m).encode()
+        _rezip(members, bad)
+    _refused(bad, match)
+
+
+def test_bad_input_shape_is_a_user_error(exported):
+    engine = deploy.load(exported[0])
+    with pytest.raises(qdz.QdzError, match="shape"):
+        engine.predict(np.zeros((2, 1, 32, 32), np.float32))
+    with pytest.raises(qdz.QdzError, match="backend"):
+        deploy.load(exported[0], backend="cuda")
+
+
+# ---------------------------------------------------------------- kernels
+
+def test_pack_unpack_round_trip():
+    rng = np.random.default_rng(0)
+    for c, bits in ((3, 1), (64, 2), (70, 3), (130, 4)):
+        lv = rng.integers(0, 2**bits, (2, 5, 4, c), dtype=np.uint8)
+        x = kernels.pack(lv, bits, 2)
+        assert x.shape == (2, 9, 8, bits, kernels.words(c)) and not x[:, :2].any()
+        np.testing.assert_array_equal(kernels.unpack(x, c, 2), lv)
+        # bit c % 64 of word c // 64 of plane i is bit i of the level
+        n, y, xx, ch, i = 1, 3, 2, c - 1, bits - 1
+        word = int(x[n, y + 2, xx + 2, i, ch // 64])
+        assert (word >> (ch % 64)) & 1 == (int(lv[n, y, xx, ch]) >> i) & 1
+        codes = rng.integers(0, 2**bits, (5, c, 3, 3))
+        np.testing.assert_array_equal(qdz.unpack_codes(qdz.pack_codes(codes, bits), c), codes)
+        assert qdz.pack_codes(codes, bits).nbytes == bits * 5 * 9 * ((c + 7) // 8)
+
+
+@needs_numba
+@pytest.mark.parametrize("c,o,a,k,pad,pool,out_pad", [
+    (16, 32, 1, 2, 1, 1, 1), (48, 64, 2, 1, 1, 2, None), (130, 20, 3, 4, 0, 1, 0), (64, 70, 1, 1, 1, 2, 1)])
+def test_numba_and_numpy_kernels_agree(c, o, a, k, pad, pool, out_pad):
+    rng = np.random.default_rng(c + o)
+    lv = rng.integers(0, 2**a, (3, 8, 8, c), dtype=np.uint8)
+    x = kernels.pack(lv, a, pad)
+    wq = kernels.weight_rows(qdz.pack_codes(rng.integers(0, 2**k, (o, c, 3, 3)), k), c)
+    n = 2**k - 1
+    acc = kernels.accumulate(x, wq, n, 3, 3, c, "numpy")
+    np.testing.assert_array_equal(kernels.accumulate(x, wq, n, 3, 3, c, "numba"), acc)
+    bits = 2
+    thr = np.sort(rng.integers(-40, 40, (3, o)), axis=0).astype(np.int32)
+    sign = rng.choice(np.array([-1, 1], np.int32), o)
+    got = [kernels.conv_packed(x, wq, n, 3, 3, c, thr, sign, pool, bits, out_pad, b) for b in ("numba", "numpy")]
+    np.testing.assert_array_equal(got[0], got[1])
+    levels = kernels.unpack(got[0], o, out_pad) if out_pad is not None else got[0]
+    assert len(np.unique(levels)) >= 3  # thresholds chosen so the levels vary
+    img = rng.random((2, 3, 12, 12), dtype=np.float32)
+    wt = rng.normal(size=(3, 3, 3, o)).astype(np.float32)
+    bias = rng.normal(size=o).astype(np.float32)
+    fthr = np.sort(rng.normal(size=(3, o)), axis=0)
+    fsign = sign.astype(np.float64)
+    got = [kernels.conv_float(img, wt, bias, 1, fthr, fsign, pool, bits, out_pad, b) for b in ("numba", "numpy")]
+    np.testing.assert_array_equal(got[0], got[1])
+
+
+@pytest.mark.parametrize("size", [40, 20, 33])
+def test_resize_matches_torch_bilinear(size):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(size))
+    want = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).numpy()
+    got = kernels.resize_bilinear(x.numpy(), size)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 2e-6  # float32 rounding: torch fuses multiply-adds per CPU
+
+
+@needs_numba
+@pytest.mark.parametrize("cfg", [("vgg7", 2, 1, "dorefa"), ("dorefa-svhn", 1, 2, "homework")])
+def test_numpy_backend_gives_the_same_model_output(cfg, tmp_path):
+    path = tmp_path / "m.qdz"
+    export_model(student(*cfg), path, class_names=CLASSES)
+    x = eval_images(cfg[0])[:8]
+    fast, slow = deploy.load(path, "numba"), deploy.load(path, "numpy")
+    assert fast.backend == "numba" and slow.backend == "numpy"
+    for a, b in zip(fast.trace(x), slow.trace(x)):
+        if a.dtype == np.uint8:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- predict helpers
+
+def test_predict_image(exported, tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    png = tmp_path / "digit.png"
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(png)
+    label, probs = predict_image(exported[0], png)
+    x = load_image(png)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
+    logits = deploy.load(exported[0]).predict(x)[0]
+    assert label == CLASSES[int(logits.argmax())]
+    assert probs.shape == (10,) and abs(probs.sum() - 1) < 1e-12
+    np.testing.assert_allclose(np.log(probs) - np.log(probs[0]), logits - logits[0], atol=1e-5)
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(DataError, match="cannot read image"):
+        predict_image(exported[0], tmp_path / "text.png")
+    with pytest.raises(DataError, match="not found"):
+        predict_image(exported[0], tmp_path / "absent.png")
+
+
+def test_predict_dataset_matches_torch(exported):
+    from qdistill import data
+    out = predict_dataset(exported[0], {"dataset": "digits", "max_test": 120})
+    ds = data.load({"dataset": "digits", "max_test": 120})
+    with torch.no_grad():
+        labels = student("vgg7", 2, 1, "dorefa")(ds.x_test.float() / 255).argmax(1)
+    want = int((labels == ds.y_test).sum())
+    assert out["total"] == 120 and abs(out["correct"] - want) <= 1  # one near-threshold image at most
+    assert out["accuracy"] == out["correct"] / 120 and out["dataset"] == "digits"

@@ -179,6 +179,18 @@ def run_one(cond: Condition, run_dir: Path, data, teacher_run: Path, train_logit
         atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}\n{detail}")
 
 
+_WORKER = {}
+
+
+def _init_worker(counter) -> None:
+    """Give each worker process its own GPU (round robin) when there are several."""
+    with counter.get_lock():
+        _WORKER["id"] = counter.value
+        counter.value += 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_WORKER["id"] % torch.cuda.device_count())
+
+
 def _worker(payload) -> str:
     cond, run_dir, data_section, teacher_run, cache, threads = payload
     torch.set_num_threads(threads)
@@ -254,7 +266,8 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, workers: int
         threads = max(1, (os.cpu_count() or 1) // workers)
         payloads = [(c, study / "runs" / c.name, cfg["data"], teacher_run, study / "teacher_logits.pt", threads)
                     for c in todo]
-        with mp.get_context("spawn").Pool(workers) as pool:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(ctx.Value("i", 0),)) as pool:
             for _ in pool.imap_unordered(_worker, payloads):
                 collect(study, conds)
     else:

@@ -1,0 +1,198 @@
+"""``qdistill bench``: training throughput against a reference-style pipeline, in one run.
+
+Same data (`fake`, SVHN-sized: 73,257 train images, 32x32x3), same student (vgg7 W2A1),
+same teacher (vgg7 fp32), same batch (256), same loss (Q3, ``hard+soft`` at T = 4), a
+fixed number of timed steps after warm-up. It measures student images per second of:
+
+(a) ``reference``: the way course code trains: a per-sample ``Dataset`` that turns a uint8
+    HWC array into a float CHW tensor in ``__getitem__``, ``DataLoader(batch_size=256,
+    shuffle=True, num_workers=2)``, the teacher's forward on every step, NCHW fp32, one
+    student at a time;
+(b) ``single``: qdistill's path for one student: the dataset as one uint8 tensor on the
+    device, batches sliced from a permutation, the teacher's logits computed once
+    (augmentation off; the one-off pass is timed and reported as ``teacher_cache_s``);
+(c) ``fused``: the same with K students trained as one `FusedStudents` network.
+
+It also times one epoch of the data path alone (``data_epoch_s``) against the training
+epoch it feeds (``train_epoch_s = n_train / single_img_s``). A benchmark, not a test: it
+asserts nothing and reports the machine it ran on.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from .data import batches, fake
+from .fused import FusedStudents
+from .losses import build_loss
+from .models import build
+from .train import pick_device, predict
+
+BATCH = 256
+
+
+class _PerSampleDataset(torch.utils.data.Dataset):
+    """The course-style dataset: one image at a time, converted on every access."""
+
+    def __init__(self, x_hwc, y):
+        self.x, self.y = x_hwc, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.x[i]).permute(2, 0, 1).float() / 255.0, int(self.y[i])
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, batches_iter, warmup: int, steps: int, device) -> float:
+    """Seconds for ``steps`` calls of ``step(batch)`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step(next(batches_iter))
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(next(batches_iter))
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _forever(make):
+    while True:
+        yield from make()
+
+
+def _students(k: int, device, channels_last: bool):
+    torch.manual_seed(0)
+    members = [build("vgg7", weight_bits=2, act_bits=1) for _ in range(k)]
+    model = members[0] if k == 1 else FusedStudents(members)
+    model = model.to(device)
+    if channels_last:
+        model = model.to_channels_last() if k > 1 else model.to(memory_format=torch.channels_last)
+    return model
+
+
+def bench_reference(ds, teacher, device, warmup: int, steps: int, workers: int = 2) -> float:
+    x_hwc = ds.x_train.permute(0, 2, 3, 1).contiguous().numpy()
+    loader = torch.utils.data.DataLoader(_PerSampleDataset(x_hwc, ds.y_train.numpy()), batch_size=BATCH,
+                                         shuffle=True, num_workers=workers)
+    student = _students(1, device, channels_last=False)
+    opt = torch.optim.Adam(student.parameters(), lr=0.01)
+    loss_fn = build_loss("hard+soft", 4.0)
+
+    def step(batch):
+        xb, yb = batch[0].to(device), batch[1].to(device)
+        with torch.no_grad():
+            tl = teacher(xb)
+        loss = loss_fn(student(xb), tl, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = _timed(step, _forever(lambda: iter(loader)), warmup, steps, device)
+    return BATCH * steps / seconds
+
+
+def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, channels_last: bool) -> float:
+    x, y, logits = ds.x_train.to(device), ds.y_train.to(device), cached_logits.to(device)
+    model = _students(k, device, channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = [build_loss("hard+soft", 4.0) for _ in range(k)]
+    gen = torch.Generator().manual_seed(1)
+
+    def step(batch):
+        xb, yb, idx = batch
+        tl = logits[idx]
+        z = model(xb)
+        loss = losses[0](z, tl, yb) if k == 1 else sum(f(z[j], tl, yb) for j, f in enumerate(losses))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = _timed(step, _forever(lambda: batches(x, y, BATCH, generator=gen, device=device)),
+                     warmup, steps, device)
+    return k * BATCH * steps / seconds
+
+
+def time_data_epoch(ds, device, augment: str = "none") -> float:
+    """Seconds to produce one epoch of float batches (the data path alone)."""
+    x, y = ds.x_train.to(device), ds.y_train.to(device)
+    gen, aug = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    _sync(device)
+    t0 = time.perf_counter()
+    for xb, _, _ in batches(x, y, BATCH, generator=gen, augment=augment, aug_generator=aug, device=device):
+        pass
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", channels_last: bool | None = None,
+        log=print) -> dict:
+    dev = pick_device(device)
+    if channels_last is None:
+        channels_last = True  # faster for the grouped convolutions on CPU and GPU alike (README)
+    ds = fake.load()
+    torch.manual_seed(0)
+    teacher = build("vgg7").to(dev).eval()
+
+    log(f"data path: one epoch of {len(ds.x_train)} images ...")
+    data_epoch_s = time_data_epoch(ds, dev)
+    data_epoch_aug_s = time_data_epoch(ds, dev, "light")
+    log("teacher logits, once ...")
+    t0 = time.perf_counter()
+    cached = predict(teacher, ds.x_train.to(dev), dev)
+    teacher_cache_s = time.perf_counter() - t0
+
+    log(f"(a) reference-style, {steps} steps ...")
+    ref = bench_reference(ds, teacher, dev, warmup, steps)
+    log(f"(b) qdistill, one student, {steps} steps ...")
+    single = bench_qdistill(ds, cached, 1, dev, warmup, steps, channels_last)
+    log(f"(c) qdistill fused, K={k}, {steps} steps ...")
+    fused = bench_qdistill(ds, cached, k, dev, warmup, steps, channels_last)
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_epoch_s = len(ds.x_train) / single
+    return {
+        "reference_img_s": ref, "single_img_s": single, "fused_img_s": fused, "k": k,
+        "fused_vs_reference": fused / ref, "single_vs_reference": single / ref,
+        "peak_rss_mb": rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
+        "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+        "steps": steps, "batch": BATCH, "channels_last": channels_last,
+        "teacher_cache_s": teacher_cache_s, "data_epoch_s": data_epoch_s, "data_epoch_augment_s": data_epoch_aug_s,
+        "train_epoch_s": train_epoch_s, "data_vs_train_epoch": data_epoch_s / train_epoch_s,
+    }
+
+
+def format_table(r: dict) -> str:
+    rows = [("(a) reference-style, 1 student", r["reference_img_s"], 1.0),
+            ("(b) qdistill, 1 student", r["single_img_s"], r["single_vs_reference"]),
+            (f"(c) qdistill fused, K={r['k']}", r["fused_img_s"], r["fused_vs_reference"])]
+    lines = [f"device: {r['device']}, torch {r['torch_version']}, {r['threads']} threads, "
+             f"batch {r['batch']}, {r['steps']} timed steps",
+             f"{'pipeline':34s} {'student img/s':>14s} {'vs (a)':>8s}"]
+    lines += [f"{name:34s} {rate:14.0f} {ratio:7.2f}x" for name, rate, ratio in rows]
+    lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; teacher logits once: {r['teacher_cache_s']:.1f} s")
+    lines.append(f"data path: one epoch {r['data_epoch_s']:.2f} s ({r['data_epoch_augment_s']:.2f} s with "
+                 f"augment light) vs a training epoch of one student {r['train_epoch_s']:.0f} s "
+                 f"= {100 * r['data_vs_train_epoch']:.2f}%")
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qdistill import models
-from qdistill.quant import QuantAct, QuantConv2d, QuantLinear, dorefa_weight, homework_weight
+from qdistill.quant import QuantAct, QuantConv2d, QuantLinear, homework_weight
 
 CONFIGS = [(32, 32, 32), (2, 1, 32), (1, 2, 4)]  # (weight, act, grad) bits
 

@@ -11,7 +11,13 @@ fixed number of timed steps after warm-up. It measures student images per second
 (b) ``single``: qdistill's path for one student: the dataset as one uint8 tensor on the
     device, batches sliced from a permutation, the teacher's logits computed once
     (augmentation off; the one-off pass is timed and reported as ``teacher_cache_s``);
-(c) ``fused``: the same with K students trained as one `FusedStudents` network.
+(c) ``fused``: the same with K students trained as one `FusedStudents` network;
+(d) ``fused_bf16``: (c) under bfloat16 autocast (``train.precision = "bf16"``). Not like
+    for like: (a) to (c) are fp32, so (d) is reported beside the targets, not as one.
+
+Each pipeline runs in a fresh process (``spawn``), so one's heap never slows or bloats
+the next, and its peak resident memory (``ru_maxrss`` of that process: torch, the data,
+the model, autograd's saved tensors) is its own; ``peak_rss_mb`` is that of (c).
 
 It also times one epoch of the data path alone (``data_epoch_s``) against the training
 epoch it feeds (``train_epoch_s = n_train / single_img_s``). A benchmark, not a test: it
@@ -19,10 +25,12 @@ asserts nothing and reports the machine it ran on.
 """
 from __future__ import annotations
 
+import multiprocessing
 import platform
 import resource
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -101,8 +109,10 @@ def bench_reference(ds, teacher, device, warmup: int, steps: int, workers: int =
     return BATCH * steps / seconds
 
 
-def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, channels_last: bool) -> float:
+def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, channels_last: bool,
+                   precision: str = "fp32") -> float:
     x, y, logits = ds.x_train.to(device), ds.y_train.to(device), cached_logits.to(device)
+    bf16 = precision == "bf16"
     model = _students(k, device, channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     losses = [build_loss("hard+soft", 4.0) for _ in range(k)]
@@ -111,8 +121,9 @@ def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, c
     def step(batch):
         xb, yb, idx = batch
         tl = logits[idx]
-        z = model(xb)
-        loss = losses[0](z, tl, yb) if k == 1 else sum(f(z[j], tl, yb) for j, f in enumerate(losses))
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            z = model(xb)
+            loss = losses[0](z, tl, yb) if k == 1 else sum(f(z[j], tl, yb) for j, f in enumerate(losses))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,6 +131,44 @@ def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, c
     seconds = _timed(step, _forever(lambda: batches(x, y, BATCH, generator=gen, device=device)),
                      warmup, steps, device)
     return k * BATCH * steps / seconds
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20 if sys.platform == "darwin" else kb / 1024
+
+
+def _phase(name: str, args: tuple, threads: int, queue) -> None:
+    """One pipeline in this (fresh) process: put ``(img/s, peak RSS MB)`` on ``queue``."""
+    try:
+        torch.set_num_threads(threads)
+        device, warmup, steps, k, channels_last, precision, cached = args
+        dev = torch.device(device)
+        ds = fake.load()
+        if name == "reference":
+            torch.manual_seed(0)
+            teacher = build("vgg7").to(dev).eval()
+            rate = bench_reference(ds, teacher, dev, warmup, steps)
+        else:
+            rate = bench_qdistill(ds, cached, k, dev, warmup, steps, channels_last, precision)
+        queue.put((rate, _peak_rss_mb()))
+    except BaseException as e:  # the parent re-raises it with the phase's name
+        queue.put(e)
+        raise
+
+
+def _in_fresh_process(name: str, args: tuple) -> tuple[float, float]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_phase, args=(name, args, torch.get_num_threads(), queue))
+    proc.start()
+    try:
+        out = queue.get()
+    finally:
+        proc.join()
+    if isinstance(out, BaseException):
+        raise RuntimeError(f"bench phase {name!r} failed: {out!r}") from out
+    return out
 
 
 def time_data_epoch(ds, device, augment: str = "none") -> float:
@@ -146,7 +195,9 @@ def cpu_name() -> str:
 
 
 def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", channels_last: bool | None = None,
-        log=print) -> dict:
+        log=print, bf16: bool | None = None) -> dict:
+    """Run the benchmark; ``bf16=None`` adds phase (d) where bfloat16 autocast is
+    available (CPU, or a CUDA device that supports it)."""
     dev = pick_device(device)
     if channels_last is None:
         channels_last = True  # faster for the grouped convolutions on CPU and GPU alike (README)
@@ -162,19 +213,32 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
     cached = predict(teacher, ds.x_train.to(dev), dev)
     teacher_cache_s = time.perf_counter() - t0
 
-    log(f"(a) reference-style, {steps} steps ...")
-    ref = bench_reference(ds, teacher, dev, warmup, steps)
-    log(f"(b) qdistill, one student, {steps} steps ...")
-    single = bench_qdistill(ds, cached, 1, dev, warmup, steps, channels_last)
-    log(f"(c) qdistill fused, K={k}, {steps} steps ...")
-    fused = bench_qdistill(ds, cached, k, dev, warmup, steps, channels_last)
+    if bf16 is None:
+        bf16 = dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    cached = cached.cpu()
 
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def phase(name, kk, precision="fp32"):
+        return _in_fresh_process(name, (str(dev), warmup, steps, kk, channels_last, precision, cached))
+
+    log(f"(a) reference-style, {steps} steps ...")
+    ref, ref_rss = phase("reference", 1)
+    log(f"(b) qdistill, one student, {steps} steps ...")
+    single, single_rss = phase("qdistill", 1)
+    log(f"(c) qdistill fused, K={k}, {steps} steps ...")
+    fused, fused_rss = phase("qdistill", k)
+    fused_bf16 = fused_bf16_rss = None
+    if bf16:
+        log(f"(d) qdistill fused, K={k}, bf16 autocast, {steps} steps ...")
+        fused_bf16, fused_bf16_rss = phase("qdistill", k, "bf16")
+
     train_epoch_s = len(ds.x_train) / single
     return {
         "reference_img_s": ref, "single_img_s": single, "fused_img_s": fused, "k": k,
         "fused_vs_reference": fused / ref, "single_vs_reference": single / ref,
-        "peak_rss_mb": rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20,
+        "peak_rss_mb": fused_rss, "reference_peak_rss_mb": ref_rss, "single_peak_rss_mb": single_rss,
+        "precision": "fp32",
+        "fused_bf16_img_s": fused_bf16, "fused_bf16_vs_reference": fused_bf16 / ref if bf16 else None,
+        "fused_bf16_peak_rss_mb": fused_bf16_rss,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "steps": steps, "batch": BATCH, "channels_last": channels_last,
@@ -190,8 +254,15 @@ def format_table(r: dict) -> str:
     lines = [f"device: {r['device']}, torch {r['torch_version']}, {r['threads']} threads, "
              f"batch {r['batch']}, {r['steps']} timed steps",
              f"{'pipeline':34s} {'student img/s':>14s} {'vs (a)':>8s}"]
-    lines += [f"{name:34s} {rate:14.0f} {ratio:7.2f}x" for name, rate, ratio in rows]
-    lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; teacher logits once: {r['teacher_cache_s']:.1f} s")
+    rss = [r["reference_peak_rss_mb"], r["single_peak_rss_mb"], r["peak_rss_mb"]]
+    if r.get("fused_bf16_img_s"):
+        rows.append((f"(d) fused, K={r['k']}, bf16 autocast", r["fused_bf16_img_s"], r["fused_bf16_vs_reference"]))
+        rss.append(r["fused_bf16_peak_rss_mb"])
+    lines[-1] += f" {'peak RSS MB':>12s}"
+    lines += [f"{name:34s} {rate:14.0f} {ratio:7.2f}x {mb:12.0f}" for (name, rate, ratio), mb in zip(rows, rss)]
+    lines.append("(a)-(c) are fp32; (d) is not like for like with (a) (bf16 vs fp32)" if len(rows) > 3
+                 else "all pipelines fp32")
+    lines.append(f"each pipeline in a fresh process; teacher logits once: {r['teacher_cache_s']:.1f} s")
     lines.append(f"data path: one epoch {r['data_epoch_s']:.2f} s ({r['data_epoch_augment_s']:.2f} s with "
                  f"augment light) vs a training epoch of one student {r['train_epoch_s']:.0f} s "
                  f"= {100 * r['data_vs_train_epoch']:.2f}%")

@@ -50,6 +50,8 @@ def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--precision", choices=configlib.PRECISIONS,
+                   help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -68,7 +70,7 @@ def _add_student_flags(p: argparse.ArgumentParser) -> None:
 _FLAG_KEYS = {
     "data": ("dataset", "data_dir", "data_path", "extra", "verify", "augment", "val_fraction",
              "max_train", "max_test"),
-    "train": ("epochs", "batch_size", "lr", "schedule", "weight_decay", "seed", "device"),
+    "train": ("epochs", "batch_size", "lr", "schedule", "weight_decay", "seed", "device", "precision"),
     "student": ("loss", "temperature", "c", "weight_bits", "act_bits", "grad_bits", "scheme",
                 "quantize_first_last"),
 }
@@ -235,7 +237,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
     from .runs import read_summary
-    manifest = export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=args.format)
+    export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=args.format)
     size = Path(args.out).stat().st_size
     print(f"exported {args.run} ({args.checkpoint}.pt) to {args.out} ({args.format}, {size:,} bytes)")
     fp32 = (read_summary(args.run) or {}).get("fp32_bytes")

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, dict] = {
         "weight_decay": 0.0,
         "seed": 0,
         "device": "auto",             # auto, cpu, cuda, cuda:N, mps
+        "precision": "auto",          # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16
     },
     "study": {
         "temperatures": [1.0, 2.0, 4.0, 8.0, 15.0],
@@ -68,6 +69,7 @@ DEFAULTS: dict[str, dict] = {
 OPTIONAL = {("student", "c"), ("study", "c")}
 
 DATASETS = ("svhn", "digits", "npz", "fake")
+PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENTS = ("none", "light")
 SCHEMES = ("dorefa", "homework")
 LOSSES = ("hard", "soft", "hard+soft", "hard+softgt")
@@ -170,6 +172,7 @@ def validate(cfg: dict) -> dict:
     _choice(cfg, "student", "scheme", SCHEMES)
     _choice(cfg, "student", "loss", LOSSES)
     _choice(cfg, "train", "schedule", SCHEDULES)
+    _choice(cfg, "train", "precision", PRECISIONS)
     _choice(cfg, "run", "role", ROLES)
     for key in ("weight_bits", "act_bits", "grad_bits"):
         _bits(cfg, "student", key)

@@ -27,8 +27,8 @@ from .errors import UserError
 from .fused import FusedStudents
 from .losses import build_loss
 from .runs import atomic_torch_save, build_from_meta, load_checkpoint, load_teacher, model_meta
-from .train import (EVAL_BATCH, Diverged, accuracy, make_optimizer, make_scheduler, pick_device,
-                    state_sha256, tensor_sha256, write_summary)
+from .train import (EVAL_BATCH, Diverged, accuracy, autocast_for, make_optimizer, make_scheduler,
+                    pick_device, state_sha256, tensor_sha256, write_summary)
 
 
 @torch.no_grad()
@@ -111,8 +111,7 @@ def train_group(members, gdir: Path, study: Path, data, teacher_run: Path, train
     aug = torch.Generator().manual_seed(seed + 2)
     opt = make_optimizer(fused.parameters(), cfg)
     sched = make_scheduler(opt, cfg)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = autocast_for(device, cfg["train"].get("precision", "auto"))
     metrics = [[] for _ in members]
     best = [{"val": -1.0, "epoch": 0, "test": float("nan")} for _ in members]
     start_epoch = 0

@@ -86,6 +86,56 @@ class AbsAffine(nn.Module):
         return f"channels={self.a.numel()}"
 
 
+class _MaxPoolInt32(torch.autograd.Function):
+    """``max_pool2d`` that keeps only its argmax indices, as int32, for backward.
+
+    Autograd's own max-pool node keeps the float input alive (4 bytes per input
+    element) and int64 indices, although backward only scatters the gradient to the
+    indices. Training is memory-bound, so this keeps 1 byte per input element instead;
+    backward is the same native kernel (``max_pool2d_with_indices_backward``, which
+    reads only the shape and memory format of its input), so gradients are identical."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride):
+        out, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride)
+        ctx.save_for_backward(idx.to(torch.int32))
+        ctx.args = (kernel_size, stride)
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        like = torch.empty(ctx.shape, dtype=g.dtype, device=ctx.device, memory_format=fmt)
+        kernel_size, stride = ctx.args
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(g, like, kernel_size, stride, [0, 0], [1, 1],
+                                                               False, idx.long())
+        return grad, None, None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that saves less for backward in training (`_MaxPoolInt32`);
+    same outputs and gradients."""
+
+    def forward(self, x):
+        kernel_size, stride = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
+        light = (torch.is_grad_enabled() and x.requires_grad and x.dim() == 4
+                 and _pair(self.padding) == [0, 0] and _pair(self.dilation) == [1, 1]
+                 and not self.ceil_mode and not self.return_indices
+                 and x.shape[-2] * x.shape[-1] < 2**31
+                 and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                 and not torch.onnx.is_in_onnx_export())
+        if not light:
+            return super().forward(x)
+        return _MaxPoolInt32.apply(x, kernel_size, stride)
+
+
+def _pair(v) -> list[int]:
+    return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
+
+
 class Resize(nn.Module):
     """Bilinear resize to ``size x size`` (``align_corners=False``)."""
 
@@ -110,12 +160,12 @@ class Clip01(nn.Module):
 def _vgg7(spec: _Spec, num_classes: int, in_channels: int, width: int) -> nn.Sequential:
     c1, c2, c3, c4 = (16 * width, 32 * width, 64 * width, 128 * width)
     layers: list[nn.Module] = [spec.conv(in_channels, c1, 3, 1, first=True), *spec.norm_act(c1),
-                               nn.MaxPool2d(2)]
+                               MaxPool2d(2)]
     for cin, cout, pool in ((c1, c2, False), (c2, c2, True), (c2, c3, False), (c3, c3, True),
                             (c3, c4, False), (c4, c4, False)):
         layers += [spec.conv(cin, cout, 3, 1), *spec.norm_act(cout)]
         if pool:
-            layers.append(nn.MaxPool2d(2))
+            layers.append(MaxPool2d(2))
     layers += [nn.AvgPool2d(4), nn.Flatten(), spec.linear(c4, num_classes)]
     return nn.Sequential(*layers)
 
@@ -146,10 +196,10 @@ def dorefa_svhn(spec, num_classes=10, in_channels=3):
         bn = lambda c: [nn.BatchNorm2d(c)]
     return nn.Sequential(
         Resize(40),
-        spec.conv(in_channels, 48, 5, 0, first=True, bias=True), nn.MaxPool2d(2),
+        spec.conv(in_channels, 48, 5, 0, first=True, bias=True), MaxPool2d(2),
         QuantAct(spec.act_bits, "dorefa"),
         spec.conv(48, 64, 3, 1), *act(64),
-        spec.conv(64, 64, 3, 1), *bn(64), nn.MaxPool2d(2), QuantAct(spec.act_bits, spec.scheme),
+        spec.conv(64, 64, 3, 1), *bn(64), MaxPool2d(2), QuantAct(spec.act_bits, spec.scheme),
         spec.conv(64, 128, 3, 0), *act(128),
         spec.conv(128, 128, 3, 1), *act(128),
         spec.conv(128, 128, 3, 0), *act(128),

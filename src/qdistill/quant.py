@@ -59,6 +59,33 @@ def _signed_levels(x: torch.Tensor, bits: int) -> torch.Tensor:
     return _SignedRoundSTE.apply(x, float(2**bits - 1))
 
 
+class _ClampRoundSTE(torch.autograd.Function):
+    """``q_k(clamp(x, 0, 1))`` in one node that saves a 1-byte mask instead of ``x``.
+
+    ``torch.clamp`` would keep its float input alive until backward only to recompute
+    ``0 <= x <= 1``; training is memory-bound, so the mask is kept instead. ``c == x``
+    holds exactly where ``0 <= x <= 1`` (and is false for NaN), which is where
+    ``torch.clamp``'s backward passes the gradient (bounds included)."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        c = torch.clamp(x, 0.0, 1.0)
+        ctx.save_for_backward(torch.eq(c, x))
+        if n == 1.0:  # x * 1 and x / 1 are exact: skip two passes over the tensor
+            return c.round_()
+        return c.mul_(n).round_().div_(n)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, g, 0.0), None
+
+
+def _clamp_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q_k(clamp(x, 0, 1))``; backward: ``g`` where ``0 <= x <= 1``, else 0."""
+    return _ClampRoundSTE.apply(x, float(2**bits - 1))
+
+
 def quantize_k(x: torch.Tensor, bits: int) -> torch.Tensor:
     """``q_k(x) = round(x * n) / n``, ``n = 2**k - 1``; backward: identity (STE).
 
@@ -110,7 +137,7 @@ def dorefa_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if bits >= FULL:
         return F.relu(x)
-    return quantize_k(torch.clamp(x, 0.0, 1.0), bits)
+    return _clamp_quantize(x, bits)
 
 
 class _GradQuant(torch.autograd.Function):
@@ -169,8 +196,9 @@ def homework_activation(y: torch.Tensor, bits: int) -> torch.Tensor:
     ``q_k(clamp(0.1 * y, 0, 1))``. ``bits >= 32``: ``clamp(0.1 * y, 0, 1)`` (no rounding).
     """
     _check_bits(bits)
-    x = torch.clamp(0.1 * y, 0.0, 1.0)
-    return x if bits >= FULL else quantize_k(x, bits)
+    if bits >= FULL:
+        return torch.clamp(0.1 * y, 0.0, 1.0)
+    return _clamp_quantize(0.1 * y, bits)
 
 
 WEIGHT_QUANTIZERS = {"dorefa": dorefa_weight, "homework": homework_weight}

@@ -286,3 +286,13 @@ def test_report_layer_does_not_import_torch():
     import sys
     code = "import sys, qdistill.report; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_identical_paired_differences_claim_nothing(tmp_path):
+    # every seed: Q2 exactly 2 points above Q1, so the t-interval has zero width
+    exact = lambda q, t, s: 0.80 + (0.02 if q == "q2" else 0.0) + 0.01 * s
+    d = make_study(tmp_path / "S", ["q1", "q2"], [4], [0, 1], exact, exact)
+    report.write_report(d)
+    md = (d / "report.md").read_text()
+    assert "+2.00 points vs Q1 over 2 paired seeds" in md
+    assert "zero width" in md and "larger than its uncertainty" not in md

@@ -12,7 +12,6 @@ from it as a group.
 from __future__ import annotations
 
 import json
-import math
 import time
 import traceback
 from pathlib import Path
@@ -22,13 +21,13 @@ from tqdm import tqdm
 
 from . import config as configlib
 from .atomic import atomic_write_text
-from .data import batches, split_val, to_float
+from .data import split_val, to_float
 from .errors import UserError
 from .fused import FusedStudents
 from .losses import build_loss
 from .runs import atomic_torch_save, build_from_meta, load_checkpoint, load_teacher, model_meta
-from .train import (EVAL_BATCH, Diverged, accuracy, autocast_for, make_optimizer, make_scheduler,
-                    pick_device, state_sha256, tensor_sha256, write_summary)
+from .train import (EVAL_BATCH, Diverged, accuracy, autocast_for, epoch_bar, make_optimizer, make_scheduler,
+                    pick_device, state_sha256, tensor_sha256, teacher_targets, write_summary)
 
 
 @torch.no_grad()
@@ -98,7 +97,7 @@ def train_group(members, gdir: Path, study: Path, data, teacher_run: Path, train
         metas.append(meta)
         models.append(build_from_meta(meta))
     prints = [{"init_sha256": state_sha256(m.state_dict())} for m in models]
-    fused = FusedStudents(models).to(device)
+    fused = FusedStudents(models).to(device).to_channels_last()
     train_idx, val_idx = split_val(len(data.x_train), cfg["data"]["val_fraction"], seed)
     for p in prints:
         p["val_split_sha256"] = tensor_sha256(val_idx)
@@ -140,20 +139,11 @@ def train_group(members, gdir: Path, study: Path, data, teacher_run: Path, train
         loss_sum = torch.zeros(k, device=device)
         correct = torch.zeros(k, device=device, dtype=torch.long)
         seen = 0
-        bar = tqdm(batches(x_tr, y_tr, t["batch_size"], generator=order, augment=cfg["data"]["augment"],
-                           aug_generator=aug, device=device),
-                   total=math.ceil(len(x_tr) / t["batch_size"]), desc=f"{gdir.name} {epoch + 1}/{t['epochs']}",
-                   disable=not progress, leave=False, unit="batch")
+        bar = epoch_bar(x_tr, y_tr, cfg, order, aug, device, f"{gdir.name} {epoch + 1}/{t['epochs']}", progress)
         for step, (xb, yb, idx) in enumerate(bar):
             if epoch == 0:
                 first_order.append(idx)
-            if cached is not None:
-                tl = cached[idx]
-            elif teacher is not None:
-                with torch.no_grad(), autocast:
-                    tl = teacher(xb).float()
-            else:
-                tl = None
+            tl = teacher_targets(idx, xb, cached, teacher, autocast)
             with autocast:
                 z = fused(xb)
             member_loss = torch.stack([f(z[j], tl, yb) for j, f in enumerate(losses)])

@@ -63,7 +63,7 @@ def ci_text(diff: dict | None) -> str:
 
 
 def _excludes_zero(diff: dict | None) -> bool | None:
-    if diff is None or diff["n"] < 2:
+    if diff is None or diff["n"] < 2 or diff["lo"] == diff["hi"]:
         return None
     return diff["lo"] > 0 or diff["hi"] < 0
 
@@ -342,8 +342,15 @@ def _summary_words(chosen, diffs, teacher, entropy, conds) -> list[str]:
                   "so this difference cannot be told apart from seed noise.")
         else:
             s += f"; {pts(d['mean'])} points vs Q1 over {d['n']} paired seeds, 95% CI {ci_text(d)}: "
-            s += ("the CI excludes 0, so the difference is larger than its uncertainty." if _excludes_zero(d)
-                  else "the CI includes 0, so the difference is within its uncertainty.")
+            if d["lo"] == d["hi"]:
+                # Identical per-seed differences (likely on a small test set) give a
+                # zero-width interval: it measures nothing, so claim nothing from it.
+                s += ("every seed gave the same difference, so the interval has zero width and "
+                      "does not measure the uncertainty; more seeds are needed.")
+            elif _excludes_zero(d):
+                s += "the CI excludes 0, so the difference is larger than its uncertainty."
+            else:
+                s += "the CI includes 0, so the difference is within its uncertainty."
         if info["test_best_temperature"] != info["temperature"]:
             s += (f" (Test accuracy alone would have picked T = {_t(info['test_best_temperature'])};"
                   " the choice uses validation only.)")

@@ -171,3 +171,34 @@ def test_workers_run_conditions_in_separate_processes(tmp_path):
     rows = rows_of(s)
     assert [r["run"] for r in rows] == ["q1-hard-T1-s0", "q1-hard-T1-s1"]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
+    from qdistill import fused_train
+    extra = "questions = ['q1', 'q2']\n"
+    cfg = write_config(tmp_path / "c.toml", extra)
+    cfg.write_text(cfg.read_text().replace("epochs = 1", "epochs = 2").replace("[1.0, 4.0]", "[4.0]"))
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "A"), "--quiet"]) == 0
+
+    calls = {"n": 0}
+    real = fused_train.predict_members
+
+    def crash_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 1: val, test; epoch 2: val -> interrupted
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused_train, "predict_members", crash_in_epoch_2)
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "B"), "--quiet"]) == 130
+    assert torch.load(tmp_path / "B" / "groups" / "s0" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(fused_train, "predict_members", real)
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "B"), "--quiet"]) == 0
+
+    def metrics(study, name):
+        rows = [json.loads(l) for l in (study / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in rows]
+
+    for name in ("q1-hard-T1-s0", "q2-soft-T4-s0"):
+        assert len(metrics(tmp_path / "B", name)) == 2
+        assert metrics(tmp_path / "B", name) == metrics(tmp_path / "A", name)

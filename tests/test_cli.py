@@ -151,6 +151,7 @@ def bad_inputs(tmp_path, teacher):
         (["teacher", "--dataset", "svhn", "--no-verify", "--data-dir", mat_dir, *out], "train_32x32.mat"),
         (["student", "--loss", "soft", "--teacher", tmp_path / "no-teacher", *out], "no-teacher"),
         (["student", "--loss", "soft", *SMALL, *out], "--teacher"),
+        (["student", "--loss", "hard+softgt", *SMALL, *out], "--teacher"),
         (["student", "--loss", "soft", "--teacher", teacher, "--dataset", "npz", "--data-path", three, *out],
          "classes"),
         (["teacher", *SMALL, "--out", finished], "--force"),

@@ -135,15 +135,16 @@ def cmd_teacher(args) -> int:
 
 def cmd_student(args) -> int:
     from .data import load
-    from .losses import NEEDS_TEACHER
     from .runs import load_teacher
     from .train import train
     cfg = _resolve(args, role="student", model_section="student")
     _require_out(args)
     data = load(cfg["data"])
     run = cfg["teacher"]["run"]
-    if not run and NEEDS_TEACHER[cfg["student"]["loss"]]:
-        raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN")
+    if not run and cfg["student"]["loss"] != "hard":
+        # hard+softgt trains without the teacher, but its run is compared with it
+        # (agreement, KL) and takes its data from it, as every distillation question does.
+        raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
     teacher = load_teacher(run, data) if run else None
     summary = train(cfg, args.out, data, teacher=teacher, resume=args.resume, force=args.force,
                     progress=not args.quiet)
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("student", help="train a quantized student (Q1-Q4 losses)")
     _add_common(s, model_help="student architecture (default vgg7)")
     _add_student_flags(s)
-    s.add_argument("--teacher", help="teacher run directory (required except for --loss hard/hard+softgt)")
+    s.add_argument("--teacher", help="teacher run directory (required except for --loss hard)")
     s.add_argument("--out", help="run directory to write")
     s.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     s.add_argument("--force", action="store_true", help="overwrite an existing run")

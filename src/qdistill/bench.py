@@ -26,7 +26,6 @@ asserts nothing and reports the machine it ran on.
 from __future__ import annotations
 
 import multiprocessing
-import platform
 import resource
 import sys
 import time
@@ -34,6 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .bench_deploy import cpu_name
 from .data import batches, fake
 from .fused import FusedStudents
 from .losses import build_loss
@@ -181,17 +181,6 @@ def time_data_epoch(ds, device, augment: str = "none") -> float:
         pass
     _sync(device)
     return time.perf_counter() - t0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", channels_last: bool | None = None,

@@ -216,3 +216,12 @@ def test_export_predict_round_trip(teacher, tmp_path, capsys):
     (tmp_path / "bad.qdz").write_bytes(bytes(raw))
     code, cap = run(["predict", tmp_path / "bad.qdz", tmp_path / "digit.png"], capsys)
     assert code == 2 and len(cap.err.strip().splitlines()) == 1 and "Traceback" not in cap.err
+
+
+def test_eval_and_datasets_take_config_overrides(teacher, tmp_path, capsys):
+    code, cap = run(["eval", teacher, "--set", "data.max_test=40", "--json"], capsys)
+    assert code == 0 and sum(map(sum, json.loads(cap.out)["confusion"])) == 40
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[data]\ndata_dir = "{tmp_path / "svhn-here"}"\n')
+    code, cap = run(["datasets", "--config", cfg], capsys)
+    assert code == 0 and str(tmp_path / "svhn-here" / "train_32x32.mat") in cap.out

@@ -25,11 +25,15 @@ class _Parser(argparse.ArgumentParser):
 
 # --- flags shared by the training commands -------------------------------------------------
 
-def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("config")
     g.add_argument("--config", help="TOML config file (see configs/)")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key (repeatable)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
+    _add_config_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=configlib.DATASETS)
     g.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
@@ -163,7 +167,10 @@ def cmd_eval(args) -> int:
     from .data import load
     from .runs import load_model, read_config
     from .train import per_class_accuracy, predict
-    cfg = configlib.validate(configlib.merge(configlib.defaults(), read_config(args.run), origin=args.run))
+    cfg = configlib.merge(configlib.defaults(), read_config(args.run), origin=args.run)
+    # --config/--set/--data-dir may point the run at its data elsewhere (a moved SVHN folder).
+    configlib.merge(cfg, _explicit(args, _flags(args, None)))
+    cfg = configlib.validate(cfg)
     model, meta = load_model(args.run, args.checkpoint)
     data = load(cfg["data"])
     if meta["build"]["num_classes"] != data.num_classes:
@@ -192,7 +199,9 @@ def cmd_eval(args) -> int:
 
 def cmd_datasets(args) -> int:
     from .data import describe
-    for d in describe(args.data_dir):
+    cfg = configlib.defaults()
+    configlib.merge(cfg, _explicit(args, _flags(args, None)))
+    for d in describe(configlib.validate(cfg)["data"]["data_dir"]):
         sizes = f"{d['train']} train / {d['test']} test" if d.get("train") else "sizes from the file"
         print(f"{d['name']:7s} {sizes}: {d['description']}")
         if "files" in d:
@@ -309,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_flags(e)
+    e.add_argument("--data-dir", help="where the run's SVHN files are now")
+    e.add_argument("--data-path", help="where the run's .npz file is now")
     e.set_defaults(func=cmd_eval)
 
     st = sub.add_parser("study", help="the Q1-Q4 temperature study, then its report")
@@ -337,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", metavar="MODEL.qdz")
     pr.add_argument("image", nargs="?", help="an image file (PNG, JPEG); else the test split of --dataset")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
-    pr.add_argument("--config", help="TOML config whose [data] section names the dataset")
-    pr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_config_flags(pr)
     pr.add_argument("--dataset", choices=configlib.DATASETS)
     pr.add_argument("--data-dir")
     pr.add_argument("--data-path")
@@ -356,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")
+    _add_config_flags(d)
     d.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
     d.set_defaults(func=cmd_datasets)
     return p

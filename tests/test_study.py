@@ -202,3 +202,19 @@ def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
     for name in ("q1-hard-T1-s0", "q2-soft-T4-s0"):
         assert len(metrics(tmp_path / "B", name)) == 2
         assert metrics(tmp_path / "B", name) == metrics(tmp_path / "A", name)
+
+
+def test_force_redoes_only_what_the_changed_config_touches(tmp_path):
+    cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
+    s = tmp_path / "S"
+    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 0
+    stamp = lambda run: os.stat(run / "summary.json").st_mtime_ns
+    before = {"teacher": stamp(s / "teacher"), "q1": stamp(s / "runs" / "q1-hard-T1-s0"),
+              "T1": stamp(s / "runs" / "q2-soft-T1-s0")}
+    cfg.write_text(cfg.read_text().replace("[1.0, 4.0]", "[1.0, 2.0]"))
+    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused", "--force"]) == 0
+    assert before == {"teacher": stamp(s / "teacher"), "q1": stamp(s / "runs" / "q1-hard-T1-s0"),
+                      "T1": stamp(s / "runs" / "q2-soft-T1-s0")}
+    assert [r["run"] for r in rows_of(s)] == ["q1-hard-T1-s0", "q2-soft-T1-s0", "q2-soft-T2-s0"]
+    assert all(r["status"] == "ok" for r in rows_of(s))
+    assert not (s / "runs" / "q2-soft-T4-s0").exists()

@@ -75,7 +75,8 @@ def teacher_config(cfg: dict) -> dict:
     tcfg = copy.deepcopy(cfg)
     del tcfg["study"]
     tcfg["run"]["role"] = "teacher"
-    tcfg["student"].pop("c", None)
+    # The teacher knows nothing of its students: a changed student must not retrain it.
+    tcfg["student"] = copy.deepcopy(configlib.DEFAULTS["student"])
     if cfg["study"]["teacher_epochs"]:
         tcfg["train"]["epochs"] = cfg["study"]["teacher_epochs"]
     return tcfg

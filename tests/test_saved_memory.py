@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qdistill.models import MaxPool2d
-from qdistill.quant import dorefa_activation, homework_activation, quantize_k
+from qdistill.quant import _CHUNK, dorefa_activation, homework_activation, quantize_k
 
 
 def _saved_bytes(fn, x):
@@ -41,6 +41,25 @@ def test_activation_matches_clamp_then_round(bits):
     # the gradient passes at both bounds (as torch.clamp's), not for NaN or just above 1
     assert a.grad.view(-1)[:6].tolist() == [up.view(-1)[0].item(), up.view(-1)[1].item(),
                                             up.view(-1)[2].item(), up.view(-1)[3].item(), 0.0, 0.0]
+
+
+@pytest.mark.parametrize("x_format,g_format", [(torch.contiguous_format, torch.contiguous_format),
+                                               (torch.channels_last, torch.channels_last),
+                                               (torch.channels_last, torch.contiguous_format)])
+def test_activation_gradient_in_every_layout(x_format, g_format):
+    """The backward's chunked product over the flat storage (several chunks here) equals
+    ``torch.where``, keeps the incoming gradient's layout, and falls back when layouts differ."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(5, 8, 128, 160, generator=g) * 1.6 - 0.3).contiguous(memory_format=x_format)
+    assert x.numel() > 3 * _CHUNK and x.numel() % _CHUNK  # a partial last chunk too
+    x[0, 0, 0, :4] = torch.tensor([0.0, 1.0, -2**-24, 1.0 + 2**-23])  # bounds, just outside
+    up = torch.randn(x.shape, generator=g).contiguous(memory_format=g_format)
+    a = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    (grad,) = torch.autograd.grad(dorefa_activation(a, 1), a, up)
+    assert torch.equal(grad, torch.where((x >= 0) & (x <= 1), up, 0.0))
+    if x_format == g_format:  # the fast path keeps the layout; the fallback is torch.where's
+        assert grad.stride() == up.stride()
+    assert grad[0, 0, 0, :4].tolist() == up[0, 0, 0, :2].tolist() + [0.0, 0.0]
 
 
 def test_homework_activation_matches_clamp_then_round():

@@ -78,7 +78,38 @@ class _ClampRoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (inside,) = ctx.saved_tensors
-        return torch.where(inside, g, 0.0), None
+        return _mask_grad(g, inside), None
+
+
+_CHUNK = 1 << 18  # elements per product in `_mask_grad`: 1 MiB of fp32, cache-sized
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """The storage of a dense contiguous or channels_last tensor as a 1-D view, else ``None``."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)  # the permuted tensor is contiguous
+    return None
+
+
+def _mask_grad(g: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """``g`` where ``inside``, else 0 (for finite ``g``; on CPU a non-finite ``g`` outside
+    gives NaN).
+
+    On CPU ``torch.where(inside, g, 0)`` runs an unvectorised loop (it was 15% of a W2A1
+    vgg7 training step), and ``g * inside`` first converts the whole mask to a float
+    temporary. So the product runs over the flat storage in cache-sized chunks, each
+    converting only its own bytes of the mask: 2-5x faster than ``where``, and no
+    temporary beyond one chunk (measured in the README's performance section)."""
+    fg, fm = _flat(g), _flat(inside)
+    if g.device.type != "cpu" or fg is None or fm is None or g.stride() != inside.stride():
+        return torch.where(inside, g, 0.0)
+    out = torch.empty_like(g)  # same strides as g (preserve_format on a dense tensor)
+    fo, fm = _flat(out), fm.view(torch.uint8)
+    for a in range(0, fg.numel(), _CHUNK):
+        torch.mul(fg[a:a + _CHUNK], fm[a:a + _CHUNK], out=fo[a:a + _CHUNK])
+    return out
 
 
 def _clamp_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -158,6 +158,8 @@ def bad_inputs(tmp_path, teacher):
         (["eval", tmp_path / "nothing"], "not a qdistill run"),
         (["teacher", "--epochs", "x", *out], "invalid int"),
         (["teacher", "--set", "train.lr=-1", *out], "train.lr"),
+        (["bench", "--deploy", "--scaling"], "--scaling"),
+        (["bench", "--scaling", "--batch", "0"], "--batch"),
     ]
 
 

@@ -256,3 +256,77 @@ def format_table(r: dict) -> str:
                  f"augment light) vs a training epoch of one student {r['train_epoch_s']:.0f} s "
                  f"= {100 * r['data_vs_train_epoch']:.2f}%")
     return "\n".join(lines)
+
+
+def _conv_shapes(width: int = 1) -> list[tuple[int, int, int]]:
+    """(in channels, out channels, spatial size) of vgg7's seven 3x3 convolutions."""
+    c1, c2, c3, c4 = 16 * width, 32 * width, 64 * width, 128 * width
+    return [(3, c1, 32), (c1, c2, 16), (c2, c2, 16), (c2, c3, 8), (c3, c3, 8), (c3, c4, 4), (c4, c4, 4)]
+
+
+def _gflop_s(fn, flop: float, device, repeats: int = 10) -> float:
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return flop * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int = 20, repeats: int = 3,
+            device: str = "auto", channels_last: bool = True, log=print) -> dict:
+    """Does fusing pay on this machine? Per-student training rate of a fused group of K
+    vgg7 W2A1 students (``measure_step_rate``: forward, backward, Adam on random data; no
+    teacher, no data path) for each K, the median of ``repeats``, against K = 1, next to
+    the machine's fp32 matmul rate, the rate of one student's convolutions (forward), and
+    the bandwidth of one elementwise pass over the first layer's activation of K students.
+
+    Fusion can only pay where one student leaves the device idle: if a lone student's
+    convolutions already run near the matmul rate, K of them in one network cannot run
+    faster per student, and bigger activations fall out of cache (README, Performance)."""
+    from .fused import measure_step_rate
+
+    dev = pick_device(device)
+    rates = {}
+    for k in ks:
+        log(f"K={k} ...")
+        runs = [measure_step_rate(k=k, batch=batch, steps=max(1, steps // k), warmup=2, device=dev,
+                                  channels_last=channels_last) for _ in range(repeats)]
+        rates[k] = sorted(runs)[len(runs) // 2]
+    n = 2048 if batch >= 64 else 256
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    gemm = _gflop_s(lambda: a @ b, 2 * n**3, dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = [torch.rand(batch, ci, h, h, device=dev).contiguous(memory_format=fmt) for ci, _, h in _conv_shapes()]
+    ws = [torch.randn(co, ci, 3, 3, device=dev).contiguous(memory_format=fmt) for ci, co, _ in _conv_shapes()]
+    conv_flop = sum(2 * batch * h * h * ci * 9 * co for ci, co, h in _conv_shapes())
+    with torch.no_grad():
+        conv = _gflop_s(lambda: [torch.nn.functional.conv2d(x, w, padding=1) for x, w in zip(xs, ws)],
+                        conv_flop, dev)
+    clamp_gb_s = {}  # one elementwise pass over the first layer's activation of K students
+    for k in ks:
+        x = torch.randn(batch, 16 * k, 32, 32, device=dev).contiguous(memory_format=fmt)
+        clamp_gb_s[str(k)] = _gflop_s(lambda: x.clamp(0.0, 1.0), 2 * x.numel() * x.element_size(), dev)
+        del x
+    single = rates[ks[0]]
+    return {"per_student_img_s": {str(k): r for k, r in rates.items()},
+            "first_activation_clamp_gb_s": clamp_gb_s,
+            "vs_k1": {str(k): r / single for k, r in rates.items()},
+            "fp32_matmul_gflop_s": gemm, "student_conv_forward_gflop_s": conv,
+            "conv_vs_matmul": conv / gemm, "batch": batch, "repeats": repeats,
+            "channels_last": channels_last,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
+            "torch_version": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def format_scaling(r: dict) -> str:
+    lines = [f"device: {r['device']}, torch {r['torch_version']}, {r['threads']} threads, batch {r['batch']}, "
+             f"median of {r['repeats']}",
+             f"{'students fused (K)':>18s} {'img/s per student':>18s} {'vs K=1':>7s}"]
+    lines += [f"{k:>18s} {v:18.0f} {r['vs_k1'][k]:6.2f}x" for k, v in r["per_student_img_s"].items()]
+    lines.append("clamp over the first layer's activation (bytes read + written): " + ", ".join(
+        f"K={k} {v:.1f} GB/s" for k, v in r["first_activation_clamp_gb_s"].items()))
+    lines.append(f"fp32 matmul {r['fp32_matmul_gflop_s']:.0f} GFLOP/s; one student's convolutions (forward) "
+                 f"{r['student_conv_forward_gflop_s']:.0f} GFLOP/s = {100 * r['conv_vs_matmul']:.0f}% of it")
+    return "\n".join(lines)

@@ -278,15 +278,24 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.deploy and args.scaling:
+        raise ConfigError("choose one of --deploy and --scaling")
     if args.deploy:
         from . import bench_deploy
         result = bench_deploy.run()
         print(json.dumps(result) if args.json else bench_deploy.format_table(result))
         return 0
     from . import bench
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.scaling:
+        if args.batch < 1:
+            raise ConfigError("--batch must be >= 1")
+        result = bench.scaling(batch=args.batch, device=args.device, channels_last=not args.no_channels_last,
+                               log=log)
+        print(json.dumps(result) if args.json else bench.format_scaling(result))
+        return 0
     if args.k < 2 or args.steps < 1:
         raise ConfigError("--k must be >= 2 and --steps >= 1")
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     result = bench.run(k=args.k, steps=args.steps, device=args.device,
                        channels_last=not args.no_channels_last, log=log)
     print(json.dumps(result) if args.json else bench.format_table(result))
@@ -364,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--no-channels-last", action="store_true", help="NCHW for qdistill's students too")
     b.add_argument("--deploy", action="store_true", help="size and speed of the packed export instead")
+    b.add_argument("--scaling", action="store_true",
+                   help="per-student rate of fused groups of K = 1, 2, 5, 10: does fusing pay here?")
+    b.add_argument("--batch", type=int, default=256, help="batch size for --scaling (default 256)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")

@@ -1,0 +1,29 @@
+"""``qdistill bench --scaling``: the per-student rate of fused groups against K = 1."""
+import itertools
+
+from qdistill import bench, fused
+
+
+def test_scaling_takes_the_median_and_divides_by_k1(monkeypatch):
+    calls = []
+    spread = itertools.cycle([1.0, 3.0, 2.0])  # median 2.0 of each K's three runs
+
+    def fake_rate(*, k, **kw):
+        calls.append((k, kw["batch"]))
+        return 100.0 * k * next(spread)
+
+    monkeypatch.setattr(fused, "measure_step_rate", fake_rate)
+    r = bench.scaling(ks=(1, 2, 5), batch=8, repeats=3, log=lambda *a: None)
+    assert r["per_student_img_s"] == {"1": 200.0, "2": 400.0, "5": 1000.0}
+    assert r["vs_k1"] == {"1": 1.0, "2": 2.0, "5": 5.0}
+    assert calls == [(1, 8)] * 3 + [(2, 8)] * 3 + [(5, 8)] * 3
+    assert r["fp32_matmul_gflop_s"] > 0 and 0 < r["conv_vs_matmul"]
+    assert r["device"].startswith("cpu: ")
+    assert set(r["first_activation_clamp_gb_s"]) == {"1", "2", "5"}
+
+
+def test_scaling_runs_for_real_and_prints_a_table():
+    r = bench.scaling(ks=(1, 2), batch=4, steps=2, repeats=1, log=lambda *a: None)
+    assert all(v > 0 for v in r["per_student_img_s"].values()) and r["vs_k1"]["1"] == 1.0
+    table = bench.format_scaling(r)
+    assert "vs K=1" in table and "GFLOP/s" in table and len(table.splitlines()) == 6

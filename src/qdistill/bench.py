@@ -308,7 +308,6 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int = 20, repeats: i
     for k in ks:
         x = torch.randn(batch, 16 * k, 32, 32, device=dev).contiguous(memory_format=fmt)
         clamp_gb_s[str(k)] = _gflop_s(lambda: x.clamp(0.0, 1.0), 2 * x.numel() * x.element_size(), dev)
-        del x
     single = rates[ks[0]]
     return {"per_student_img_s": {str(k): r for k, r in rates.items()},
             "first_activation_clamp_gb_s": clamp_gb_s,

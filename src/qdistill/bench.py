@@ -19,6 +19,9 @@ Each pipeline runs in a fresh process (``spawn``), so one's heap never slows or 
 the next, and its peak resident memory (``ru_maxrss`` of that process: torch, the data,
 the model, autograd's saved tensors) is its own; ``peak_rss_mb`` is that of (c).
 
+``qdistill bench --scaling`` (`scaling`) asks the question behind (c): does fusing pay on
+this machine? It reports the per-student rate of fused groups of K = 1, 2, 5, 10 students.
+
 It also times one epoch of the data path alone (``data_epoch_s``) against the training
 epoch it feeds (``train_epoch_s = n_train / single_img_s``). A benchmark, not a test: it
 asserts nothing and reports the machine it ran on.
@@ -264,14 +267,15 @@ def _conv_shapes(width: int = 1) -> list[tuple[int, int, int]]:
     return [(3, c1, 32), (c1, c2, 16), (c2, c2, 16), (c2, c3, 8), (c3, c3, 8), (c3, c4, 4), (c4, c4, 4)]
 
 
-def _gflop_s(fn, flop: float, device, repeats: int = 10) -> float:
+def _giga_per_s(fn, amount: float, device, repeats: int = 10) -> float:
+    """``amount`` (flop or bytes) per call of ``fn`` over seconds per call, in units of 1e9."""
     fn()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
     _sync(device)
-    return flop * repeats / (time.perf_counter() - t0) / 1e9
+    return amount * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int = 20, repeats: int = 3,
@@ -296,18 +300,18 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int = 20, repeats: i
         rates[k] = sorted(runs)[len(runs) // 2]
     n = 2048 if batch >= 64 else 256
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    gemm = _gflop_s(lambda: a @ b, 2 * n**3, dev)
+    gemm = _giga_per_s(lambda: a @ b, 2 * n**3, dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = [torch.rand(batch, ci, h, h, device=dev).contiguous(memory_format=fmt) for ci, _, h in _conv_shapes()]
     ws = [torch.randn(co, ci, 3, 3, device=dev).contiguous(memory_format=fmt) for ci, co, _ in _conv_shapes()]
     conv_flop = sum(2 * batch * h * h * ci * 9 * co for ci, co, h in _conv_shapes())
     with torch.no_grad():
-        conv = _gflop_s(lambda: [torch.nn.functional.conv2d(x, w, padding=1) for x, w in zip(xs, ws)],
+        conv = _giga_per_s(lambda: [torch.nn.functional.conv2d(x, w, padding=1) for x, w in zip(xs, ws)],
                         conv_flop, dev)
     clamp_gb_s = {}  # one elementwise pass over the first layer's activation of K students
     for k in ks:
         x = torch.randn(batch, 16 * k, 32, 32, device=dev).contiguous(memory_format=fmt)
-        clamp_gb_s[str(k)] = _gflop_s(lambda: x.clamp(0.0, 1.0), 2 * x.numel() * x.element_size(), dev)
+        clamp_gb_s[str(k)] = _giga_per_s(lambda: x.clamp(0.0, 1.0), 2 * x.numel() * x.element_size(), dev)
     single = rates[ks[0]]
     return {"per_student_img_s": {str(k): r for k, r in rates.items()},
             "first_activation_clamp_gb_s": clamp_gb_s,

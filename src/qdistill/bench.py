@@ -278,11 +278,12 @@ def _giga_per_s(fn, amount: float, device, repeats: int = 10) -> float:
     return amount * repeats / (time.perf_counter() - t0) / 1e9
 
 
-def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int = 20, repeats: int = 3,
+def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, repeats: int = 3,
             device: str = "auto", channels_last: bool = True, log=print) -> dict:
     """Does fusing pay on this machine? Per-student training rate of a fused group of K
     vgg7 W2A1 students (``measure_step_rate``: forward, backward, Adam on random data; no
-    teacher, no data path) for each K, the median of ``repeats``, against K = 1, next to
+    teacher, no data path; ``steps`` defaults to 5120 images at K = 1, K times fewer steps
+    at K) for each K, the median of ``repeats``, against K = 1, next to
     the machine's fp32 matmul rate, the rate of one student's convolutions (forward), and
     the bandwidth of one elementwise pass over the first layer's activation of K students.
 
@@ -292,6 +293,7 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int = 20, repeats: i
     from .fused import measure_step_rate
 
     dev = pick_device(device)
+    steps = steps or max(20, 5120 // batch)  # K=1 times at least 5120 images; K times steps / K
     rates = {}
     for k in ks:
         log(f"K={k} ...")

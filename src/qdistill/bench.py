@@ -300,9 +300,8 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, r
         runs = [measure_step_rate(k=k, batch=batch, steps=max(1, steps // k), warmup=2, device=dev,
                                   channels_last=channels_last) for _ in range(repeats)]
         rates[k] = sorted(runs)[len(runs) // 2]
-    n = 2048 if batch >= 64 else 256
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    gemm = _giga_per_s(lambda: a @ b, 2 * n**3, dev)
+    a, b = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
+    gemm = _giga_per_s(lambda: a @ b, 2 * 2048**3, dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = [torch.rand(batch, ci, h, h, device=dev).contiguous(memory_format=fmt) for ci, _, h in _conv_shapes()]
     ws = [torch.randn(co, ci, 3, 3, device=dev).contiguous(memory_format=fmt) for ci, co, _ in _conv_shapes()]

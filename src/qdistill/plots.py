@@ -34,6 +34,15 @@ def _log_temperature_axis(ax, temperatures) -> None:
     ax.set_xlabel("temperature T (log scale)")
 
 
+def _finish(ax, ylabel: str, title: str | None = None) -> None:
+    """The y label, the title, a light grid and the legend every line plot ends with."""
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def accuracy_vs_temperature(series: dict, q1: tuple | None, teacher_acc: float | None,
                             chosen: dict | None = None) -> bytes:
     """``series``: {label: (temperatures, means, stds)} with accuracies as fractions and std
@@ -61,10 +70,7 @@ def accuracy_vs_temperature(series: dict, q1: tuple | None, teacher_acc: float |
     if teacher_acc is not None:
         ax.axhline(100 * teacher_acc, color=TEACHER_COLOR, ls=":", label="teacher (full precision)")
     _log_temperature_axis(ax, all_t)
-    ax.set_ylabel("test accuracy at best val epoch (%)")
-    ax.set_title("Student accuracy vs temperature (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "test accuracy at best val epoch (%)", "Student accuracy vs temperature (mean ± std over seeds)")
     return _png(fig)
 
 
@@ -76,10 +82,7 @@ def entropy_vs_temperature(grid_t, grid_h, curve_t, curve_h, max_entropy: float)
     ax.plot(grid_t, grid_h, "o", color="k", label="study temperatures")
     ax.axhline(max_entropy, color="0.5", ls="--", label=f"uniform: ln K = {max_entropy:.3f}")
     _log_temperature_axis(ax, grid_t)
-    ax.set_ylabel("mean entropy of soft targets (nats)")
-    ax.set_title("How soft the teacher's targets are (test set)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "mean entropy of soft targets (nats)", "How soft the teacher's targets are (test set)")
     return _png(fig)
 
 
@@ -97,9 +100,7 @@ def agreement_kl_vs_temperature(agree: dict, kl: dict, q1_agree, q1_kl) -> bytes
             all_t += list(ts)
         if ref is not None:
             ax.axhline(scale * ref, color=COLORS["q1"], ls="--", label="Q1 hard labels")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, ylabel)
     for ax in (ax_a, ax_k):
         _log_temperature_axis(ax, all_t)
     fig.suptitle("What the student takes from the teacher (test set, mean over seeds)")
@@ -152,8 +153,5 @@ def training_curves(curves: dict) -> bytes:
                 color=COLORS.get(label.split()[0].lower()))
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Training curves of the chosen configurations (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "validation accuracy (%)", "Training curves of the chosen configurations (mean over seeds)")
     return _png(fig)

@@ -261,10 +261,21 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _conv_shapes(width: int = 1) -> list[tuple[int, int, int]]:
-    """(in channels, out channels, spatial size) of vgg7's seven 3x3 convolutions."""
-    c1, c2, c3, c4 = 16 * width, 32 * width, 64 * width, 128 * width
-    return [(3, c1, 32), (c1, c2, 16), (c2, c2, 16), (c2, c3, 8), (c3, c3, 8), (c3, c4, 4), (c4, c4, 4)]
+def _student_convs(batch: int, device, fmt) -> list[tuple]:
+    """``(input, weight, padding, flop)`` of every convolution of a vgg7 student, taken
+    from one forward pass of a batch of random images."""
+    model = build("vgg7").to(device).to(memory_format=fmt)
+    seen = []
+
+    def record(m, inputs, out):
+        seen.append((inputs[0], m.weight.detach(), m.padding, 2 * out.numel() * m.weight[0].numel()))
+
+    hooks = [m.register_forward_hook(record) for m in model if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt))
+    for h in hooks:
+        h.remove()
+    return seen
 
 
 def _giga_per_s(fn, amount: float, device, repeats: int = 10) -> float:
@@ -303,12 +314,10 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, r
     a, b = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
     gemm = _giga_per_s(lambda: a @ b, 2 * 2048**3, dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    xs = [torch.rand(batch, ci, h, h, device=dev).contiguous(memory_format=fmt) for ci, _, h in _conv_shapes()]
-    ws = [torch.randn(co, ci, 3, 3, device=dev).contiguous(memory_format=fmt) for ci, co, _ in _conv_shapes()]
-    conv_flop = sum(2 * batch * h * h * ci * 9 * co for ci, co, h in _conv_shapes())
+    convs = _student_convs(batch, dev, fmt)
     with torch.no_grad():
-        conv = _giga_per_s(lambda: [torch.nn.functional.conv2d(x, w, padding=1) for x, w in zip(xs, ws)],
-                        conv_flop, dev)
+        conv = _giga_per_s(lambda: [torch.nn.functional.conv2d(x, w, padding=p) for x, w, p, _ in convs],
+                           sum(c[3] for c in convs), dev)
     clamp_gb_s = {}  # one elementwise pass over the first layer's activation of K students
     for k in ks:
         x = torch.randn(batch, 16 * k, 32, 32, device=dev).contiguous(memory_format=fmt)

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bounds import nhwc
 from qdistill.data import digits
-from qdistill.models import build
-from qdistill.quant import QuantAct
+from qdistill.nn.models import build
 
 # (arch, weight_bits, act_bits, scheme): the issue's configurations
 CONFIGS = [(arch, wb, ab, scheme) for arch in ("vgg7", "dorefa-svhn")
@@ -19,7 +19,6 @@ CONFIGS = [(arch, wb, ab, scheme) for arch in ("vgg7", "dorefa-svhn")
                                   (2, 2, "dorefa"), (2, 1, "homework"))]
 N_EVAL = {"vgg7": 1024, "dorefa-svhn": 100}  # dorefa-svhn costs ~4x vgg7 per image
 CLASSES = [str(i) for i in range(10)]
-NEAR = 1e-4  # a pre-activation this close to a quantizer threshold may round either way
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,27 +81,6 @@ def torch_trace(model: nn.Sequential, x: np.ndarray) -> tuple[dict, dict, np.nda
     return inputs, outputs, logits
 
 
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.permute(0, 2, 3, 1).contiguous().numpy()
-
-
 def levels(t: torch.Tensor, bits: int) -> np.ndarray:
     """Torch activation values ``q / m`` as integer levels ``q``, channels last."""
     return nhwc(torch.round(t * (2**bits - 1))).astype(np.uint8)
-
-
-def near_mask(model: nn.Sequential, spec: dict, inputs: dict) -> np.ndarray:
-    """Where the block's float pre-activation ``u`` lies within `NEAR` of a quantizer
-    threshold ``(t - 0.5) / m``, at the block's output positions (a max-pool after the
-    quantizer spreads it over the pool window), channels last."""
-    first, last = spec["modules"]
-    (qi, act), = [(i, model[i]) for i in range(first, last + 1) if isinstance(model[i], QuantAct)]
-    u = inputs[qi] * 0.1 if act.scheme == "homework" else inputs[qi]
-    m = 2**act.bits - 1
-    s = u * m + 0.5                       # threshold t sits at s = t
-    nearest = torch.clamp(torch.round(s), 1, m)
-    near = (s - nearest).abs() < NEAR * m
-    for i in range(qi + 1, last + 1):
-        if isinstance(model[i], nn.MaxPool2d):
-            near = F.max_pool2d(near.float(), model[i].kernel_size) > 0
-    return nhwc(near)

@@ -1,7 +1,10 @@
-"""``qdistill bench --scaling``: the per-student rate of fused groups against K = 1."""
+"""``qdistill bench --scaling``: the per-student rate of fused groups against K = 1, and
+the step rate it is built on (`qdistill.bench.step_rate.measure_step_rate`)."""
 import itertools
 
-from qdistill import bench, fused
+from qdistill.bench import step_rate
+from qdistill.bench import training as bench
+from qdistill.bench.step_rate import measure_step_rate
 
 
 def test_scaling_takes_the_median_and_divides_by_k1(monkeypatch):
@@ -12,7 +15,7 @@ def test_scaling_takes_the_median_and_divides_by_k1(monkeypatch):
         calls.append((k, kw["batch"]))
         return 100.0 * k * next(spread)
 
-    monkeypatch.setattr(fused, "measure_step_rate", fake_rate)
+    monkeypatch.setattr(step_rate, "measure_step_rate", fake_rate)
     r = bench.scaling(ks=(1, 2, 5), batch=8, repeats=3, log=lambda *a: None)
     assert r["per_student_img_s"] == {"1": 200.0, "2": 400.0, "5": 1000.0}
     assert r["vs_k1"] == {"1": 1.0, "2": 2.0, "5": 5.0}
@@ -27,3 +30,8 @@ def test_scaling_runs_for_real_and_prints_a_table():
     assert all(v > 0 for v in r["per_student_img_s"].values()) and r["vs_k1"]["1"] == 1.0
     table = bench.format_scaling(r)
     assert "vs K=1" in table and "GFLOP/s" in table and len(table.splitlines()) == 6
+
+
+def test_measure_step_rate_runs():
+    assert measure_step_rate(k=2, batch=4, steps=1, warmup=1) > 0
+    assert measure_step_rate(k=1, batch=4, steps=1, warmup=1, channels_last=False) > 0

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from qdistill import cli, train as trainlib
+from qdistill import cli
+from qdistill.training import loop as trainlib, optim
 
 SMALL = ["--dataset", "digits", "--max-train", "240", "--max-test", "80", "--batch-size", "64", "--quiet"]
 
@@ -59,9 +60,9 @@ def test_student_q3_inherits_teacher_data(teacher, tmp_path, capsys):
 
 
 def test_schedule_factors():
-    assert [trainlib.lr_factor(e, 60, "course") for e in (0, 14, 15, 39, 40, 59)] == [1, 1, 0.1, 0.1, 0.05, 0.05]
-    assert trainlib.lr_factor(0, 10, "cosine") == 1.0
-    assert trainlib.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
+    assert [optim.lr_factor(e, 60, "course") for e in (0, 14, 15, 39, 40, 59)] == [1, 1, 0.1, 0.1, 0.05, 0.05]
+    assert optim.lr_factor(0, 10, "cosine") == 1.0
+    assert optim.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
 
 
 def test_same_seed_same_metrics_and_resume_matches(tmp_path, monkeypatch):
@@ -204,7 +205,7 @@ def test_export_predict_round_trip(teacher, tmp_path, capsys):
     code, cap = run(["predict", qdz, "--dataset", "digits", "--max-test", "80", "--json"], capsys)
     assert code == 0 and json.loads(cap.out)["accuracy"] == pytest.approx(torch_acc, abs=1.5 / 80)
     from PIL import Image
-    from qdistill.data import load
+    from qdistill.data.registry import load
     image = load({"dataset": "digits", "max_test": 1}).x_test[0].permute(1, 2, 0).numpy()
     Image.fromarray(image).save(tmp_path / "digit.png")
     code, cap = run(["predict", qdz, tmp_path / "digit.png", "--json"], capsys)

@@ -4,19 +4,20 @@ from pathlib import Path
 import pytest
 
 from qdistill import config as configlib
+from qdistill.resolve import resolve
 from qdistill.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_documented_defaults_match_the_code():
-    assert configlib.resolve(ROOT / "configs" / "default.toml") == configlib.resolve()
+    assert resolve(ROOT / "configs" / "default.toml") == resolve()
 
 
 def test_layers_file_then_flags_then_set(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[train]\nepochs = 7\nlr = 0.5\n[student]\ntemperature = 2\n")
-    cfg = configlib.resolve(f, {"train": {"epochs": 9}}, ["train.epochs=11", "student.loss=hard+soft"])
+    cfg = resolve(f, {"train": {"epochs": 9}}, ["train.epochs=11", "student.loss=hard+soft"])
     assert cfg["train"]["epochs"] == 11          # --set beats the flag and the file
     assert cfg["train"]["lr"] == 0.5             # the file beats the default
     assert cfg["student"]["temperature"] == 2.0  # ints are accepted for floats
@@ -25,9 +26,9 @@ def test_layers_file_then_flags_then_set(tmp_path):
 
 
 def test_c_overrides_T_squared():
-    cfg = configlib.resolve(None, None, ["student.temperature=3", "student.c=0.25"])
+    cfg = resolve(None, None, ["student.temperature=3", "student.c=0.25"])
     assert configlib.loss_c(cfg["student"]) == 0.25
-    assert configlib.loss_c(configlib.resolve(None, None, ["student.temperature=3"])["student"]) == 9.0
+    assert configlib.loss_c(resolve(None, None, ["student.temperature=3"])["student"]) == 9.0
 
 
 @pytest.mark.parametrize("item, words", [
@@ -48,25 +49,25 @@ def test_c_overrides_T_squared():
 ])
 def test_bad_values_name_the_key(item, words):
     with pytest.raises(ConfigError, match=None) as e:
-        configlib.resolve(None, None, [item])
+        resolve(None, None, [item])
     assert words in str(e.value)
 
 
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        configlib.resolve(tmp_path / "missing.toml")
+        resolve(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nepochs = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        configlib.resolve(bad)
+        resolve(bad)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[student]\nbits = 2\n")
     with pytest.raises(ConfigError, match="unknown key student.bits"):
-        configlib.resolve(unknown)
+        resolve(unknown)
 
 
 def test_dumps_round_trips(tmp_path):
-    cfg = configlib.resolve(None, None, ["student.c=2.5", "data.data_dir='a \"quoted\" dir'"])
+    cfg = resolve(None, None, ["student.c=2.5", "data.data_dir='a \"quoted\" dir'"])
     path = tmp_path / "out.toml"
     path.write_text(configlib.dumps(cfg))
-    assert configlib.resolve(path) == cfg
+    assert resolve(path) == cfg

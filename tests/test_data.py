@@ -14,8 +14,7 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 
-from qdistill import data
-from qdistill.data import digits, download, fake, svhn
+from qdistill.data import DATASETS, augment, batching, digits, download, fake, registry, svhn
 from qdistill.data.images import resize_to_uint8
 from qdistill.errors import DataError
 
@@ -49,7 +48,7 @@ def cache_files(folder) -> list[str]:
 
 def test_svhn_loader_layout_and_labels(tmp_path):
     Xtr, ytr, Xte, yte = write_svhn(tmp_path)
-    ds = data.load({"dataset": "svhn", "data_dir": str(tmp_path), "verify": False})
+    ds = registry.load({"dataset": "svhn", "data_dir": str(tmp_path), "verify": False})
     assert ds.name == "svhn" and ds.num_classes == 10 and ds.class_names == [str(i) for i in range(10)]
     assert ds.x_train.shape == (50, 3, 32, 32) and ds.x_test.shape == (20, 3, 32, 32)
     assert ds.x_train.dtype == torch.uint8 and ds.y_train.dtype == torch.int64
@@ -68,7 +67,7 @@ def test_svhn_loader_layout_and_labels(tmp_path):
 def test_svhn_md5_failure_names_file_and_flag(tmp_path):
     write_svhn(tmp_path)
     with pytest.raises(DataError) as e:
-        data.load({"dataset": "svhn", "data_dir": str(tmp_path), "verify": True})
+        registry.load({"dataset": "svhn", "data_dir": str(tmp_path), "verify": True})
     msg = str(e.value)
     assert "md5" in msg and "train_32x32.mat" in msg and "--no-verify" in msg
     assert svhn.MD5["train_32x32.mat"] in msg and md5_of(tmp_path / "train_32x32.mat") in msg
@@ -282,7 +281,7 @@ def test_svhn_downloads_missing_files(server, tmp_path, monkeypatch):
     ds = svhn.load(dest, verify=True, base_url=server.url)
     assert (dest / "train_32x32.mat").read_bytes() == server.files["train_32x32.mat"]
     assert torch.equal(ds.x_train, torch.from_numpy(Xtr).permute(3, 2, 0, 1))
-    info = data.describe(dest)[0]
+    info = registry.describe(dest)[0]
     assert info["data_dir"] == str(dest)
     assert info["files"] == {"train_32x32.mat": True, "test_32x32.mat": True, "extra_32x32.mat": False}
     assert info["cached"]["train_32x32.mat"] and not info["cached"]["extra_32x32.mat"]
@@ -306,7 +305,7 @@ def write_npz(path, **over):
 def test_npz_grey_28_is_resized_and_repeated(tmp_path):
     path = tmp_path / "d.npz"
     a = write_npz(path, x_train=np.full((12, 28, 28), 77, np.uint8))
-    ds = data.load({"dataset": "npz", "data_path": str(path)})
+    ds = registry.load({"dataset": "npz", "data_path": str(path)})
     assert ds.x_train.shape == (12, 3, 32, 32) and ds.x_test.shape == (5, 3, 32, 32)
     assert (ds.x_train == 77).all()  # a constant image stays constant through bilinear resizing
     assert torch.equal(ds.x_test[:, 0], ds.x_test[:, 1]) and torch.equal(ds.x_test[:, 0], ds.x_test[:, 2])
@@ -329,7 +328,7 @@ def test_npz_rgb_32_passes_through_with_names(tmp_path):
 
 
 def npz_load(path):
-    return data.load({"dataset": "npz", "data_path": str(path)})
+    return registry.load({"dataset": "npz", "data_path": str(path)})
 
 
 @pytest.mark.parametrize("over, match", [
@@ -364,7 +363,7 @@ def test_npz_file_errors(tmp_path):
     with pytest.raises(DataError, match="single array"):
         npz_load(single)
     with pytest.raises(DataError, match="data_path"):
-        data.load({"dataset": "npz", "data_path": ""})
+        registry.load({"dataset": "npz", "data_path": ""})
 
 
 # ---------------------------------------------------------------- digits, fake, load()
@@ -381,7 +380,7 @@ def test_resize_matches_hand_computed_bilinear():
 def test_digits_split_and_images():
     from sklearn.datasets import load_digits
 
-    ds = data.load({"dataset": "digits"})
+    ds = registry.load({"dataset": "digits"})
     assert ds.x_train.shape == (1438, 3, 32, 32) and ds.x_test.shape == (359, 3, 32, 32)
     assert ds.x_train.dtype == torch.uint8 and ds.y_train.dtype == torch.int64 and ds.num_classes == 10
     assert torch.equal(ds.x_train[:, 0], ds.x_train[:, 2])
@@ -401,19 +400,19 @@ def test_digits_split_and_images():
     err = (pooled - orig[te]).abs().mean()
     assert err < 0.5 * (pooled - orig[te].transpose(1, 2)).abs().mean()
     assert int(ds.x_train.max()) == 255 and int(ds.x_train.min()) == 0
-    assert data.load({"dataset": "digits"}).fingerprint == ds.fingerprint
+    assert registry.load({"dataset": "digits"}).fingerprint == ds.fingerprint
 
 
 def test_load_limits_and_unknown():
-    full = data.load({"dataset": "digits"})
-    small = data.load({"dataset": "digits", "max_train": 100, "max_test": 30})
+    full = registry.load({"dataset": "digits"})
+    small = registry.load({"dataset": "digits", "max_train": 100, "max_test": 30})
     assert torch.equal(small.x_train, full.x_train[:100]) and torch.equal(small.y_test, full.y_test[:30])
     assert small.fingerprint != full.fingerprint
-    only_test = data.load({"dataset": "digits", "max_test": 30})
+    only_test = registry.load({"dataset": "digits", "max_test": 30})
     assert only_test.fingerprint not in (full.fingerprint, small.fingerprint)
-    assert data.load({"dataset": "digits", "max_train": 10**6}).fingerprint == full.fingerprint
+    assert registry.load({"dataset": "digits", "max_train": 10**6}).fingerprint == full.fingerprint
     with pytest.raises(DataError, match="unknown dataset"):
-        data.load({"dataset": "mnist"})
+        registry.load({"dataset": "mnist"})
 
 
 def test_fake_deterministic_and_sized():
@@ -428,8 +427,8 @@ def test_fake_deterministic_and_sized():
 
 def test_describe_lists_every_dataset(tmp_path):
     (tmp_path / "test_32x32.mat").write_bytes(b"")
-    info = {d["name"]: d for d in data.describe(tmp_path)}
-    assert set(info) == set(data.NAMES)
+    info = {d["name"]: d for d in registry.describe(tmp_path)}
+    assert set(info) == set(DATASETS)
     assert info["svhn"]["files"]["test_32x32.mat"] and not info["svhn"]["files"]["train_32x32.mat"]
     assert all(d["description"] for d in info.values())
 
@@ -437,17 +436,17 @@ def test_describe_lists_every_dataset(tmp_path):
 # ---------------------------------------------------------------- split, batches, augmentation
 
 def test_split_val():
-    tr, va = data.split_val(1000, 0.05, seed=3)
+    tr, va = batching.split_val(1000, 0.05, seed=3)
     assert len(va) == 50 and len(tr) == 950 and tr.dtype == va.dtype == torch.int64
     assert torch.equal(torch.cat([tr, va]).sort().values, torch.arange(1000))
-    tr2, va2 = data.split_val(1000, 0.05, seed=3)
+    tr2, va2 = batching.split_val(1000, 0.05, seed=3)
     assert torch.equal(va, va2) and torch.equal(tr, tr2)
-    assert not torch.equal(data.split_val(1000, 0.05, seed=4)[1], va)
+    assert not torch.equal(batching.split_val(1000, 0.05, seed=4)[1], va)
     assert not torch.equal(va, torch.arange(50))  # random, not the first images
-    assert len(data.split_val(100, 0.001, seed=0)[1]) == 1
-    assert len(data.split_val(100, 0.0, seed=0)[1]) == 0
+    assert len(batching.split_val(100, 0.001, seed=0)[1]) == 1
+    assert len(batching.split_val(100, 0.0, seed=0)[1]) == 0
     with pytest.raises(DataError):
-        data.split_val(1, 0.5, seed=0)
+        batching.split_val(1, 0.5, seed=0)
 
 
 def small_set(n=10):
@@ -459,45 +458,45 @@ def small_set(n=10):
 def test_batches_cover_every_index_once():
     x, y = small_set()
     g = torch.Generator().manual_seed(0)
-    out = list(data.batches(x, y, 4, generator=g))
+    out = list(batching.batches(x, y, 4, generator=g))
     assert [len(b[2]) for b in out] == [4, 4, 2]
     idx = torch.cat([b[2] for b in out])
     assert sorted(idx.tolist()) == list(range(10)) and idx.tolist() != list(range(10))
     for xb, yb, i in out:
         assert xb.dtype == torch.float32 and yb.dtype == torch.int64
         assert torch.equal(xb, x[i].float() / 255) and torch.equal(yb, y[i])
-    again = torch.cat([b[2] for b in data.batches(x, y, 4, generator=torch.Generator().manual_seed(0))])
+    again = torch.cat([b[2] for b in batching.batches(x, y, 4, generator=torch.Generator().manual_seed(0))])
     assert torch.equal(idx, again)
-    other = torch.cat([b[2] for b in data.batches(x, y, 4, generator=torch.Generator().manual_seed(1))])
+    other = torch.cat([b[2] for b in batching.batches(x, y, 4, generator=torch.Generator().manual_seed(1))])
     assert not torch.equal(idx, other)
     # the generator advances, so the next epoch has another order
-    assert not torch.equal(idx, torch.cat([b[2] for b in data.batches(x, y, 4, generator=g)]))
-    seq = list(data.batches(x, y, 3, shuffle=False, device="cpu"))
+    assert not torch.equal(idx, torch.cat([b[2] for b in batching.batches(x, y, 4, generator=g)]))
+    seq = list(batching.batches(x, y, 3, shuffle=False, device="cpu"))
     assert torch.equal(torch.cat([b[2] for b in seq]), torch.arange(10)) and len(seq[-1][2]) == 1
 
 
 def test_batches_with_augmentation():
     x, y = small_set(20)
-    out = list(data.batches(x, y, 8, generator=torch.Generator().manual_seed(0), augment="light",
+    out = list(batching.batches(x, y, 8, generator=torch.Generator().manual_seed(0), augment="light",
                             aug_generator=torch.Generator().manual_seed(0)))
     for xb, yb, i in out:
         assert xb.shape == (len(i), 3, 32, 32) and 0 <= xb.min() and xb.max() <= 1
         assert torch.equal(yb, y[i])
     assert not torch.equal(out[0][0], x[out[0][2]].float() / 255)
     with pytest.raises(ValueError):
-        next(data.batches(x, y, 8, augment="heavy"))
+        next(batching.batches(x, y, 8, augment="heavy"))
 
 
 def test_to_float():
     x = torch.tensor([0, 1, 128, 255], dtype=torch.uint8)
-    assert torch.equal(data.to_float(x), torch.tensor([0, 1, 128, 255], dtype=torch.float32) / 255)
+    assert torch.equal(batching.to_float(x), torch.tensor([0, 1, 128, 255], dtype=torch.float32) / 255)
 
 
 def test_augment_light_deterministic_in_range_and_changes():
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-    a = data.augment_light(x, torch.Generator().manual_seed(1))
-    b = data.augment_light(x, torch.Generator().manual_seed(1))
-    c = data.augment_light(x, torch.Generator().manual_seed(2))
+    a = augment.augment_light(x, torch.Generator().manual_seed(1))
+    b = augment.augment_light(x, torch.Generator().manual_seed(1))
+    c = augment.augment_light(x, torch.Generator().manual_seed(2))
     assert a.shape == x.shape and a.dtype == x.dtype and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
     assert ((a - x).abs().amax(dim=(1, 2, 3)) > 0.01).all()  # every image changed
@@ -505,7 +504,7 @@ def test_augment_light_deterministic_in_range_and_changes():
 
 def test_augment_crop_is_a_shifted_window():
     x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = data.augment_light(x, torch.Generator().manual_seed(0), brightness=0, contrast=0)
+    out = augment.augment_light(x, torch.Generator().manual_seed(0), brightness=0, contrast=0)
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     offsets = set()
     for i in range(64):
@@ -518,12 +517,12 @@ def test_augment_crop_is_a_shifted_window():
 
 def test_augment_brightness_and_contrast_factors():
     x = 0.1 + 0.4 * torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # no clamping
-    bright = data.augment_light(x, torch.Generator().manual_seed(0), pad=0, contrast=0)
+    bright = augment.augment_light(x, torch.Generator().manual_seed(0), pad=0, contrast=0)
     ratio = bright / x
     per_image = ratio.mean(dim=(1, 2, 3))
     assert torch.allclose(ratio, per_image.view(-1, 1, 1, 1), atol=1e-5)  # one factor per image
     assert per_image.min() >= 0.8 and per_image.max() <= 1.2 and per_image.std() > 0.05
-    con = data.augment_light(x, torch.Generator().manual_seed(0), pad=0, brightness=0)
+    con = augment.augment_light(x, torch.Generator().manual_seed(0), pad=0, brightness=0)
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     assert torch.allclose(con.mean(dim=(1, 2, 3), keepdim=True), m, atol=1e-5)  # mean kept
     factor = ((con - m) / (x - m)).median(dim=3).values.median(dim=2).values.median(dim=1).values

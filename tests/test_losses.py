@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qdistill.errors import ConfigError
-from qdistill.losses import build_loss
+from qdistill.nn.losses import build_loss
 
 Z = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
 TL = np.array([[3.0, 1.0, 0.0], [0.0, 0.0, 4.0]])

@@ -1,4 +1,4 @@
-"""Tests of qdistill.models: every registered model builds, trains a step and is
+"""Tests of qdistill.nn.models: every registered model builds, trains a step and is
 quantized where (and only where) issue 2 says; the 32-bit models equal plain torch
 networks written here from the issue's topology; summary() matches a count by hand."""
 import math
@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qdistill import models
-from qdistill.quant import QuantAct, QuantConv2d, QuantLinear, homework_weight
+from qdistill.nn import models
+from qdistill.nn.layers import QuantAct, QuantConv2d, QuantLinear
+from qdistill.nn.quantizers import homework_weight
 
 CONFIGS = [(32, 32, 32), (2, 1, 32), (1, 2, 4)]  # (weight, act, grad) bits
 

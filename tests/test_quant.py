@@ -1,4 +1,4 @@
-"""Tests of qdistill.quant against the formulas of issue 2.
+"""Tests of qdistill.nn.quantizers and qdistill.nn.layers against the formulas of issue 2.
 
 Expected values are either written out by hand or computed by a float64 numpy
 transcription of the formula (never by the function under test). Inputs are chosen
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qdistill.quant import (
-    QuantAct, QuantConv2d, QuantLinear, dorefa_activation, dorefa_gradient, dorefa_weight,
-    homework_activation, homework_weight, quantize_k,
+from qdistill.nn.layers import QuantAct, QuantConv2d, QuantLinear
+from qdistill.nn.quantizers import (
+    dorefa_activation, dorefa_gradient, dorefa_weight, homework_activation, homework_weight, quantize_k,
 )
 
 BITS = [1, 2, 3, 4, 8, 32]

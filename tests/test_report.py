@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qdistill import report, results
+from qdistill.report import report
+from qdistill.study import results
 from qdistill.errors import RunError
 
 LOSS = {"q1": "hard", "q2": "soft", "q3": "hard+soft", "q4": "hard+softgt"}
@@ -284,7 +285,7 @@ def test_study_whose_q1_has_not_finished(tmp_path):
 def test_report_layer_does_not_import_torch():
     import subprocess
     import sys
-    code = "import sys, qdistill.report; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, qdistill.report.report; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qdistill.models import MaxPool2d
-from qdistill.quant import _CHUNK, dorefa_activation, homework_activation, quantize_k
+from qdistill.nn.autograd import CHUNK as _CHUNK
+from qdistill.nn.layers import MaxPool2d
+from qdistill.nn.quantizers import dorefa_activation, homework_activation, quantize_k
 
 
 def _saved_bytes(fn, x):

@@ -7,10 +7,13 @@ import os
 import pytest
 import torch
 
-from qdistill import cli, study as studylib, train as trainlib
-from qdistill.config import resolve
-from qdistill.data import load
-from qdistill.results import COLUMNS
+from qdistill import cli
+from qdistill.data.registry import load
+from qdistill.nn.fused import FusedStudents
+from qdistill.resolve import resolve
+from qdistill.study import run as studylib
+from qdistill.study.results import COLUMNS
+from qdistill.training import evaluate, loop as trainlib
 
 CONFIG = """
 [data]
@@ -44,7 +47,7 @@ def rows_of(study):
 @pytest.fixture(scope="module")
 def fused_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    cfg = write_config(root / "study.toml")
+    cfg = write_config(root / "study.toml", "fused = true\n")
     assert cli.main(["study", str(cfg), "--out", str(root / "S"), "--quiet"]) == 0
     return root / "S", cfg
 
@@ -84,11 +87,11 @@ def test_fused_members_are_paired_and_split_back_like_runs(fused_study):
     for name in ("q2-soft-T4-s0", "q4-hard+softgt-T1-s0"):
         code = cli.main(["eval", str(s / "runs" / name), "--json"])
         assert code == 0
-    from qdistill.runs import load_model
+    from qdistill.training.checkpoint import load_model
     data = load(resolve(None, None, ["data.max_train=200", "data.max_test=60"])["data"])
     for name in RUNS:
         model, _ = load_model(s / "runs" / name)
-        acc = trainlib.accuracy(trainlib.predict(model, data.x_test), data.y_test)
+        acc = evaluate.accuracy(evaluate.predict(model, data.x_test), data.y_test)
         summary = json.loads((s / "runs" / name / "summary.json").read_text())
         assert acc == pytest.approx(summary["test_acc_at_val_best"], abs=1e-9), name
 
@@ -130,26 +133,26 @@ def test_stale_teacher_cache_is_recomputed(fused_study, tmp_path):
     stale = {**stored, "logits": torch.zeros_like(good),
              "fingerprint": {**stored["fingerprint"], "teacher": "0" * 64}}
     torch.save(stale, s / "teacher_logits.pt")
-    logits, _ = studylib.teacher_files(s, s / "teacher", data, torch.device("cpu"))
+    logits = studylib.study_targets(s, s / "teacher", data, torch.device("cpu")).train_logits()
     assert torch.allclose(logits, good) and not torch.equal(logits, torch.zeros_like(good))
     assert torch.load(s / "teacher_logits.pt", weights_only=True)["fingerprint"] == stored["fingerprint"]
     # a cache whose fingerprint matches is used as it is
     torch.save({**stored, "logits": good + 1}, s / "teacher_logits.pt")
-    logits, _ = studylib.teacher_files(s, s / "teacher", data, torch.device("cpu"))
+    logits = studylib.study_targets(s, s / "teacher", data, torch.device("cpu")).train_logits()
     assert torch.allclose(logits, good + 1)
     torch.save(stored, s / "teacher_logits.pt")
 
 
 def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
-    real = trainlib.train
+    real = studylib.train
 
-    def flaky(cfg, out, *a, **k):
-        if out.name == "q2-soft-T1-s0":
+    def flaky(runs, *a, **k):
+        if runs[0].name == "q2-soft-T1-s0":
             raise RuntimeError("simulated crash")
-        return real(cfg, out, *a, **k)
+        return real(runs, *a, **k)
 
-    monkeypatch.setattr(trainlib, "train", flaky)
+    monkeypatch.setattr(studylib, "train", flaky)
     s = tmp_path / "S"
     assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 1
     rows = {r["run"]: r for r in rows_of(s)}
@@ -157,7 +160,7 @@ def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
     assert "simulated crash" in rows["q2-soft-T1-s0"]["error"]
     assert rows["q1-hard-T1-s0"]["status"] == "ok" and rows["q2-soft-T4-s0"]["status"] == "ok"
     assert "simulated crash" in (s / "report.md").read_text()
-    monkeypatch.setattr(trainlib, "train", real)
+    monkeypatch.setattr(studylib, "train", real)
     capsys.readouterr()
     assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 0
     assert all(r["status"] == "ok" for r in rows_of(s))
@@ -174,25 +177,24 @@ def test_workers_run_conditions_in_separate_processes(tmp_path):
 
 
 def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
-    from qdistill import fused_train
-    extra = "questions = ['q1', 'q2']\n"
+    extra = "questions = ['q1', 'q2']\nfused = true\n"
     cfg = write_config(tmp_path / "c.toml", extra)
     cfg.write_text(cfg.read_text().replace("epochs = 1", "epochs = 2").replace("[1.0, 4.0]", "[4.0]"))
     assert cli.main(["study", str(cfg), "--out", str(tmp_path / "A"), "--quiet"]) == 0
 
     calls = {"n": 0}
-    real = fused_train.predict_members
+    real = trainlib.predict
 
-    def crash_in_epoch_2(*a, **k):
-        calls["n"] += 1
+    def crash_in_epoch_2(model, *a, **k):
+        calls["n"] += isinstance(model, FusedStudents)  # the group's evaluations only
         if calls["n"] == 3:  # epoch 1: val, test; epoch 2: val -> interrupted
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(model, *a, **k)
 
-    monkeypatch.setattr(fused_train, "predict_members", crash_in_epoch_2)
+    monkeypatch.setattr(trainlib, "predict", crash_in_epoch_2)
     assert cli.main(["study", str(cfg), "--out", str(tmp_path / "B"), "--quiet"]) == 130
     assert torch.load(tmp_path / "B" / "groups" / "s0" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(fused_train, "predict_members", real)
+    monkeypatch.setattr(trainlib, "predict", real)
     assert cli.main(["study", str(cfg), "--out", str(tmp_path / "B"), "--quiet"]) == 0
 
     def metrics(study, name):
@@ -218,3 +220,18 @@ def test_force_redoes_only_what_the_changed_config_touches(tmp_path):
     assert [r["run"] for r in rows_of(s)] == ["q1-hard-T1-s0", "q2-soft-T1-s0", "q2-soft-T2-s0"]
     assert all(r["status"] == "ok" for r in rows_of(s))
     assert not (s / "runs" / "q2-soft-T4-s0").exists()
+
+
+def test_fused_auto_fuses_on_cuda_only(tmp_path):
+    cfg = resolve()
+    assert cfg["study"]["fused"] == "auto"
+    assert studylib.fuses(cfg, torch.device("cuda")) and not studylib.fuses(cfg, torch.device("cpu"))
+    for forced in (True, False):
+        cfg["study"]["fused"] = forced
+        assert all(studylib.fuses(cfg, torch.device(d)) is forced for d in ("cpu", "cuda"))
+    # The default on this CPU: one run at a time, no group checkpoint, no fused_k.
+    c = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\ntemperatures = [4.0]\n".replace(
+        "temperatures = [4.0]\n", ""))
+    assert cli.main(["study", str(c), "--out", str(tmp_path / "S"), "--quiet"]) == 0
+    assert not (tmp_path / "S" / "groups").exists()
+    assert "fused_k" not in json.loads((tmp_path / "S" / "runs" / "q1-hard-T1-s0" / "summary.json").read_text())

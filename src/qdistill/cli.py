@@ -14,7 +14,11 @@ from pathlib import Path
 
 from . import __version__
 from . import config as configlib
+from .data import AUGMENTS, DATASETS
 from .errors import ConfigError, RunError, UserError
+from .nn import LOSSES, SCHEMES
+from .resolve import resolve
+from .training import PRECISIONS, SCHEDULES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,13 +39,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
     _add_config_flags(p)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=configlib.DATASETS)
+    g.add_argument("--dataset", choices=DATASETS)
     g.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
     g.add_argument("--data-path", help="the .npz file of the npz dataset")
     g.add_argument("--extra", action="store_true", default=None, help="svhn: add extra_32x32.mat to train")
     g.add_argument("--no-verify", action="store_false", dest="verify", default=None,
                    help="svhn: accept files that are not the official ones (skip md5)")
-    g.add_argument("--augment", choices=configlib.AUGMENTS)
+    g.add_argument("--augment", choices=AUGMENTS)
     g.add_argument("--val-fraction", type=float)
     g.add_argument("--max-train", type=int, help="keep the first N training images")
     g.add_argument("--max-test", type=int, help="keep the first N test images")
@@ -50,24 +54,24 @@ def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
-    g.add_argument("--schedule", choices=configlib.SCHEDULES)
+    g.add_argument("--schedule", choices=SCHEDULES)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--precision", choices=configlib.PRECISIONS,
+    g.add_argument("--precision", choices=PRECISIONS,
                    help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_student_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("student")
-    g.add_argument("--loss", choices=configlib.LOSSES)
+    g.add_argument("--loss", choices=LOSSES)
     g.add_argument("--temperature", "-T", type=float)
     g.add_argument("--c", type=float, help="weight of the soft term (default T^2)")
     g.add_argument("--weight-bits", type=int)
     g.add_argument("--act-bits", type=int)
     g.add_argument("--grad-bits", type=int)
-    g.add_argument("--scheme", choices=configlib.SCHEMES)
+    g.add_argument("--scheme", choices=SCHEMES)
     g.add_argument("--quantize-first-last", action="store_true", default=None)
 
 
@@ -95,66 +99,20 @@ def _flags(args, model_section: str | None) -> dict:
     return out
 
 
-def _explicit(args, flags: dict) -> dict:
-    """Everything the user set (file, flags, --set), without defaults."""
-    explicit = {s: {} for s in configlib.DEFAULTS}
-    if args.config:
-        configlib.merge(explicit, configlib.read_toml(args.config), origin=args.config)
-    configlib.merge(explicit, flags)
-    for item in args.set:
-        configlib.merge(explicit, configlib.parse_set(item), origin=f"--set {item}")
-    return explicit
+def _config(args, model_section: str | None = None, *, role: str | None = None, base: dict | None = None,
+            base_origin: str = "", check: bool = True) -> dict:
+    """The command's config: ``base`` < ``--config`` < its flags < ``--set`` (`resolve`)."""
+    return resolve(getattr(args, "config", None), _flags(args, model_section), getattr(args, "set", []),
+                   base=base, base_origin=base_origin, role=role, check=check)
 
 
-def _resolve(args, *, role: str, model_section: str) -> dict:
-    flags = _flags(args, model_section)
-    explicit = _explicit(args, flags)
-    cfg = configlib.defaults()
-    teacher_run = explicit["teacher"].get("run", "")
-    if role == "student" and teacher_run:
-        # The student's data defaults to its teacher's.
-        from .runs import read_config
-        tdata = read_config(teacher_run).get("data", {})
-        configlib.merge(cfg, {"data": {k: v for k, v in tdata.items() if k in configlib.DEFAULTS["data"]}},
-                        origin=f"{teacher_run}/config.toml")
-    for section, values in explicit.items():
-        cfg[section].update(values)
-    cfg["run"]["role"] = role
-    return configlib.validate(cfg)
-
-
-# --- commands -------------------------------------------------------------------------------
-
-def cmd_teacher(args) -> int:
-    from .data import load
-    from .train import train
-    cfg = _resolve(args, role="teacher", model_section="teacher")
-    _require_out(args)
-    summary = train(cfg, args.out, load(cfg["data"]), resume=args.resume, force=args.force,
-                    progress=not args.quiet)
-    print(f"teacher {args.out}: val {summary['val_best_acc']:.4f} "
-          f"test at best val {summary['test_acc_at_val_best']:.4f} ({summary['wall_s']:.0f} s)")
-    return 0
-
-
-def cmd_student(args) -> int:
-    from .data import load
-    from .runs import load_teacher
-    from .train import train
-    cfg = _resolve(args, role="student", model_section="student")
-    _require_out(args)
-    data = load(cfg["data"])
+def _data_of_teacher(cfg: dict) -> dict | None:
+    """A student's data defaults to its teacher's (``--teacher RUN``)."""
+    from .training.rundir import read_config
     run = cfg["teacher"]["run"]
-    if not run and cfg["student"]["loss"] != "hard":
-        # hard+softgt trains without the teacher, but its run is compared with it
-        # (agreement, KL) and takes its data from it, as every distillation question does.
-        raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
-    teacher = load_teacher(run, data) if run else None
-    summary = train(cfg, args.out, data, teacher=teacher, resume=args.resume, force=args.force,
-                    progress=not args.quiet)
-    print(f"student {args.out}: val {summary['val_best_acc']:.4f} "
-          f"test at best val {summary['test_acc_at_val_best']:.4f} ({summary['wall_s']:.0f} s)")
-    return 0
+    if not run:
+        return None
+    return {"data": {k: v for k, v in read_config(run).get("data", {}).items() if k in configlib.DEFAULTS["data"]}}
 
 
 def _require_out(args) -> None:
@@ -162,46 +120,74 @@ def _require_out(args) -> None:
         raise ConfigError("--out RUN is required")
 
 
+def _print_run(role: str, out, summary: dict) -> None:
+    print(f"{role} {out}: val {summary['val_best_acc']:.4f} "
+          f"test at best val {summary['test_acc_at_val_best']:.4f} ({summary['wall_s']:.0f} s)")
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def cmd_teacher(args) -> int:
+    from .data.registry import load
+    from .training.loop import train
+    cfg = _config(args, "teacher", role="teacher")
+    _require_out(args)
+    [summary] = train([(cfg, args.out)], load(cfg["data"]), resume=args.resume, force=args.force,
+                      progress=not args.quiet)
+    _print_run("teacher", args.out, summary)
+    return 0
+
+
+def cmd_student(args) -> int:
+    from .data.registry import load
+    from .training.loop import train
+    from .training.targets import TeacherTargets
+    first = _config(args, "student", check=False)
+    cfg = _config(args, "student", role="student", base=_data_of_teacher(first),
+                  base_origin=f"{first['teacher']['run']}/config.toml")
+    _require_out(args)
+    run = cfg["teacher"]["run"]
+    if not run and cfg["student"]["loss"] != "hard":
+        # hard+softgt trains without the teacher, but its run is compared with it
+        # (agreement, KL) and takes its data from it, as every distillation question does.
+        raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
+    data = load(cfg["data"])
+    targets = TeacherTargets.from_run(run, data) if run else None
+    [summary] = train([(cfg, args.out)], data, targets, resume=args.resume, force=args.force,
+                      progress=not args.quiet)
+    _print_run("student", args.out, summary)
+    return 0
+
+
 def cmd_eval(args) -> int:
-    import torch
-    from .data import load
-    from .runs import load_model, read_config
-    from .train import per_class_accuracy, predict
-    cfg = configlib.merge(configlib.defaults(), read_config(args.run), origin=args.run)
+    from .data.registry import load
+    from .training.checkpoint import load_model
+    from .training.evaluate import evaluate
+    from .training.rundir import read_config
     # --config/--set/--data-dir may point the run at its data elsewhere (a moved SVHN folder).
-    configlib.merge(cfg, _explicit(args, _flags(args, None)))
-    cfg = configlib.validate(cfg)
+    cfg = _config(args, base=read_config(args.run), base_origin=str(args.run))
     model, meta = load_model(args.run, args.checkpoint)
     data = load(cfg["data"])
     if meta["build"]["num_classes"] != data.num_classes:
         raise RunError(f"run {args.run} has {meta['build']['num_classes']} classes, its data {data.num_classes}")
-    logits = predict(model, data.x_test)
-    pred = logits.argmax(1)
-    k = data.num_classes
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    confusion.index_put_((data.y_test, pred), torch.ones_like(pred), accumulate=True)
-    result = {"run": str(args.run), "checkpoint": args.checkpoint,
-              "test_acc": (pred == data.y_test).float().mean().item(),
-              "per_class_acc": dict(zip(data.class_names, per_class_accuracy(logits, data.y_test, k))),
-              "confusion": confusion.tolist(), "class_names": data.class_names}
+    result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluate(model, data)}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({k: v for k, v in result.items() if k != "n"}))
         return 0
-    print(f"{args.run} ({args.checkpoint}.pt): test accuracy {result['test_acc']:.4f} on {len(pred)} images")
+    names = data.class_names
+    print(f"{args.run} ({args.checkpoint}.pt): test accuracy {result['test_acc']:.4f} on {result['n']} images")
     print("per-class accuracy: " + "  ".join(f"{c}:{a:.3f}" for c, a in result["per_class_acc"].items()))
-    width = max(5, *(len(c) for c in data.class_names))
+    width = max(5, *(len(c) for c in names))
     print("confusion (rows: true, columns: predicted)")
-    print(" " * width + "".join(f"{c:>{width}}" for c in data.class_names))
-    for name, row in zip(data.class_names, confusion.tolist()):
+    print(" " * width + "".join(f"{c:>{width}}" for c in names))
+    for name, row in zip(names, result["confusion"]):
         print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return 0
 
 
 def cmd_datasets(args) -> int:
-    from .data import describe
-    cfg = configlib.defaults()
-    configlib.merge(cfg, _explicit(args, _flags(args, None)))
-    for d in describe(configlib.validate(cfg)["data"]["data_dir"]):
+    from .data.registry import describe
+    for d in describe(_config(args)["data"]["data_dir"]):
         sizes = f"{d['train']} train / {d['test']} test" if d.get("train") else "sizes from the file"
         print(f"{d['name']:7s} {sizes}: {d['description']}")
         if "files" in d:
@@ -212,20 +198,14 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .report import write_report
-    from .study import run_study
+    from .report.report import write_report
+    from .study.run import run_study
     if args.config_file and args.config:
         raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
     args.config = args.config_file or args.config
-    flags = _flags(args, "student")
-    cfg = configlib.defaults()
-    configlib.merge(cfg, _explicit(args, flags))
-    cfg = configlib.validate(cfg)
-    if cfg["teacher"]["run"] and not Path(cfg["teacher"]["run"]).is_dir():
-        raise RunError(f"teacher.run {cfg['teacher']['run']} is not a run directory")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    result = run_study(cfg, args.out, force=args.force, workers=args.workers,
+    result = run_study(_config(args, "student"), args.out, force=args.force, workers=args.workers,
                        fused=False if args.no_fused else None, progress=not args.quiet)
     ok = len(result["rows"]) - len(result["failed"])
     print(f"study {args.out}: {ok}/{len(result['rows'])} runs finished")
@@ -236,7 +216,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .report.report import write_report
     if not (Path(args.study) / "results.csv").is_file():
         raise RunError(f"{args.study} is not a study (no results.csv)")
     paths = write_report(args.study)
@@ -245,8 +225,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
-    from .runs import read_summary
+    from .export.packed import export_run
+    from .training.rundir import read_summary
     export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=args.format)
     size = Path(args.out).stat().st_size
     print(f"exported {args.run} ({args.checkpoint}.pt) to {args.out} ({args.format}, {size:,} bytes)")
@@ -257,7 +237,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_dataset, predict_image
+    from .deploy.predict import predict_dataset, predict_image
     if args.image:
         if args.dataset or args.data_path or args.config or args.set:
             raise ConfigError("give either an image file or dataset options, not both")
@@ -267,10 +247,7 @@ def cmd_predict(args) -> int:
         return 0
     if not args.dataset and not args.config and not args.set:
         raise ConfigError("give an image file or --dataset (and its options) to predict on")
-    cfg = configlib.defaults()
-    configlib.merge(cfg, _explicit(args, _flags(args, None)))
-    cfg = configlib.validate(cfg)
-    result = predict_dataset(args.model, cfg["data"])
+    result = predict_dataset(args.model, _config(args)["data"])
     print(json.dumps(result) if args.json else
           f"{args.model} on {result['dataset']} test: accuracy {result['accuracy']:.4f} "
           f"({result['correct']}/{result['total']}, {result['backend']} engine)")
@@ -281,11 +258,11 @@ def cmd_bench(args) -> int:
     if args.deploy and args.scaling:
         raise ConfigError("choose one of --deploy and --scaling")
     if args.deploy:
-        from . import bench_deploy
+        from .bench import deploy as bench_deploy
         result = bench_deploy.run()
         print(json.dumps(result) if args.json else bench_deploy.format_table(result))
         return 0
-    from . import bench
+    from .bench import training as bench
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.scaling:
         if args.batch < 1:
@@ -338,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_student_flags(st)
     st.add_argument("--teacher", help="reuse this teacher run instead of training one")
     st.add_argument("--out", required=True, help="study directory")
-    st.add_argument("--workers", type=int, help="runs at once in separate processes (with --no-fused)")
-    st.add_argument("--no-fused", action="store_true", help="train runs one by one, not as fused groups")
+    st.add_argument("--workers", type=int, help="runs at once in separate processes (when not fused)")
+    st.add_argument("--no-fused", action="store_true", help="never fuse (study.fused = \"auto\" fuses on CUDA only)")
     st.add_argument("--force", action="store_true", help="accept a changed config (stale runs are redone)")
     st.set_defaults(func=cmd_study)
 
@@ -359,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("image", nargs="?", help="an image file (PNG, JPEG); else the test split of --dataset")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(pr)
-    pr.add_argument("--dataset", choices=configlib.DATASETS)
+    pr.add_argument("--dataset", choices=DATASETS)
     pr.add_argument("--data-dir")
     pr.add_argument("--data-path")
     pr.add_argument("--no-verify", action="store_false", dest="verify", default=None)

@@ -1,8 +1,11 @@
-"""The one config schema every command shares: defaults, TOML files, overrides, checks.
+"""The config schema every command shares: defaults, TOML files, overrides, checks.
 
 A config is a plain ``dict`` of sections (``data``, ``teacher``, ``student``, ``train``,
 ``study``, ``run``). Layers, last wins: defaults < ``--config FILE.toml`` < command-line
-flags < ``--set section.key=value``. Every error is a `ConfigError` naming the key.
+flags < ``--set section.key=value`` (`qdistill.resolve` applies them). Every error is a
+`ConfigError` naming the key. This module checks types and ranges; the names a key may
+take (datasets, schemes, losses, ...) belong to the layers that define them and are
+checked by `qdistill.resolve`. Torch-free.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ DEFAULTS: dict[str, dict] = {
         "seeds": [0, 1, 2],
         "questions": ["q1", "q2", "q3", "q4"],
         "teacher_epochs": 0,          # 0: train.epochs
-        "fused": True,
+        "fused": "auto",              # auto (fused groups on CUDA, one run at a time elsewhere), true, false
         "workers": 0,                 # 0: 1 on CPU, one per GPU otherwise
     },
     "run": {
@@ -67,15 +70,6 @@ DEFAULTS: dict[str, dict] = {
     },
 }
 OPTIONAL = {("student", "c"), ("study", "c")}
-
-DATASETS = ("svhn", "digits", "npz", "fake")
-PRECISIONS = ("auto", "fp32", "bf16")
-AUGMENTS = ("none", "light")
-SCHEMES = ("dorefa", "homework")
-LOSSES = ("hard", "soft", "hard+soft", "hard+softgt")
-SCHEDULES = ("course", "cosine")
-QUESTIONS = ("q1", "q2", "q3", "q4")
-ROLES = ("teacher", "student")
 
 
 def defaults() -> dict:
@@ -129,7 +123,10 @@ def _type_check(cfg: dict) -> None:
         for key, default in values.items():
             value = cfg[section][key]
             where = f"{section}.{key}"
-            if isinstance(default, bool):
+            if (section, key) == ("study", "fused"):
+                if not (isinstance(value, bool) or value == "auto"):
+                    raise ConfigError(f'{where} must be true, false or "auto", got {value!r}')
+            elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where} must be true or false, got {value!r}")
             elif isinstance(default, int):
@@ -147,7 +144,7 @@ def _type_check(cfg: dict) -> None:
                     raise ConfigError(f"{where} must be a non-empty list, got {value!r}")
 
 
-def _choice(cfg, section, key, choices):
+def check_choice(cfg: dict, section: str, key: str, choices) -> None:
     if cfg[section][key] not in choices:
         raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {cfg[section][key]!r}")
 
@@ -164,16 +161,10 @@ def _positive_number(value, where):
     return float(value)
 
 
-def validate(cfg: dict) -> dict:
-    """Check every value; fill ``student.c`` (T**2 when absent). Returns ``cfg``."""
+def check(cfg: dict) -> dict:
+    """Check every value's type and range; fill ``student.c`` (T**2 when absent).
+    Returns ``cfg``."""
     _type_check(cfg)
-    _choice(cfg, "data", "dataset", DATASETS)
-    _choice(cfg, "data", "augment", AUGMENTS)
-    _choice(cfg, "student", "scheme", SCHEMES)
-    _choice(cfg, "student", "loss", LOSSES)
-    _choice(cfg, "train", "schedule", SCHEDULES)
-    _choice(cfg, "train", "precision", PRECISIONS)
-    _choice(cfg, "run", "role", ROLES)
     for key in ("weight_bits", "act_bits", "grad_bits"):
         _bits(cfg, "student", key)
     if not 0.0 <= cfg["data"]["val_fraction"] < 1.0:
@@ -204,9 +195,6 @@ def validate(cfg: dict) -> dict:
     for seed in st["seeds"]:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"study.seeds must be integers >= 0, got {seed!r}")
-    for q in st["questions"]:
-        if q not in QUESTIONS:
-            raise ConfigError(f"study.questions: unknown question {q!r}; known: {', '.join(QUESTIONS)}")
     if "c" in st:
         if isinstance(st["c"], bool) or not isinstance(st["c"], (int, float)) or not 0 <= st["c"] < math.inf:
             raise ConfigError(f"study.c must be a number >= 0, got {st['c']!r}")
@@ -215,21 +203,18 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
-def resolve(config_file: str | None = None, flags: dict | None = None, sets: list[str] = ()) -> dict:
-    """defaults < config file < flags < ``--set`` items, then `validate`."""
-    cfg = defaults()
-    if config_file:
-        merge(cfg, read_toml(config_file), origin=str(config_file))
-    if flags:
-        merge(cfg, flags, origin="command line")
-    for item in sets:
-        merge(cfg, parse_set(item), origin=f"--set {item}")
-    return validate(cfg)
-
-
 def loss_c(student: dict) -> float:
     """The weight c of the soft term: ``student.c`` or ``T**2``."""
     return float(student["c"]) if "c" in student else float(student["temperature"]) ** 2
+
+
+def without_loss(cfg: dict) -> dict:
+    """A copy of ``cfg`` without ``student.loss``, ``temperature`` and ``c``: what the
+    members of one fused group share."""
+    cfg = copy.deepcopy(cfg)
+    for key in ("loss", "temperature", "c"):
+        cfg["student"].pop(key, None)
+    return cfg
 
 
 def _toml_value(v) -> str:

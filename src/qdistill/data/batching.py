@@ -11,9 +11,8 @@ from typing import Iterator
 import torch
 
 from ..errors import DataError
+from . import AUGMENTS
 from .augment import augment_light
-
-AUGMENTS = ("none", "light")
 
 
 def split_val(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

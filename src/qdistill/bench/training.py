@@ -32,16 +32,19 @@ import multiprocessing
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from .bench_deploy import cpu_name
-from .data import batches, fake
-from .fused import FusedStudents
-from .losses import build_loss
-from .models import build
-from .train import pick_device, predict
+from ..data import fake
+from ..data.batching import batches
+from ..nn.losses import build_loss
+from ..nn.models import build
+from ..training.device import autocast_for, pick_device, sync
+from ..training.evaluate import predict
+from ..training.step import train_step
+from . import step_rate
+from .machine import device_name
+from .step_rate import students, timed
 
 BATCH = 256
 
@@ -59,43 +62,17 @@ class _PerSampleDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.x[i]).permute(2, 0, 1).float() / 255.0, int(self.y[i])
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(step, batches_iter, warmup: int, steps: int, device) -> float:
-    """Seconds for ``steps`` calls of ``step(batch)`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step(next(batches_iter))
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(next(batches_iter))
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def _forever(make):
     while True:
         yield from make()
-
-
-def _students(k: int, device, channels_last: bool):
-    torch.manual_seed(0)
-    members = [build("vgg7", weight_bits=2, act_bits=1) for _ in range(k)]
-    model = members[0] if k == 1 else FusedStudents(members)
-    model = model.to(device)
-    if channels_last:
-        model = model.to_channels_last() if k > 1 else model.to(memory_format=torch.channels_last)
-    return model
 
 
 def bench_reference(ds, teacher, device, warmup: int, steps: int, workers: int = 2) -> float:
     x_hwc = ds.x_train.permute(0, 2, 3, 1).contiguous().numpy()
     loader = torch.utils.data.DataLoader(_PerSampleDataset(x_hwc, ds.y_train.numpy()), batch_size=BATCH,
                                          shuffle=True, num_workers=workers)
-    student = _students(1, device, channels_last=False)
+    torch.manual_seed(0)
+    student = build("vgg7", weight_bits=2, act_bits=1).to(device)
     opt = torch.optim.Adam(student.parameters(), lr=0.01)
     loss_fn = build_loss("hard+soft", 4.0)
 
@@ -108,31 +85,30 @@ def bench_reference(ds, teacher, device, warmup: int, steps: int, workers: int =
         loss.backward()
         opt.step()
 
-    seconds = _timed(step, _forever(lambda: iter(loader)), warmup, steps, device)
+    seconds = timed(step, _forever(lambda: iter(loader)), warmup, steps, device)
     return BATCH * steps / seconds
 
 
 def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, channels_last: bool,
                    precision: str = "fp32") -> float:
+    """Student images per second of the training loop's own step (`train_step` on the
+    `qdistill.nn.fused.group` of ``k`` students) on batches sliced from the on-device
+    uint8 set, with the cached teacher logits of each batch's indices."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     x, y, logits = ds.x_train.to(device), ds.y_train.to(device), cached_logits.to(device)
-    bf16 = precision == "bf16"
-    model = _students(k, device, channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    net = students(k, device, channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
     losses = [build_loss("hard+soft", 4.0) for _ in range(k)]
+    autocast = autocast_for(device, precision)
     gen = torch.Generator().manual_seed(1)
 
     def step(batch):
         xb, yb, idx = batch
-        tl = logits[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            z = model(xb)
-            loss = losses[0](z, tl, yb) if k == 1 else sum(f(z[j], tl, yb) for j, f in enumerate(losses))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, opt, xb, yb, logits[idx], losses, autocast)
 
-    seconds = _timed(step, _forever(lambda: batches(x, y, BATCH, generator=gen, device=device)),
-                     warmup, steps, device)
+    seconds = timed(step, _forever(lambda: batches(x, y, BATCH, generator=gen, device=device)),
+                    warmup, steps, device)
     return k * BATCH * steps / seconds
 
 
@@ -178,11 +154,11 @@ def time_data_epoch(ds, device, augment: str = "none") -> float:
     """Seconds to produce one epoch of float batches (the data path alone)."""
     x, y = ds.x_train.to(device), ds.y_train.to(device)
     gen, aug = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for xb, _, _ in batches(x, y, BATCH, generator=gen, augment=augment, aug_generator=aug, device=device):
         pass
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -231,7 +207,7 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
         "precision": "fp32",
         "fused_bf16_img_s": fused_bf16, "fused_bf16_vs_reference": fused_bf16 / ref if bf16 else None,
         "fused_bf16_peak_rss_mb": fused_bf16_rss,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
+        "device": device_name(dev),
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "steps": steps, "batch": BATCH, "channels_last": channels_last,
         "teacher_cache_s": teacher_cache_s, "data_epoch_s": data_epoch_s, "data_epoch_augment_s": data_epoch_aug_s,
@@ -281,18 +257,18 @@ def _student_convs(batch: int, device, fmt) -> list[tuple]:
 def _giga_per_s(fn, amount: float, device, repeats: int = 10) -> float:
     """``amount`` (flop or bytes) per call of ``fn`` over seconds per call, in units of 1e9."""
     fn()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    sync(device)
     return amount * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, repeats: int = 3,
             device: str = "auto", channels_last: bool = True, log=print) -> dict:
     """Does fusing pay on this machine? Per-student training rate of a fused group of K
-    vgg7 W2A1 students (``measure_step_rate``: forward, backward, Adam on random data; no
+    vgg7 W2A1 students (`step_rate.measure_step_rate`: forward, backward, Adam on random data; no
     teacher, no data path; ``steps`` defaults to 5120 images at K = 1, K times fewer steps
     at K) for each K, the median of ``repeats``, against K = 1, next to
     the machine's fp32 matmul rate, the rate of one student's convolutions (forward), and
@@ -301,15 +277,13 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, r
     Fusion can only pay where one student leaves the device idle: if a lone student's
     convolutions already run near the matmul rate, K of them in one network cannot run
     faster per student, and bigger activations fall out of cache (README, Performance)."""
-    from .fused import measure_step_rate
-
     dev = pick_device(device)
     steps = steps or max(20, 5120 // batch)  # K=1 times at least 5120 images; K times steps / K
     rates = {}
     for k in ks:
         log(f"K={k} ...")
-        runs = [measure_step_rate(k=k, batch=batch, steps=max(1, steps // k), warmup=2, device=dev,
-                                  channels_last=channels_last) for _ in range(repeats)]
+        runs = [step_rate.measure_step_rate(k=k, batch=batch, steps=max(1, steps // k), warmup=2, device=dev,
+                                            channels_last=channels_last) for _ in range(repeats)]
         rates[k] = sorted(runs)[len(runs) // 2]
     a, b = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
     gemm = _giga_per_s(lambda: a @ b, 2 * 2048**3, dev)
@@ -329,7 +303,7 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, r
             "fp32_matmul_gflop_s": gemm, "student_conv_forward_gflop_s": conv,
             "conv_vs_matmul": conv / gemm, "batch": batch, "repeats": repeats,
             "channels_last": channels_last,
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
+            "device": device_name(dev),
             "torch_version": torch.__version__, "threads": torch.get_num_threads()}
 
 

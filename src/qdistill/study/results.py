@@ -1,4 +1,4 @@
-"""The results of a study: ``results.csv``'s columns, reading a study's files, the
+"""The results of a study: ``results.csv`` (its columns, writing and reading it), the
 statistics over seeds, and the choice of one temperature per question.
 
 Torch-free: the study writes these files, the report reads them. Every choice is made
@@ -8,7 +8,7 @@ test accuracy is reported, never used to choose.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 from scipy import special, stats
 
-from .errors import RunError
+from ..atomic import atomic_write_text
+from ..errors import RunError
+from ..training import rundir
+from . import QUESTIONS
 
 COLUMNS = ["run", "question", "loss", "temperature", "c", "seed", "weight_bits", "act_bits",
            "grad_bits", "scheme", "epochs", "val_best_acc", "test_acc_at_val_best",
            "test_acc_last", "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s",
            "status", "error"]
-QUESTIONS = ("q1", "q2", "q3", "q4")
 STATUSES = ("ok", "failed", "pending")
 _FLOATS = ("temperature", "c", "val_best_acc", "test_acc_at_val_best", "test_acc_last",
            "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s")
@@ -73,24 +75,6 @@ def read_results(path: str | Path) -> list[dict]:
         return [parse_row(r, f"{path} line {i}") for i, r in enumerate(reader, start=2)]
 
 
-def read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON: {e}") from None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON lines: {e}") from None
-
-
 def read_teacher_logits(path: Path) -> tuple[np.ndarray, list[str]] | None:
     if not path.is_file():
         return None
@@ -103,6 +87,37 @@ def read_teacher_logits(path: Path) -> tuple[np.ndarray, list[str]] | None:
     if logits.ndim != 2:
         raise RunError(f"{path}: logits must be (M, K), got shape {logits.shape}")
     return logits, names or [str(k) for k in range(logits.shape[1])]
+
+
+def write_results(study: Path, conds) -> list[dict]:
+    """One row per condition of the grid from its run directory (ok, failed or pending),
+    written to ``STUDY/results.csv``; returns the rows."""
+    rows = []
+    for cond in conds:
+        run = Path(study) / "runs" / cond.name
+        row = {k: "" for k in COLUMNS}
+        s = cond.cfg["student"]
+        row.update(run=cond.name, question=cond.question, loss=cond.loss, temperature=cond.temperature,
+                   c="" if cond.c is None else cond.c, seed=cond.seed, weight_bits=s["weight_bits"],
+                   act_bits=s["act_bits"], grad_bits=s["grad_bits"], scheme=s["scheme"],
+                   epochs=cond.cfg["train"]["epochs"])
+        summary, error = rundir.read_summary(run), rundir.read_error(run)
+        if summary is not None:
+            for key in ("val_best_acc", "test_acc_at_val_best", "test_acc_last", "teacher_agreement",
+                        "kl_to_teacher", "wall_s", "img_per_s"):
+                row[key] = summary.get(key, "")
+            row["status"] = "ok"
+        elif error is not None:
+            row["status"], row["error"] = "failed", error
+        else:
+            row["status"] = "pending"
+        rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(study) / "results.csv", buf.getvalue())
+    return rows
 
 
 # ---------------------------------------------------------------- statistics

@@ -14,63 +14,28 @@ lower temperature); test accuracy is reported, never used to choose.
 """
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 
 import numpy as np
 
-from . import config as configlib
+from .. import config as configlib
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..errors import RunError
+from ..study import QUESTIONS
+from ..study.results import (STATUSES, choose, condition_key, conditions, paired_difference, read_results,
+                             read_teacher_logits, seed_order, soft_target_entropy)
+from ..training.rundir import read_json, read_metrics, read_summary
 from . import plots
-from .atomic import atomic_write_bytes, atomic_write_text
+from .chosen import write_chosen
 from .document import to_html, to_markdown
-from .errors import RunError
-from .results import (QUESTIONS, STATUSES, choose, condition_key, conditions, paired_difference,
-                      read_json, read_metrics, read_results, read_teacher_logits, seed_order,
-                      soft_target_entropy)
+from .formatting import ci_text, excludes_zero, mean_pm, num, pct, pts
 
 TITLES = {"q1": "Q1 hard labels", "q2": "Q2 soft (teacher)", "q3": "Q3 hard + soft (teacher)",
           "q4": "Q4 hard + soft (ground truth)"}
 PLOT_FILES = {"accuracy": "accuracy_vs_T.png", "entropy": "entropy_vs_T.png",
               "agreement": "agreement_kl_vs_T.png", "per_class": "per_class.png",
               "curves": "training_curves.png"}
-
-
-# ---------------------------------------------------------------- formatting
-
-def pct(x) -> str:
-    """A fraction as a percentage with 2 decimals; ``n/a`` for none."""
-    return "n/a" if x is None or x != x else f"{100 * x:.2f}"
-
-
-def pts(x) -> str:
-    """A difference of fractions in accuracy points, signed, 2 decimals."""
-    return "n/a" if x is None else f"{100 * x:+.2f}"
-
-
-def _t(t) -> str:
-    return f"{t:g}"
-
-
-def ci_text(diff: dict | None) -> str:
-    if diff is None:
-        return "n/a (no Q1)"
-    if diff["n"] < 2:
-        return "n/a (1 seed)"
-    return f"[{pts(diff['lo'])}, {pts(diff['hi'])}]"
-
-
-def _excludes_zero(diff: dict | None) -> bool | None:
-    if diff is None or diff["n"] < 2 or diff["lo"] == diff["hi"]:
-        return None
-    return diff["lo"] > 0 or diff["hi"] < 0
-
-
-def _mean_pm(stat) -> str:
-    if stat is None:
-        return "n/a"
-    mean, std = stat
-    return f"{pct(mean)} ± {pct(std)}"
 
 
 # ---------------------------------------------------------------- writing a report
@@ -91,16 +56,6 @@ def _mean_by_epoch(runs_metrics: list[list[dict]]) -> tuple[list, list]:
     return epochs, [math.fsum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
 
 
-def _diff(a: bytes, b: bytes, qa: str, qb: str, run_a: str, run_b: str) -> str:
-    def lines(data: bytes) -> list[str]:
-        text = data.decode("utf-8", errors="replace")
-        return (text if text.endswith("\n") or not text else text + "\n").splitlines(keepends=True)
-    # The run each config came from goes in the date field (after a tab), which patch ignores.
-    return "".join(difflib.unified_diff(lines(a), lines(b), fromfile=f"{qa}.toml", tofile=f"{qb}.toml",
-                                        fromfiledate=f"runs/{run_a}/config.toml",
-                                        tofiledate=f"runs/{run_b}/config.toml"))
-
-
 def _per_run_data(study: Path, chosen: dict, notes: list) -> tuple[dict, dict]:
     """Per chosen question: per-class test accuracy (mean over seeds, from summary.json)
     and the mean validation curve (from metrics.jsonl)."""
@@ -108,12 +63,12 @@ def _per_run_data(study: Path, chosen: dict, notes: list) -> tuple[dict, dict]:
     for q, info in chosen.items():
         summaries, metrics = [], []
         for run in info["runs"]:
-            s = read_json(study / "runs" / run / "summary.json")
+            s = read_summary(study / "runs" / run)
             if s and s.get("test_per_class_acc"):
                 summaries.append(np.asarray(s["test_per_class_acc"], dtype=np.float64))
             else:
                 notes.append(f"runs/{run}/summary.json missing or without test_per_class_acc.")
-            m = read_metrics(study / "runs" / run / "metrics.jsonl")
+            m = read_metrics(study / "runs" / run)
             if m:
                 metrics.append(m)
             else:
@@ -121,7 +76,7 @@ def _per_run_data(study: Path, chosen: dict, notes: list) -> tuple[dict, dict]:
         if summaries and len({len(s) for s in summaries}) == 1:
             per_class[q] = np.mean(summaries, axis=0)
         if metrics:
-            label = TITLES[q] + ("" if q == "q1" else f", T={_t(info['temperature'])}")
+            label = TITLES[q] + ("" if q == "q1" else f", T={num(info['temperature'])}")
             curves[label] = _mean_by_epoch(metrics)
     if len({len(v) for v in per_class.values()}) > 1:
         notes.append("chosen runs disagree on the number of classes: no per-class comparison.")
@@ -171,32 +126,6 @@ def _figures(conds, chosen, swept, teacher, tlogits, entropy, per_class, class_n
     return images
 
 
-def _write_chosen(study: Path, chosen: dict, swept: list, notes: list) -> tuple[list, dict, dict]:
-    """chosen/qN.toml (byte copies of the chosen runs' configs) and chosen/qN.diff (against
-    q1.toml); removes deliverables of questions this study no longer has."""
-    chosen_dir = study / "chosen"
-    paths, configs, diff_text = [], {}, {}
-    for q, info in chosen.items():
-        src = study / "runs" / info["run"] / "config.toml"
-        if not src.is_file():
-            notes.append(f"runs/{info['run']}/config.toml missing: chosen/{q}.toml not written.")
-            continue
-        configs[q] = src.read_bytes()
-        atomic_write_bytes(chosen_dir / f"{q}.toml", configs[q])
-        paths.append(chosen_dir / f"{q}.toml")
-    for q in swept:
-        if q in configs and "q1" in configs:
-            diff_text[q] = _diff(configs["q1"], configs[q], "q1", q, chosen["q1"]["run"], chosen[q]["run"])
-            atomic_write_text(chosen_dir / f"{q}.diff", diff_text[q])
-            paths.append(chosen_dir / f"{q}.diff")
-    # A re-run after --force may have dropped a question: leave no stale deliverable behind.
-    for q in QUESTIONS:
-        for name, written in ((f"{q}.toml", q in configs), (f"{q}.diff", q in diff_text)):
-            if not written and (chosen_dir / name).exists():
-                (chosen_dir / name).unlink()
-    return paths, configs, diff_text
-
-
 def write_report(study_dir: str | Path) -> dict:
     """Write the report of the study in ``study_dir``; returns the paths written:
     {"md": Path, "html": Path, "plots": [Path], "chosen": [Path]}."""
@@ -230,7 +159,7 @@ def write_report(study_dir: str | Path) -> dict:
                      else "no temperatures in this study: no soft-target entropy.")
     per_class, curves = _per_run_data(study, chosen, notes)
     images = _figures(conds, chosen, swept, teacher, tlogits, entropy, per_class, class_names, curves)
-    chosen_paths, configs, diff_text = _write_chosen(study, chosen, swept, notes)
+    chosen_paths, configs, diff_text = write_chosen(study, chosen, swept, notes)
     plot_paths = {key: f"plots/{PLOT_FILES[key]}" for key in images}
     for key, name in PLOT_FILES.items():
         if key in images:
@@ -259,7 +188,7 @@ def _summary_words(chosen, diffs, teacher, entropy, conds) -> list[str]:
     for q, info in chosen.items():
         if q == "q1":
             continue
-        s = (f"{TITLES[q]}: T = {_t(info['temperature'])} won on validation "
+        s = (f"{TITLES[q]}: T = {num(info['temperature'])} won on validation "
              f"({pct(info['val_mean'])}%), test {pct(info['test_mean'])}% ± {pct(info['test_std'])}")
         d = diffs.get(q)
         if d is None:
@@ -274,12 +203,12 @@ def _summary_words(chosen, diffs, teacher, entropy, conds) -> list[str]:
                 # zero-width interval: it measures nothing, so claim nothing from it.
                 s += ("every seed gave the same difference, so the interval has zero width and "
                       "does not measure the uncertainty; more seeds are needed.")
-            elif _excludes_zero(d):
+            elif excludes_zero(d):
                 s += "the CI excludes 0, so the difference is larger than its uncertainty."
             else:
                 s += "the CI includes 0, so the difference is within its uncertainty."
         if info["test_best_temperature"] != info["temperature"]:
-            s += (f" (Test accuracy alone would have picked T = {_t(info['test_best_temperature'])};"
+            s += (f" (Test accuracy alone would have picked T = {num(info['test_best_temperature'])};"
                   " the choice uses validation only.)")
         items.append(s)
         agree = [(c.temperature, c.stat("teacher_agreement")[0]) for c in conds
@@ -288,12 +217,12 @@ def _summary_words(chosen, diffs, teacher, entropy, conds) -> list[str]:
         if len(agree) > 1 and hi[1] == lo[1]:
             items.append(f"{TITLES[q]}: top-1 agreement with the teacher is {pct(hi[1])}% at every T.")
         elif len(agree) > 1:
-            items.append(f"{TITLES[q]}: top-1 agreement with the teacher is highest at T = {_t(hi[0])} "
-                         f"({pct(hi[1])}%) and lowest at T = {_t(lo[0])} ({pct(lo[1])}%).")
+            items.append(f"{TITLES[q]}: top-1 agreement with the teacher is highest at T = {num(hi[0])} "
+                         f"({pct(hi[1])}%) and lowest at T = {num(lo[0])} ({pct(lo[1])}%).")
     if entropy is not None:
         ts, hs, hmax = entropy
-        items.append(f"The teacher's soft targets carry {hs[0]:.3f} nats of entropy at T = {_t(ts[0])} and "
-                     f"{hs[-1]:.3f} nats at T = {_t(ts[-1])} (uniform: ln K = {hmax:.3f}).")
+        items.append(f"The teacher's soft targets carry {hs[0]:.3f} nats of entropy at T = {num(ts[0])} and "
+                     f"{hs[-1]:.3f} nats at T = {num(ts[-1])} (uniform: ln K = {hmax:.3f}).")
     return items
 
 
@@ -301,9 +230,9 @@ def _chosen_table(chosen, diffs) -> tuple:
     table = []
     for q, info in chosen.items():
         d = diffs.get(q)
-        excl = _excludes_zero(d)
-        table.append([TITLES[q], "–" if q == "q1" else _t(info["temperature"]),
-                      "–" if info["c"] is None else _t(info["c"]), info["n"], pct(info["val_mean"]),
+        excl = excludes_zero(d)
+        table.append([TITLES[q], "–" if q == "q1" else num(info["temperature"]),
+                      "–" if info["c"] is None else num(info["c"]), info["n"], pct(info["val_mean"]),
                       f"{pct(info['test_mean'])} ± {pct(info['test_std'])}",
                       "reference" if q == "q1" else pts(d["mean"]) if d else "n/a",
                       "–" if q == "q1" else ci_text(d),
@@ -323,7 +252,7 @@ def _blocks(study, rows, meta, teacher, conds, chosen, questions, diffs, entropy
             f"W{student.get('weight_bits', '?')}A{student.get('act_bits', '?')} "
             f"({student.get('scheme', '?')}), questions {', '.join(q.upper() for q in questions)}")
     if st.get("temperatures"):
-        desc += f", temperatures {', '.join(_t(t) for t in st['temperatures'])}"
+        desc += f", temperatures {', '.join(num(t) for t in st['temperatures'])}"
     if st.get("seeds"):
         desc += f", seeds {', '.join(str(s) for s in st['seeds'])}"
     b.append(("p", desc + f"; {len(rows)} runs: {n_status['ok']} ok, {n_status['failed']} failed, "
@@ -343,9 +272,9 @@ def _blocks(study, rows, meta, teacher, conds, chosen, questions, diffs, entropy
     for c in conds:
         info = chosen.get(c.question)
         agr, klv = c.stat("teacher_agreement"), c.stat("kl_to_teacher")
-        table.append([TITLES[c.question], c.loss, "–" if c.question == "q1" else _t(c.temperature),
-                      "–" if c.c is None else _t(c.c), len(c.rows), pct(c.stat("val_best_acc")[0]),
-                      _mean_pm(c.stat("test_acc_at_val_best")),
+        table.append([TITLES[c.question], c.loss, "–" if c.question == "q1" else num(c.temperature),
+                      "–" if c.c is None else num(c.c), len(c.rows), pct(c.stat("val_best_acc")[0]),
+                      mean_pm(c.stat("test_acc_at_val_best")),
                       pct(c.stat("test_acc_last")[0]) if c.stat("test_acc_last") else "n/a",
                       pct(agr[0]) if agr else "n/a", f"{klv[0]:.4f}" if klv else "n/a",
                       "**chosen**" if info and condition_key(info["condition"]) == condition_key(c) else ""])
@@ -369,7 +298,7 @@ def _blocks(study, rows, meta, teacher, conds, chosen, questions, diffs, entropy
         ts, hs, hmax = entropy
         b += [("h", 3, "Softness of the teacher's targets"), ("img", "entropy", "soft-target entropy vs T"),
               ("table", ["T", "mean entropy (nats)", "fraction of ln K"],
-               [[_t(t), f"{h:.4f}", f"{h / hmax:.3f}"] for t, h in zip(ts, hs)])]
+               [[num(t), f"{h:.4f}", f"{h / hmax:.3f}"] for t, h in zip(ts, hs)])]
     if "agreement" in images:
         b += [("h", 3, "Agreement with the teacher and KL"), ("img", "agreement", "agreement and KL vs T")]
     if per_class:
@@ -394,7 +323,7 @@ def _blocks(study, rows, meta, teacher, conds, chosen, questions, diffs, entropy
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         b.append(("table", ["run", "question", "T", "seed", "status", "error"],
-                  [[f"`{r['run']}`", r["question"].upper(), _t(r["temperature"]), r["seed"], r["status"],
+                  [[f"`{r['run']}`", r["question"].upper(), num(r["temperature"]), r["seed"], r["status"],
                     r["error"] or "–"] for r in bad]))
     else:
         b.append(("p", "None: every run finished."))

@@ -14,9 +14,10 @@ losses. `FusedStudents` turns K such members into one flat ``nn.Sequential``:
 
 Weight quantization is per member: DoReFa's ``max|tanh w|`` and ``mean|w|`` and the
 homework scheme's ``mean|tanh w|`` are statistics of one member's tensor, so the fused
-quantizers view the weight as ``(K, -1)`` and reduce each row (same formulas as
-`qdistill.quant`). Gradient quantization takes its per-sample max over one member's
-output channels, never over the fused ones.
+layers pass ``members=K`` to the quantizers of `qdistill.nn.quantizers`, which then
+reduce each member's block alone. Gradient quantization takes its per-sample max over
+one member's output channels, never over the fused ones. This module holds no formula
+of its own.
 
 Every parameter holds the members' slices as contiguous blocks along its first
 dimension. Adam (with or without weight decay) is elementwise, so each member evolves
@@ -31,96 +32,18 @@ parameters (a global gradient-norm clip) would couple the members.
 from __future__ import annotations
 
 import copy
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .models import AbsAffine, Clip01, Resize, build
-from .quant import FULL, QuantAct, QuantConv2d, QuantLinear, _signed_levels, dorefa_gradient
-
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+from .layers import AbsAffine, Clip01, QuantAct, QuantConv2d, QuantLinear, Resize, _QuantWeight
+from .quantizers import dorefa_gradient
 
 # Layers that act on each channel (or element) alone: shared as they are.
 _ELEMENTWISE = (QuantAct, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, Resize, Clip01)
 # Of those, the ones that also work on the (K, N, features) tensor after Flatten.
 _SHAPE_FREE = (QuantAct, nn.Dropout, Clip01)
-
-
-# ---------------------------------------------------------------- per-member quantizers
-
-class _SignScaledPerMember(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w):
-        e = w.abs().mean(dim=1, keepdim=True)
-        return torch.where(w >= 0, e, -e)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-def dorefa_weight_per_member(w: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """`qdistill.quant.dorefa_weight` applied to each of the ``k`` members' blocks of ``w``
-    (``w`` viewed as ``(k, -1)``, one row per member):
-
-    * ``bits >= 32``: ``w``;
-    * ``bits == 1``: ``sign(w) * E_k``, ``E_k = mean(|w_k|)``, backward identity;
-    * ``bits >= 2``: ``x = tanh(w_k)``, ``x = x / max(|x|) * 0.5 + 0.5`` (max over row k),
-      output ``2 * q_bits(x) - 1``.
-    """
-    if bits >= FULL:
-        return w
-    rows = w.reshape(k, -1)
-    if bits == 1:
-        return _SignScaledPerMember.apply(rows).view_as(w)
-    x = torch.tanh(rows)
-    x = x / x.abs().amax(dim=1, keepdim=True) * 0.5 + 0.5
-    return _signed_levels(x, bits).view_as(w)
-
-
-def homework_weight_per_member(w: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """`qdistill.quant.homework_weight` per member: with ``t = tanh(w_k)`` (row k of
-    ``w`` viewed as ``(k, -1)``) and ``s_k = 2 * mean(|t|)``, the output is
-    ``(q_bits(clamp(t / s_k, -0.5, 0.5) + 0.5) - 0.5) * s_k``. ``bits >= 32``: ``w``."""
-    if bits >= FULL:
-        return w
-    t = torch.tanh(w.reshape(k, -1))
-    s = 2 * t.abs().mean(dim=1, keepdim=True)
-    return (_signed_levels(torch.clamp(t / s, -0.5, 0.5) + 0.5, bits) * (0.5 * s)).view_as(w)
-
-
-_WEIGHT_PER_MEMBER = {"dorefa": dorefa_weight_per_member, "homework": homework_weight_per_member}
-
-
-class _GradQuantPerMember(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, n, k):
-        ctx.n, ctx.k = n, k
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        n = ctx.n
-        # (N, K*C, H, W) -> (N, K, C, H, W): a view in NCHW and in channels_last alike.
-        g5 = g.unflatten(1, (ctx.k, -1))
-        m = g5.abs().amax(dim=tuple(range(2, g5.dim())), keepdim=True)
-        safe = torch.where(m > 0, m, torch.ones_like(m))
-        u = (torch.rand_like(g5) - 0.5) / n
-        y = torch.clamp(g5 / (2 * safe) + 0.5 + u, 0.0, 1.0)
-        return (2 * m * (torch.round(y * n) / n - 0.5)).flatten(1, 2), None, None
-
-
-def gradient_per_member(x: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """`qdistill.quant.dorefa_gradient` on a fused ``(N, K*C, ...)`` output, with the
-    per-sample max taken per member: ``m_{n,k} = max|g[n, k*C:(k+1)*C]|``,
-    ``g_q = 2 m (q_bits(clamp(g / 2m + 0.5 + u, 0, 1)) - 0.5)``,
-    ``u ~ Uniform(-0.5/n, 0.5/n)``. Identity in forward; ``bits >= 32``: identity."""
-    if bits >= FULL:
-        return x
-    return _GradQuantPerMember.apply(x, float(2**bits - 1), k)
 
 
 # ---------------------------------------------------------------- fused layers
@@ -133,15 +56,8 @@ class FusedQuantConv2d(QuantConv2d):
     def __init__(self, cin: int, cout: int, kernel_size, *, k: int, shared_input: bool, **kwargs):
         groups = 1 if shared_input else k
         super().__init__(cin if shared_input else k * cin, k * cout, kernel_size, groups=groups, **kwargs)
-        self.k = k
+        self.k = self.members = k
         self.shared_input = shared_input
-
-    def quantized_weight(self) -> torch.Tensor:
-        return _WEIGHT_PER_MEMBER[self.scheme](self.weight, self.weight_bits, self.k)
-
-    def forward(self, x):
-        out = self._conv_forward(x, self.quantized_weight(), self.bias)
-        return gradient_per_member(out, self.grad_bits, self.k)
 
     def extra_repr(self):
         return super().extra_repr() + f", members={self.k}"
@@ -161,20 +77,18 @@ class FusedFlatten(nn.Module):
         return f"members={self.k}"
 
 
-class FusedQuantLinear(nn.Module):
+class FusedQuantLinear(_QuantWeight, nn.Module):
     """K members' `QuantLinear` as one batched matmul: ``(K, N, in) -> (K, N, out)``,
     ``y_k = x_k @ Q(W_k)^T + b_k`` with weight ``(K, out, in)`` and bias ``(K, out)``."""
 
     def __init__(self, in_features: int, out_features: int, *, k: int, bias: bool,
                  weight_bits: int, grad_bits: int, scheme: str):
         super().__init__()
-        self.k, self.in_features, self.out_features = k, in_features, out_features
-        self.weight_bits, self.grad_bits, self.scheme = weight_bits, grad_bits, scheme
+        self.k = self.members = k
+        self.in_features, self.out_features = in_features, out_features
+        self._init_quant(weight_bits, grad_bits, scheme)
         self.weight = nn.Parameter(torch.empty(k, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(k, out_features)) if bias else None
-
-    def quantized_weight(self) -> torch.Tensor:
-        return _WEIGHT_PER_MEMBER[self.scheme](self.weight, self.weight_bits, self.k)
 
     def forward(self, x):
         w = self.quantized_weight().transpose(1, 2)
@@ -184,8 +98,7 @@ class FusedQuantLinear(nn.Module):
 
     def extra_repr(self):
         return (f"members={self.k}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight_bits={self.weight_bits}, "
-                f"grad_bits={self.grad_bits}, scheme={self.scheme}")
+                f"bias={self.bias is not None}, " + self._bits_repr())
 
 
 def _cat(tensors, dim=0) -> torch.Tensor:
@@ -268,7 +181,7 @@ def _check_members(members) -> list[nn.Sequential]:
 
 
 class FusedStudents(nn.Module):
-    """K members built by `qdistill.models.build` with one architecture and one set of
+    """K members built by `qdistill.nn.models.build` with one architecture and one set of
     bit-widths, as one network: ``forward(x)`` maps a shared ``(N, 3, H, W)`` batch to
     logits ``(K, N, classes)``; `split` gives the K ordinary models back.
 
@@ -322,7 +235,7 @@ class FusedStudents(nn.Module):
     def to_channels_last(self) -> "FusedStudents":
         """Store 4-d weights and feed inputs in channels_last (NHWC) memory format:
         on the 2-core CPU dev box a training step of the fused K=10 vgg7 runs about 1.25x
-        faster than in NCHW (`measure_step_rate`)."""
+        faster than in NCHW (`qdistill.bench.step_rate.measure_step_rate`)."""
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
         return self
@@ -343,106 +256,75 @@ class FusedStudents(nn.Module):
             out.append(model)
         return out
 
+    def split_optimizer_state(self, state: dict, i: int) -> dict:
+        """Member ``i``'s part of an optimizer ``state_dict`` over this network's
+        parameters: per-parameter states of the parameter's shape (Adam's moments, which
+        are elementwise) are sliced like the parameter; scalars (Adam's step) are copied.
+        The result loads into the same optimizer built over the member's parameters."""
+        params = [(layer, p) for layer in self.net for p in layer.parameters(recurse=False)]
+        out = {}
+        for idx, per_param in state["state"].items():
+            layer, p = params[idx]
+            out[idx] = {key: (_member_block(layer, v, i, self.k) if v.shape == p.shape else v).clone()
+                        if torch.is_tensor(v) else v for key, v in per_param.items()}
+        return {"state": out, "param_groups": copy.deepcopy(state["param_groups"])}
+
+
+_SPLIT = (FusedQuantLinear, FusedQuantConv2d, nn.BatchNorm2d, AbsAffine)
+
+
+def _member_block(fused: nn.Module, t: torch.Tensor, i: int, k: int) -> torch.Tensor:
+    """Member ``i``'s block of a tensor of ``fused``: a parameter, a buffer, or an
+    optimizer state of a parameter's shape."""
+    if isinstance(fused, FusedQuantLinear):
+        return t[i]
+    if t.dim() == 0:  # num_batches_tracked: one count shared by every member
+        return t
+    c = t.shape[0] // k
+    return t[i * c:(i + 1) * c]
+
 
 def _copy_member(fused: nn.Module, layer: nn.Module, i: int, k: int) -> None:
     """Copy member ``i``'s block of every tensor of ``fused`` into ``layer``."""
-    if isinstance(fused, FusedQuantLinear):
-        pairs = [(layer.weight, fused.weight[i]), (layer.bias, None if fused.bias is None else fused.bias[i])]
-    elif isinstance(fused, (FusedQuantConv2d, nn.BatchNorm2d, AbsAffine)):
-        pairs = []
-        for name, t in list(fused.named_parameters(recurse=False)) + list(fused.named_buffers(recurse=False)):
-            if t is None:
-                continue
-            mine = getattr(layer, name)
-            if t.dim() == 0:  # num_batches_tracked: one count shared by every member
-                pairs.append((mine, t))
-            else:
-                c = t.shape[0] // k
-                pairs.append((mine, t[i * c:(i + 1) * c]))
-    else:
+    if not isinstance(fused, _SPLIT):
         return
-    for dst, src in pairs:
-        if dst is not None:
-            dst.copy_(src)
+    for name, t in list(fused.named_parameters(recurse=False)) + list(fused.named_buffers(recurse=False)):
+        if t is not None:
+            getattr(layer, name).copy_(_member_block(fused, t, i, k))
 
 
-# ---------------------------------------------------------------- loss and step
+class Solo(nn.Module):
+    """One model as a group of one, so one loop trains one model or K: ``forward`` gives
+    logits ``(1, N, classes)``, `split` the model itself, and ``state_dict`` is the
+    model's own (a run's checkpoint holds the plain model)."""
 
-def fused_loss(logits_k: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-               losses: Sequence[LossFn]) -> torch.Tensor:
-    """``sum_k losses[k](logits_k[k], teacher_logits, labels)``: each member's gradient
-    comes from its own loss only, as in a separate run."""
-    if len(losses) != logits_k.shape[0]:
-        raise ValueError(f"{len(losses)} losses for {logits_k.shape[0]} fused members")
-    return _member_losses(logits_k, teacher_logits, labels, losses).sum()
+    k = 1
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).unsqueeze(0)
+
+    def split(self) -> list[nn.Module]:
+        return [self.model]
+
+    def to_channels_last(self) -> "Solo":
+        """Store 4-d weights in channels_last; the input is left as it comes."""
+        self.model.to(memory_format=torch.channels_last)
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def split_optimizer_state(self, state: dict, i: int) -> dict:
+        return state
 
 
-def _member_losses(logits_k, teacher_logits, labels, losses) -> torch.Tensor:
-    return torch.stack([fn(z, teacher_logits, labels) for fn, z in zip(losses, logits_k)])
-
-
-def train_step(fused: FusedStudents, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-               losses: Sequence[LossFn]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on the sum of the members' losses (`fused_loss`).
-
-    Returns ``(loss per member (K,), logits (K, N, classes))``, both detached.
-    """
-    if len(losses) != fused.k:
-        raise ValueError(f"{len(losses)} losses for {fused.k} fused members")
-    optimizer.zero_grad(set_to_none=True)
-    logits = fused(x)
-    per_member = _member_losses(logits, teacher_logits, labels, losses)
-    per_member.sum().backward()
-    optimizer.step()
-    return per_member.detach(), logits.detach()
-
-
-# ---------------------------------------------------------------- measurement
-
-def measure_step_rate(arch: str = "vgg7", k: int = 10, batch: int = 256, steps: int = 5,
-                      channels_last: bool = True, warmup: int = 3, weight_bits: int = 2,
-                      act_bits: int = 1, seed: int = 0, device: str | torch.device = "cpu") -> float:
-    """Student images per second, ``k * batch * steps / seconds``, of training steps
-    (forward, backward, Adam) on random data, after ``warmup`` untimed steps.
-
-    ``k == 1`` times one ordinary model; ``k > 1`` a `FusedStudents` of ``k`` members.
-    Uses the current ``torch.get_num_threads()``; no teacher, no data pipeline.
-    """
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    members = [build(arch, weight_bits=weight_bits, act_bits=act_bits).to(device) for _ in range(k)]
-    model = members[0] if k == 1 else FusedStudents(members)
-    if channels_last:
-        if k == 1:
-            model.to(memory_format=torch.channels_last)
-        else:
-            model.to_channels_last()
-    x = torch.rand(batch, 3, 32, 32, generator=gen).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.repeat(k)) * k if k > 1 \
-            else F.cross_entropy(out, y)
-        loss.backward()
-        opt.step()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return k * batch * steps / (time.perf_counter() - t0)
+def group(models: Sequence[nn.Module]) -> nn.Module:
+    """The network that trains ``models`` at once: `Solo` for one, `FusedStudents` for more."""
+    return Solo(models[0]) if len(models) == 1 else FusedStudents(models)

@@ -17,8 +17,6 @@ the activations realistic (about a third of the A1 levels are 1), neither all 0 
 from __future__ import annotations
 
 import io
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-from . import deploy
-from .deploy import kernels
-from .export import export_model, export_onnx
-from .models import build
+from .. import deploy
+from ..deploy import numba_kernels
+from ..export.onnx import export_onnx
+from ..export.packed import export_model
+from ..nn.models import build
+from .machine import cpu_name
 
 DEFAULT_STUDENT = "vgg7 W2A1 dorefa, random init (seed 0), BN stats calibrated on random images"
 
@@ -50,18 +50,6 @@ def default_student() -> torch.nn.Module:
     return model.eval()
 
 
-def cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs"
-
-
 def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
@@ -71,8 +59,8 @@ def run(model: torch.nn.Module | None = None, *, runs: int = 200, batch: int = 2
     described = DEFAULT_STUDENT if model is None else f"{getattr(model, 'arch', type(model).__name__)} (given)"
     model = default_student() if model is None else model.eval()
     threads = torch.get_num_threads()
-    if kernels.HAVE_NUMBA:
-        kernels.numba.set_num_threads(min(threads, kernels.numba.config.NUMBA_NUM_THREADS))
+    if numba_kernels.HAVE_NUMBA:
+        numba_kernels.numba.set_num_threads(min(threads, numba_kernels.numba.config.NUMBA_NUM_THREADS))
     num_classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
     with tempfile.TemporaryDirectory() as tmp:
         qdz_path, onnx_path = Path(tmp) / "student.qdz", Path(tmp) / "student.onnx"

@@ -17,25 +17,30 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from . import LOSSES
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
-NAMES = ("hard", "soft", "hard+soft", "hard+softgt")
-NEEDS_TEACHER = {"hard": False, "soft": True, "hard+soft": True, "hard+softgt": False}
+NEEDS_TEACHER = dict(zip(LOSSES, (False, True, True, False)))
+
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16 logits of autocast are upcast, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def soft_cross_entropy(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``CE(p, z) = mean_batch( -sum_i p_i * log_softmax(z)_i )``."""
-    return -(p * F.log_softmax(z.float(), dim=-1)).sum(dim=-1).mean()
+    return -(p * F.log_softmax(_f(z), dim=-1)).sum(dim=-1).mean()
 
 
 def hard(z, t, y):
     """Q1: ``CE(onehot(y), z)``."""
-    return F.cross_entropy(z.float(), y)
+    return F.cross_entropy(_f(z), y)
 
 
 def _soft(z, t, T):
-    return soft_cross_entropy(F.softmax(t.float() / T, dim=-1), z / T)
+    return soft_cross_entropy(F.softmax(_f(t) / T, dim=-1), z / T)
 
 
 def build_loss(name: str, temperature: float = 1.0, c: float | None = None) -> LossFn:
@@ -49,8 +54,8 @@ def build_loss(name: str, temperature: float = 1.0, c: float | None = None) -> L
     ``c`` defaults to ``T**2`` (see the module docstring). ``T`` must be > 0; the task
     statement uses ``T >= 1``, ``T < 1`` is allowed with a warning.
     """
-    if name not in NAMES:
-        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(NAMES)}")
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     T = float(temperature)
     if not T > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
@@ -68,7 +73,7 @@ def build_loss(name: str, temperature: float = 1.0, c: float | None = None) -> L
             return hard(z, t, y) + c * _soft(z, t, T)
     else:
         def fn(z, t, y):
-            return hard(z, t, y) + c * F.cross_entropy(z.float() / T, y)
+            return hard(z, t, y) + c * F.cross_entropy(_f(z) / T, y)
     fn.loss_name, fn.temperature, fn.c = name, T, c
     fn.needs_teacher = NEEDS_TEACHER[name]
     return fn

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .quant import FULL, QuantAct, QuantConv2d, QuantLinear, _check_scheme
+from .layers import AbsAffine, Clip01, MaxPool2d, QuantAct, QuantConv2d, QuantLinear, Resize
+from .quantizers import FULL, check_scheme
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -38,7 +37,7 @@ def build(name: str, *, weight_bits: int = FULL, act_bits: int = FULL, grad_bits
     """Build a registered model. Raises ``KeyError`` naming the known models."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(names())}")
-    spec = _Spec(weight_bits, act_bits, grad_bits, _check_scheme(scheme), quantize_first_last)
+    spec = _Spec(weight_bits, act_bits, grad_bits, check_scheme(scheme), quantize_first_last)
     model = _REGISTRY[name](spec, num_classes=num_classes, in_channels=in_channels)
     model.arch = name
     return model
@@ -68,93 +67,6 @@ class _Spec:
             return [nn.BatchNorm2d(channels, affine=False), AbsAffine(channels),
                     QuantAct(self.act_bits, "homework")]
         return [nn.BatchNorm2d(channels), QuantAct(self.act_bits, "dorefa")]
-
-
-class AbsAffine(nn.Module):
-    """The course block's learned per-channel affine: ``y = (|a| + 1) * x + b``,
-    ``a`` initialised to 1 (initial scale 2) and ``b`` to 0."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.a = nn.Parameter(torch.ones(channels))
-        self.b = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x):
-        return (self.a.abs() + 1).view(1, -1, 1, 1) * x + self.b.view(1, -1, 1, 1)
-
-    def extra_repr(self):
-        return f"channels={self.a.numel()}"
-
-
-class _MaxPoolInt32(torch.autograd.Function):
-    """``max_pool2d`` that keeps only its argmax indices, as int32, for backward.
-
-    Autograd's own max-pool node keeps the float input alive (4 bytes per input
-    element) and int64 indices, although backward only scatters the gradient to the
-    indices. Training is memory-bound, so this keeps 1 byte per input element instead;
-    backward is the same native kernel (``max_pool2d_with_indices_backward``, which
-    reads only the shape and memory format of its input), so gradients are identical."""
-
-    @staticmethod
-    def forward(ctx, x, kernel_size, stride):
-        out, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride)
-        ctx.save_for_backward(idx.to(torch.int32))
-        ctx.args = (kernel_size, stride)
-        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
-        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (idx,) = ctx.saved_tensors
-        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        like = torch.empty(ctx.shape, dtype=g.dtype, device=ctx.device, memory_format=fmt)
-        kernel_size, stride = ctx.args
-        grad = torch.ops.aten.max_pool2d_with_indices_backward(g, like, kernel_size, stride, [0, 0], [1, 1],
-                                                               False, idx.long())
-        return grad, None, None
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that saves less for backward in training (`_MaxPoolInt32`);
-    same outputs and gradients."""
-
-    def forward(self, x):
-        kernel_size, stride = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
-        light = (torch.is_grad_enabled() and x.requires_grad and x.dim() == 4
-                 and _pair(self.padding) == [0, 0] and _pair(self.dilation) == [1, 1]
-                 and not self.ceil_mode and not self.return_indices
-                 and x.shape[-2] * x.shape[-1] < 2**31
-                 and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                 and not torch.onnx.is_in_onnx_export())
-        if not light:
-            return super().forward(x)
-        return _MaxPoolInt32.apply(x, kernel_size, stride)
-
-
-def _pair(v) -> list[int]:
-    return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
-
-
-class Resize(nn.Module):
-    """Bilinear resize to ``size x size`` (``align_corners=False``)."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, x):
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-
-    def extra_repr(self):
-        return f"size={self.size}"
-
-
-class Clip01(nn.Module):
-    """``clamp(x, 0, 1)`` before the last layer of ``dorefa-svhn``."""
-
-    def forward(self, x):
-        return torch.clamp(x, 0.0, 1.0)
 
 
 def _vgg7(spec: _Spec, num_classes: int, in_channels: int, width: int) -> nn.Sequential:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import deploy
-from .errors import DataError
+from .. import deploy
+from ..errors import DataError
 
 BATCH = 256
 
@@ -16,10 +16,10 @@ def predict_dataset(qdz_path: str | Path, data_section: dict) -> dict:
     """Accuracy of the model at ``qdz_path`` on the test split of the dataset that the
     ``[data]`` config section names: ``{"accuracy", "correct", "total", "dataset",
     "model", "backend"}``. Images are scaled as in training, ``x / 255``."""
-    from . import data  # the loaders hold torch tensors; the engine itself stays torch-free
+    from ..data.registry import load  # the loaders hold torch tensors; the engine stays torch-free
 
     engine = deploy.load(qdz_path)
-    ds = data.load(data_section)
+    ds = load(data_section)
     if ds.num_classes != len(engine.class_names):
         raise DataError(f"dataset {ds.name} has {ds.num_classes} classes, the model "
                         f"{len(engine.class_names)}")

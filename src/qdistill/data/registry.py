@@ -1,0 +1,45 @@
+"""The dataset registry: `load` the dataset a ``[data]`` config section names, and
+`describe` them all for ``qdistill datasets``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DataError
+from . import DATASETS, digits, fake, npz, svhn
+from .dataset import Dataset, limit
+
+
+def load(data: dict) -> Dataset:
+    """The dataset that the ``[data]`` config section names (keys ``dataset``,
+    ``data_dir``, ``data_path``, ``extra``, ``verify``, ``max_train``, ``max_test``;
+    absent keys take their defaults). ``max_train``/``max_test`` > 0 keep the first N
+    images of each split. Raises `DataError` on missing or malformed data."""
+    name = data.get("dataset", "digits")
+    if name == "svhn":
+        ds = svhn.load(data.get("data_dir") or svhn.DEFAULT_DIR, extra=bool(data.get("extra", False)),
+                       verify=bool(data.get("verify", True)))
+    elif name == "digits":
+        ds = digits.load()
+    elif name == "npz":
+        if not data.get("data_path"):
+            raise DataError("dataset npz needs data_path (--data-path FILE.npz)")
+        ds = npz.load(data["data_path"])
+    elif name == "fake":
+        ds = fake.load()
+    else:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return limit(ds, int(data.get("max_train", 0)), int(data.get("max_test", 0)))
+
+
+def describe(data_dir: str | Path | None = None) -> list[dict]:
+    """One dict per dataset for ``qdistill datasets``: name, description, train/test sizes
+    where fixed; svhn adds its data_dir and which files are present and converted."""
+    svhn_dir = Path(data_dir or svhn.DEFAULT_DIR).expanduser()
+    return [
+        {"name": "svhn", "description": svhn.DESCRIPTION, "train": svhn.SIZES["train"],
+         "test": svhn.SIZES["test"], "extra": svhn.SIZES["extra"], "data_dir": str(svhn_dir),
+         **svhn.present(svhn_dir)},
+        {"name": "digits", "description": digits.DESCRIPTION, "train": 1438, "test": 359},
+        {"name": "npz", "description": npz.DESCRIPTION, "train": None, "test": None},
+        {"name": "fake", "description": fake.DESCRIPTION, "train": fake.N_TRAIN, "test": fake.N_TEST},
+    ]

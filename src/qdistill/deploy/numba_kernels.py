@@ -1,0 +1,197 @@
+"""The numba kernels: the popcount convolution and the float first layer compiled to
+machine code, fused with thresholding, max-pooling and packing of the next layer's input.
+They compute the same integers as the numpy reference in `kernels` (the tests check it);
+layouts and the accumulator formula are in its docstring.
+
+Numba is optional: without it this module defines only ``HAVE_NUMBA = False`` and the
+engine runs the numpy kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+except ImportError:  # numba is optional: the numpy kernels compute the same values
+    numba = None
+
+HAVE_NUMBA = numba is not None
+
+if HAVE_NUMBA:
+    @intrinsic
+    def _popc(typingctx, v):
+        """LLVM's ``ctpop``: one instruction (vectorised when the CPU has it)."""
+        sig = types.int64(types.uint64)
+
+        def codegen(context, builder, signature, args):
+            return builder.ctpop(args[0])
+        return sig, codegen
+
+    @njit(inline="always")
+    def _gather(x, b, y, xx, kh, kw, cin, xw):
+        """``xw[i]`` = the bits of plane ``i`` over the receptive field of output ``(y, xx)``."""
+        a, wd, kwords = x.shape[3], x.shape[4], xw.shape[1]
+        xw[:, :] = 0
+        for ky in range(kh):
+            for kx in range(kw):
+                base = (ky * kw + kx) * cin
+                for s in range(wd):
+                    off = base + 64 * s
+                    d = off >> 6
+                    sh = off & 63
+                    for i in range(a):
+                        v = x[b, y + ky, xx + kx, i, s]
+                        xw[i, d] |= v << np.uint64(sh)
+                        if sh != 0 and d + 1 < kwords:
+                            xw[i, d + 1] |= v >> np.uint64(64 - sh)
+
+    @njit(inline="always")
+    def _dot(xw, wq, acc):
+        """Fill ``acc[o]`` with ``sum_ij 2^(i+j) popcount(x_i & c_j)`` over the gathered
+        field ``xw`` and return ``sum_i 2^i popcount(x_i)``."""
+        k, kwords, o = wq.shape
+        acc[:] = 0
+        ones = 0
+        for i in range(xw.shape[0]):
+            for w in range(kwords):
+                xv = xw[i, w]
+                if xv == 0:
+                    continue
+                ones += _popc(xv) << i
+                if k == 2:  # W2, the common case: one pass over acc for both planes
+                    r0, r1 = wq[0, w], wq[1, w]
+                    for oc in range(o):
+                        acc[oc] += (_popc(xv & r0[oc]) + (_popc(xv & r1[oc]) << 1)) << i
+                else:
+                    for j in range(k):
+                        sh = i + j
+                        row = wq[j, w]
+                        for oc in range(o):
+                            acc[oc] += _popc(xv & row[oc]) << sh
+        return ones
+
+    @njit(inline="always")
+    def _levels_max(v, sign, thr, count, lv):
+        """``lv = max(lv, #{t : sign * v >= thr[t]})`` per channel (max: the pool window).
+        Channels are the inner loop everywhere, so it vectorises."""
+        o = v.shape[0]
+        for oc in range(o):
+            v[oc] *= sign[oc]
+            count[oc] = 0
+        for t in range(thr.shape[0]):
+            for oc in range(o):
+                count[oc] += v[oc] >= thr[t, oc]
+        for oc in range(o):
+            lv[oc] = max(lv[oc], count[oc])
+
+    @njit(inline="always")
+    def _emit(lv, packed, out_l, out_p, b, yq, xq, bits, pad):
+        """Write one position's levels: as they are, or packed into the next layer's planes."""
+        if packed:
+            o = lv.shape[0]
+            for i in range(bits):
+                for w in range(out_p.shape[4]):
+                    word = np.uint64(0)
+                    for oc in range(64 * w, min(o, 64 * w + 64)):
+                        word |= np.uint64((lv[oc] >> i) & 1) << np.uint64(oc - 64 * w)
+                    out_p[b, yq + pad, xq + pad, i, w] = word
+        else:
+            for oc in range(lv.shape[0]):
+                out_l[b, yq, xq, oc] = lv[oc]
+
+    @njit(inline="always")
+    def _outputs(n, hq, wq, o, bits, packed, pad):
+        if packed:
+            return (np.zeros((1, 1, 1, 1), np.uint8),
+                    np.zeros((n, hq + 2 * pad, wq + 2 * pad, bits, (o + 63) // 64), np.uint64))
+        return np.zeros((n, hq, wq, o), np.uint8), np.zeros((1, 1, 1, 1, 1), np.uint64)
+
+    @njit(parallel=True, cache=True)
+    def accumulate(x, wq, nw, kh, kw, cin):
+        n = x.shape[0]
+        o = wq.shape[2]
+        ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+        out = np.empty((n, ho, wo, o), np.int32)
+        for r in prange(n * ho):
+            b = r // ho
+            y = r - b * ho
+            acc = np.empty(o, np.int64)
+            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            for xx in range(wo):
+                _gather(x, b, y, xx, kh, kw, cin, xw)
+                ones = _dot(xw, wq, acc)
+                for oc in range(o):
+                    out[b, y, xx, oc] = 2 * acc[oc] - nw * ones
+        return out
+
+    @njit(parallel=True, cache=True)
+    def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, bits, packed, pad):
+        n = x.shape[0]
+        o = wq.shape[2]
+        hq, wq_ = (x.shape[1] - kh + 1) // pool, (x.shape[2] - kw + 1) // pool
+        out_l, out_p = _outputs(n, hq, wq_, o, bits, packed, pad)
+        for r in prange(n * hq):
+            b = r // hq
+            yq = r - b * hq
+            acc = np.empty(o, np.int64)
+            v = np.empty(o, np.int64)
+            count = np.empty(o, np.uint8)
+            lv = np.empty(o, np.uint8)
+            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            for xq in range(wq_):
+                lv[:] = 0
+                for dy in range(pool):
+                    for dx in range(pool):
+                        _gather(x, b, yq * pool + dy, xq * pool + dx, kh, kw, cin, xw)
+                        ones = _dot(xw, wq, acc)
+                        for oc in range(o):
+                            v[oc] = 2 * acc[oc] - nw * ones
+                        _levels_max(v, sign, thr, count, lv)
+                _emit(lv, packed, out_l, out_p, b, yq, xq, bits, pad)
+        return out_l, out_p
+
+    @njit(parallel=True, cache=True)
+    def conv_float(x, wt, bias, thr, sign, pool, bits, packed, pad):
+        """``thr``: float32 ``(T, O)`` bounds for ``sign * v`` (see `kernels.float32_bounds`)."""
+        n, c, hp, wpix = x.shape
+        _, kh, kw, o = wt.shape
+        wo = wpix - kw + 1
+        hq, wq = (hp - kh + 1) // pool, wo // pool
+        out_l, out_p = _outputs(n, hq, wq, o, bits, packed, pad)
+        for r in prange(n * hq):
+            b = r // hq
+            yq = r - b * hq
+            acc = np.empty((o, wo), np.float32)  # one output row; x is the vector loop
+            count = np.empty(wo, np.uint8)
+            lv = np.zeros((wq, o), np.uint8)
+            for dy in range(pool):
+                y = yq * pool + dy
+                for oc in range(o):
+                    acc[oc, :] = bias[oc]
+                for ci in range(c):
+                    for ky in range(kh):
+                        src = x[b, ci, y + ky]
+                        for kx in range(kw):
+                            for oc in range(o):
+                                wv = wt[ci, ky, kx, oc]
+                                row = acc[oc]
+                                for xx in range(wo):
+                                    row[xx] += wv * src[xx + kx]
+                for oc in range(o):
+                    s = sign[oc]
+                    row = acc[oc]
+                    count[:] = 0
+                    for t in range(thr.shape[0]):
+                        bound = thr[t, oc]
+                        for xx in range(wo):
+                            count[xx] += s * row[xx] >= bound
+                    for xq in range(wq):
+                        m = lv[xq, oc]
+                        for dx in range(pool):
+                            m = max(m, count[xq * pool + dx])
+                        lv[xq, oc] = m
+            for xq in range(wq):
+                _emit(lv[xq], packed, out_l, out_p, b, yq, xq, bits, pad)
+        return out_l, out_p

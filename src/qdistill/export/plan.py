@@ -1,0 +1,204 @@
+"""The layer plan of an export: weight codes, blocks of the Sequential, and threshold folding.
+
+Weights. Every quantized weight is affine in an integer code ``c`` in ``0..n``:
+
+* dorefa, k >= 2: ``w = (2c - n) / n``,         ``n = 2**k - 1``, ``alpha = 1 / n``
+* dorefa, k = 1:  ``w = E * (2c - 1)``,          ``n = 1``,        ``alpha = E = mean|w|``
+* homework:       ``w = s * (2c - n) / (2n)``,   ``n = 2**k - 1``, ``alpha = s / (2n)``
+
+so ``w = alpha * (2c - n)``. On input levels ``q`` (activation ``q / m``, ``m = 2**a - 1``)
+a conv gives ``conv = (alpha / m) * A + bias`` with the integer accumulator
+``A = sum q * (2c - n)`` (see `qdistill.deploy.kernels`).
+
+Thresholds. What follows the conv up to the activation quantizer (bias, BatchNorm with
+running statistics, the homework block's ``(|a| + 1) * x + b`` and its ``0.1 *``) is affine
+per channel, ``u = P * A + Q``, and the quantizer outputs level
+``round(clamp(u, 0, 1) * m')``, i.e. the number of ``t`` in ``1..m'`` with
+``u >= (t - 0.5) / m'``. For ``P > 0`` that is ``A >= ceil(((t - 0.5) / m' - Q) / P)``;
+for ``P < 0`` the inequality flips (stored as ``-A >= ...``, the direction flag ``sign``);
+for ``P = 0`` the level is constant. Max-pooling commutes with the (monotone) quantizer,
+so it runs on the levels wherever it sits in the block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import ExportError
+from ..nn.layers import AbsAffine, Clip01, QuantAct, Resize
+
+_INT_LIMIT = 2**31 - 1
+
+
+# ---------------------------------------------------------------- weight codes
+
+def weight_codes(conv: nn.Module) -> tuple[np.ndarray, int, float]:
+    """``(codes, n, alpha)`` of a quantized conv, with ``quantized_weight() == alpha * (2c - n)``
+    (see the module docstring). The codes are checked to reproduce torch's quantized
+    weights bit for bit."""
+    bits, scheme = conv.weight_bits, conv.scheme
+    with torch.no_grad():
+        wq = conv.quantized_weight().detach().float().cpu()
+        if scheme == "dorefa" and bits == 1:
+            e = conv.weight.detach().float().abs().mean()
+            codes = (conv.weight.detach() >= 0).to(torch.int64)
+            n, alpha = 1, float(e)
+            rebuilt = torch.where(codes == 1, e, -e)
+        elif scheme == "dorefa":
+            n = 2**bits - 1
+            codes = torch.round((wq * n + n) / 2).to(torch.int64)
+            alpha = 1.0 / n
+            rebuilt = (2 * codes - n).float() / n
+        else:  # homework: wq = ((2c - n) / n) * (0.5 * s)
+            n = 2**bits - 1
+            half_s = 0.5 * (2 * torch.tanh(conv.weight.detach().float()).abs().mean())
+            codes = torch.round((wq / half_s * n + n) / 2).to(torch.int64)
+            alpha = float(half_s) / n
+            rebuilt = ((2 * codes - n).float() / n) * half_s
+    if codes.min() < 0 or codes.max() > max(n, 1) or not torch.equal(rebuilt, wq):
+        raise ExportError(f"internal: weight codes do not reproduce the {scheme} {bits}-bit weights")
+    return codes.numpy(), n, alpha
+
+
+# ---------------------------------------------------------------- the plan: blocks of the Sequential
+
+@dataclass
+class Block:
+    """A conv and what follows it up to its activation, or a single other layer."""
+    kind: str                      # resize, conv, avgpool, flatten, linear
+    first: int                     # index of its first module in the Sequential
+    last: int                      # index of its last module
+    module: nn.Module | None = None
+    bn: nn.BatchNorm2d | None = None
+    affine: AbsAffine | None = None
+    act: nn.Module | None = None   # QuantAct or Clip01
+    pool: int = 1
+
+
+def pool_size(m: nn.Module, where: str) -> int:
+    k, s = m.kernel_size, m.stride
+    k = k if isinstance(k, int) else k[0] if len(set(k)) == 1 else None
+    s = s if isinstance(s, int) else s[0] if len(set(s)) == 1 else None
+    pad = m.padding if isinstance(m.padding, int) else max(m.padding)
+    dil = getattr(m, "dilation", 1)
+    dil = dil if isinstance(dil, int) else max(dil)
+    if k is None or s != k or pad != 0 or dil != 1 or m.ceil_mode:
+        raise ExportError(f"{where}: unsupported pooling {m} (need square kernel == stride, no padding)")
+    return k
+
+
+def plan(model: nn.Module) -> list[Block]:
+    """Group the flat ``nn.Sequential`` into blocks the engine runs; `ExportError` on a
+    layer it cannot run."""
+    if not isinstance(model, nn.Sequential):
+        raise ExportError(f"export needs a qdistill model (a flat nn.Sequential), got {type(model).__name__}")
+    mods = list(model)
+    blocks: list[Block] = []
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        where = f"layer {i} ({type(m).__name__})"
+        if isinstance(m, nn.Dropout):
+            i += 1
+            continue
+        if isinstance(m, Resize):
+            blocks.append(Block("resize", i, i, m))
+        elif isinstance(m, nn.Conv2d):
+            block = Block("conv", i, i, m)
+            j = i + 1
+            while j < len(mods) and block.act is None:
+                x = mods[j]
+                if isinstance(x, nn.Dropout):
+                    pass
+                elif isinstance(x, nn.BatchNorm2d) and block.bn is None and block.affine is None \
+                        and block.pool == 1:
+                    block.bn = x
+                elif isinstance(x, AbsAffine) and block.affine is None and block.pool == 1:
+                    block.affine = x
+                elif isinstance(x, nn.MaxPool2d) and block.pool == 1:
+                    block.pool = pool_size(x, f"layer {j}")
+                elif isinstance(x, (QuantAct, Clip01)):
+                    block.act = x
+                else:
+                    break
+                j += 1
+            if block.act is None:
+                raise ExportError(f"{where}: a convolution must be followed by an activation "
+                                  f"quantizer (found {type(mods[j]).__name__ if j < len(mods) else 'the end'})")
+            while j < len(mods) and isinstance(mods[j], nn.Dropout):
+                j += 1
+            if j < len(mods) and isinstance(mods[j], nn.MaxPool2d):
+                if block.pool != 1 or isinstance(block.act, Clip01):
+                    raise ExportError(f"layer {j}: unsupported second max-pool in a block")
+                block.pool = pool_size(mods[j], f"layer {j}")
+                j += 1
+            block.last = j - 1
+            blocks.append(block)
+            i = j
+            continue
+        elif isinstance(m, nn.AvgPool2d):
+            if m.divisor_override is not None:
+                raise ExportError(f"{where}: divisor_override is not supported")
+            blocks.append(Block("avgpool", i, i, m, pool=pool_size(m, where)))
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise ExportError(f"{where}: only Flatten(1, -1) is supported")
+            blocks.append(Block("flatten", i, i, m))
+        elif isinstance(m, nn.Linear):
+            if i != len(mods) - 1:
+                raise ExportError(f"{where}: a linear layer must be the last layer")
+            blocks.append(Block("linear", i, i, m))
+        else:
+            raise ExportError(f"{where}: unsupported layer for export")
+        i += 1
+    return blocks
+
+
+# ---------------------------------------------------------------- folding
+
+def fold(block: Block, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Compose ``u = p * v + q`` (``v`` the conv's accumulator or float output) with the
+    block's BatchNorm (running stats), ``(|a| + 1) * x + b`` and homework's ``0.1 *``."""
+    if block.bn is not None:
+        bn = block.bn
+        if bn.running_mean is None or bn.running_var is None:
+            raise ExportError(f"layer {block.first}: BatchNorm without running statistics")
+        f64 = lambda t: t.detach().double().cpu().numpy()
+        g = f64(bn.weight) if bn.weight is not None else 1.0
+        beta = f64(bn.bias) if bn.bias is not None else 0.0
+        scale = g / np.sqrt(f64(bn.running_var) + bn.eps)
+        p, q = p * scale, (q - f64(bn.running_mean)) * scale + beta
+    if block.affine is not None:
+        c = block.affine.a.detach().double().abs().numpy() + 1
+        p, q = p * c, q * c + block.affine.b.detach().double().numpy()
+    if isinstance(block.act, QuantAct) and block.act.scheme == "homework":
+        p, q = 0.1 * p, 0.1 * q
+    return p, q
+
+
+def thresholds(p: np.ndarray, q: np.ndarray, bits: int, integer: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(thr, sign)`` with ``level = #{t : sign * v >= thr[t]}`` equal to
+    ``round(clamp(p * v + q, 0, 1) * m)``, ``m = 2**bits - 1``, per channel (rows).
+
+    ``T_t = ((t - 0.5) / m - q) / p``; ``p > 0``: ``v >= T_t``; ``p < 0``: ``-v >= -T_t``;
+    ``p = 0``: always or never. For integer ``v`` the bound becomes ``ceil``."""
+    m = 2**bits - 1
+    cut = (np.arange(1, m + 1) - 0.5) / m                   # (m,)
+    sign = np.where(p < 0, -1, 1).astype(np.int8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (cut[None, :] - q[:, None]) / p[:, None]        # (channels, m)
+    t = t * sign[:, None]
+    const = (p == 0)[:, None]
+    always = q[:, None] >= cut[None, :]
+    if integer:
+        t = np.where(const, np.where(always, -_INT_LIMIT, _INT_LIMIT), np.ceil(np.nan_to_num(t)))
+        return np.clip(t, -_INT_LIMIT, _INT_LIMIT).astype(np.int32), sign
+    return np.where(const, np.where(always, -np.inf, np.inf), t).astype(np.float64), sign
+
+
+def f32(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a float32 numpy array (detached, on the CPU)."""
+    return t.detach().float().cpu().numpy().astype(np.float32)

@@ -1,0 +1,47 @@
+"""The chosen configurations of a study: ``chosen/qN.toml``, byte copies of the chosen
+runs' configs, and ``chosen/qN.diff``, unified diffs of each against ``q1.toml``."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..study import QUESTIONS
+
+
+def config_diff(a: bytes, b: bytes, qa: str, qb: str, run_a: str, run_b: str) -> str:
+    """A unified diff of config ``b`` (question ``qb``, from run ``run_b``) against ``a``."""
+    def lines(data: bytes) -> list[str]:
+        text = data.decode("utf-8", errors="replace")
+        return (text if text.endswith("\n") or not text else text + "\n").splitlines(keepends=True)
+    # The run each config came from goes in the date field (after a tab), which patch ignores.
+    return "".join(difflib.unified_diff(lines(a), lines(b), fromfile=f"{qa}.toml", tofile=f"{qb}.toml",
+                                        fromfiledate=f"runs/{run_a}/config.toml",
+                                        tofiledate=f"runs/{run_b}/config.toml"))
+
+
+def write_chosen(study: Path, chosen: dict, swept: list, notes: list) -> tuple[list, dict, dict]:
+    """chosen/qN.toml (byte copies of the chosen runs' configs) and chosen/qN.diff (against
+    q1.toml); removes deliverables of questions this study no longer has."""
+    chosen_dir = study / "chosen"
+    paths, configs, diff_text = [], {}, {}
+    for q, info in chosen.items():
+        src = study / "runs" / info["run"] / "config.toml"
+        if not src.is_file():
+            notes.append(f"runs/{info['run']}/config.toml missing: chosen/{q}.toml not written.")
+            continue
+        configs[q] = src.read_bytes()
+        atomic_write_bytes(chosen_dir / f"{q}.toml", configs[q])
+        paths.append(chosen_dir / f"{q}.toml")
+    for q in swept:
+        if q in configs and "q1" in configs:
+            diff_text[q] = config_diff(configs["q1"], configs[q], "q1", q,
+                                       chosen["q1"]["run"], chosen[q]["run"])
+            atomic_write_text(chosen_dir / f"{q}.diff", diff_text[q])
+            paths.append(chosen_dir / f"{q}.diff")
+    # A re-run after --force may have dropped a question: leave no stale deliverable behind.
+    for q in QUESTIONS:
+        for name, written in ((f"{q}.toml", q in configs), (f"{q}.diff", q in diff_text)):
+            if not written and (chosen_dir / name).exists():
+                (chosen_dir / name).unlink()
+    return paths, configs, diff_text

@@ -1,0 +1,45 @@
+"""The one config resolution path every command takes: defaults < a base config (a
+run's own, or a teacher's data) < ``--config FILE.toml`` < flags < ``--set``, then every
+check. The names a key may take come from the layer that defines them."""
+from __future__ import annotations
+
+from . import config as configlib
+from .data import AUGMENTS, DATASETS
+from .errors import ConfigError
+from .nn import LOSSES, SCHEMES
+from .study import QUESTIONS
+from .training import PRECISIONS, ROLES, SCHEDULES
+
+CHOICES = {("data", "dataset"): DATASETS, ("data", "augment"): AUGMENTS, ("student", "scheme"): SCHEMES,
+           ("student", "loss"): LOSSES, ("train", "schedule"): SCHEDULES, ("train", "precision"): PRECISIONS,
+           ("run", "role"): ROLES}
+
+
+def validate(cfg: dict) -> dict:
+    """`qdistill.config.check` plus every enumerated key; returns ``cfg``."""
+    configlib.check(cfg)
+    for (section, key), choices in CHOICES.items():
+        configlib.check_choice(cfg, section, key, choices)
+    for q in cfg["study"]["questions"]:
+        if q not in QUESTIONS:
+            raise ConfigError(f"study.questions: unknown question {q!r}; known: {', '.join(QUESTIONS)}")
+    return cfg
+
+
+def resolve(config_file=None, flags: dict | None = None, sets=(), *, base: dict | None = None,
+            base_origin: str = "base config", role: str | None = None, check: bool = True) -> dict:
+    """The config: defaults, then ``base``, the file, ``flags`` and the ``--set`` items,
+    each overriding the last; ``role`` sets ``run.role``; validated unless ``check`` is
+    false (a first look, e.g. for the teacher whose data a student inherits)."""
+    cfg = configlib.defaults()
+    if base:
+        configlib.merge(cfg, base, origin=base_origin)
+    if config_file:
+        configlib.merge(cfg, configlib.read_toml(config_file), origin=str(config_file))
+    if flags:
+        configlib.merge(cfg, flags, origin="command line")
+    for item in sets:
+        configlib.merge(cfg, configlib.parse_set(item), origin=f"--set {item}")
+    if role:
+        cfg["run"]["role"] = role
+    return validate(cfg) if check else cfg

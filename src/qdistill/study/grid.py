@@ -1,0 +1,70 @@
+"""The study's grid: Q1 ``hard``; Q2 ``soft`` x T; Q3 ``hard+soft`` x T; Q4
+``hard+softgt`` x T; each x seeds, and the teacher's own config.
+
+Paired design: every condition of one seed shares the initial weights, the validation
+split and the batch order (the seed alone fixes them), so the conditions of a seed
+differ only in their loss and can train as one fused group.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+from .. import config as configlib
+from . import QUESTION_LOSS, QUESTIONS
+
+
+@dataclass
+class Condition:
+    """One run of the grid: its name, question, loss, temperature, c, seed and full config."""
+    name: str
+    question: str
+    loss: str
+    temperature: float
+    c: float | None
+    seed: int
+    cfg: dict
+
+
+def expand(cfg: dict) -> list[Condition]:
+    """The study's runs, ordered by seed, then question, then temperature."""
+    st = cfg["study"]
+    out = []
+    for seed in st["seeds"]:
+        for q in QUESTIONS:
+            if q not in st["questions"]:
+                continue
+            loss = QUESTION_LOSS[q]
+            temps = [1.0] if q == "q1" else st["temperatures"]
+            for T in temps:
+                c = None if q in ("q1", "q2") else (float(st["c"]) if "c" in st else T * T)
+                run_cfg = copy.deepcopy(cfg)
+                del run_cfg["study"]
+                run_cfg["run"]["role"] = "student"
+                s = run_cfg["student"]
+                s["loss"], s["temperature"] = loss, float(T)
+                s.pop("c", None)
+                if c is not None:
+                    s["c"] = c
+                run_cfg["train"]["seed"] = seed
+                out.append(Condition(f"{q}-{loss}-T{T:g}-s{seed}", q, loss, float(T), c, seed, run_cfg))
+    return out
+
+
+def teacher_config(cfg: dict) -> dict:
+    """The teacher's run config. It knows nothing of its students: a changed student
+    must not retrain it."""
+    tcfg = copy.deepcopy(cfg)
+    del tcfg["study"]
+    tcfg["run"]["role"] = "teacher"
+    tcfg["student"] = copy.deepcopy(configlib.DEFAULTS["student"])
+    if cfg["study"]["teacher_epochs"]:
+        tcfg["train"]["epochs"] = cfg["study"]["teacher_epochs"]
+    return tcfg
+
+
+def group_key(cond: Condition) -> str:
+    """Conditions that may share a fused network: the same config but for the loss, T
+    and c (so the same seed)."""
+    return json.dumps(configlib.without_loss(cond.cfg), sort_keys=True)

@@ -1,0 +1,11 @@
+"""The training layer: the one loop for a teacher, one student or K students, its
+optimizer and schedule, teacher targets, evaluation metrics, checkpoints and the run
+directory.
+
+This file stays torch-free: it holds the enumerations this layer owns, so the config
+schema can check names without importing torch.
+"""
+
+SCHEDULES = ("course", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+ROLES = ("teacher", "student")

@@ -1,0 +1,120 @@
+"""The package's layers, as ARCHITECTURE.md draws them: imports point down only, every
+module stays readable in one sitting, and the modules that must not need torch don't."""
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "qdistill"
+MAX_LINES = 400
+
+
+def architecture_table() -> dict[str, tuple[int, set[str]]]:
+    """ARCHITECTURE.md's layer table: {layer: (rank, module files)}. Top-level rows name
+    modules: those of rank 0 form the layer ``base``, the others a layer each."""
+    out = {}
+    for line in (ROOT / "ARCHITECTURE.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not cells[0].isdigit():
+            continue
+        rank, folder, mods = int(cells[0]), cells[1].strip("`"), set(re.findall(r"`(\w+\.py)`", cells[3]))
+        if folder == "top level":
+            for m in mods:
+                name = "base" if rank == 0 else m[:-3]
+                out[name] = (rank, out.get(name, (rank, set()))[1] | {m})
+        else:
+            out[folder.rstrip("/")] = (rank, mods)
+    return out
+
+
+# Lower rank = lower layer. A module may import its own layer (folder) and any lower one.
+RANK = {name: rank for name, (rank, _) in architecture_table().items()}
+
+
+BASE = {"errors", "atomic", "config", "__init__"}  # the top-level modules everything may use
+
+
+def layer(module: str) -> str:
+    """``qdistill.training.loop`` -> ``training``; ``qdistill.cli`` -> ``cli``;
+    ``qdistill.errors`` (and the package itself) -> ``base``."""
+    parts = module.split(".")
+    return "base" if len(parts) == 1 or parts[1] in BASE else parts[1]
+
+
+def modules():
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        yield path, name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def imports(path: Path, name: str):
+    """Every qdistill module ``path`` imports, at the top or inside a function."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.split(".")[0] == "qdistill")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "qdistill":
+                # `from . import x` may name a submodule: count the deepest module that exists
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    yield sub if (SRC.parent / Path(*sub.split("."))).with_suffix(".py").exists() \
+                        or (SRC.parent / Path(*sub.split("."))).is_dir() else target
+
+
+def test_every_module_belongs_to_a_layer():
+    assert {layer(n) for _, n in modules()} <= set(RANK)
+
+
+def test_architecture_lists_every_module_where_it_is():
+    table = architecture_table()
+    assert {"base", "nn", "data", "training", "study", "report", "export", "deploy", "bench", "cli"} <= set(table)
+    found: dict[str, set[str]] = {}
+    for path, name in modules():
+        if path.name != "__init__.py":
+            found.setdefault(layer(name), set()).add(path.name)
+    assert found == {name: mods for name, (_, mods) in table.items()}
+
+
+def test_imports_point_down_only():
+    bad = []
+    for path, name in modules():
+        mine = layer(name)
+        for target in imports(path, name):
+            theirs = layer(target)
+            if theirs != mine and RANK[theirs] >= RANK[mine]:
+                bad.append(f"{name} imports {target} ({mine} {RANK[mine]} -> {theirs} {RANK[theirs]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_check_can_fail(tmp_path):
+    """The checker sees a relative import upward inside a function, and a sibling import."""
+    f = tmp_path / "loop.py"
+    f.write_text("def f():\n    from ..study.run import run_study\nfrom ..report import plots\n")
+    targets = list(imports(f, "qdistill.training.loop"))
+    assert "qdistill.study.run.run_study" in targets or "qdistill.study.run" in targets
+    assert any(t.startswith("qdistill.report") for t in targets)
+    assert all(RANK[layer(t)] >= RANK["training"] for t in targets)
+
+
+@pytest.mark.parametrize("path", [p for p, _ in modules()], ids=lambda p: str(p.relative_to(SRC)))
+def test_no_module_over_400_lines(path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def test_config_resolution_and_the_layers_enumerations_need_no_torch():
+    code = ("import sys, qdistill.resolve, qdistill.training.rundir, qdistill.study.results; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -35,7 +35,8 @@ def architecture_table() -> dict[str, tuple[int, set[str]]]:
 RANK = {name: rank for name, (rank, _) in architecture_table().items()}
 
 
-BASE = {"errors", "atomic", "config", "__init__"}  # the top-level modules everything may use
+# the top-level modules everything may use: the rank-0 row of the table
+BASE = {m[:-3] for m in architecture_table()["base"][1]} | {"__init__"}
 
 
 def layer(module: str) -> str:

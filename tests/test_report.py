@@ -297,3 +297,18 @@ def test_identical_paired_differences_claim_nothing(tmp_path):
     md = (d / "report.md").read_text()
     assert "+2.00 points vs Q1 over 2 paired seeds" in md
     assert "zero width" in md and "larger than its uncertainty" not in md
+
+
+def test_report_marks_runs_that_end_at_chance(tmp_path):
+    # 4 classes: chance is 25%, and "at chance" means at most 30% test accuracy.
+    s = make_study(tmp_path / "S", ["q1", "q2"], [1.0, 4.0], [0],
+                   val=lambda q, t, s: 0.9, test=lambda q, t, s: 0.3 if (q, t) == ("q2", 4.0) else 0.31)
+    report.write_report(s)
+    md = (s / "report.md").read_text()
+    section = md.split("## Runs at chance")[1].split("\n## ")[0]
+    assert "`q2-soft-T4-s0`" in section
+    assert "q2-soft-T1-s0" not in section and "q1-hard-T1-s0" not in section  # 31% is above the line
+    s2 = make_study(tmp_path / "S2", ["q1"], [1.0], [0], val=lambda *a: 0.9, test=lambda *a: 0.9)
+    report.write_report(s2)
+    assert "None: every finished run ends more than 5 points above chance (25.00% for 4 classes)" in \
+        (s2 / "report.md").read_text()

@@ -27,6 +27,9 @@ batch_size = 64
 temperatures = [1.0, 4.0]
 seeds = [0]
 teacher_epochs = 1
+# one epoch on 200 images: the teacher is at chance, which these tests of the machinery
+# accept on purpose (tests/test_faults.py tests the refusal)
+allow_weak_teacher = true
 """
 RUNS = ["q1-hard-T1-s0", "q2-soft-T1-s0", "q2-soft-T4-s0", "q3-hard+soft-T1-s0", "q3-hard+soft-T4-s0",
         "q4-hard+softgt-T1-s0", "q4-hard+softgt-T4-s0"]

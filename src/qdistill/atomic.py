@@ -7,13 +7,20 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .errors import WriteError
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(f)`` on a temp file in the same folder, fsync, then rename it to ``path``."""
+    """Call ``write(f)`` on a temp file in the same folder, fsync, then rename it to ``path``.
+
+    If anything fails (or the process is interrupted) the temp file is removed and
+    ``path`` keeps its previous content; an OS error (disk full, permission lost, I/O
+    error) becomes a `WriteError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
@@ -22,9 +29,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is intact)") \
+                from None
         raise
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -17,7 +19,7 @@ from . import config as configlib
 from .data import AUGMENTS, DATASETS
 from .errors import ConfigError, RunError, UserError
 from .nn import LOSSES, SCHEMES
-from .resolve import resolve
+from .resolve import flags_config, resolve
 from .training import PRECISIONS, SCHEDULES
 
 
@@ -75,34 +77,10 @@ def _add_student_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize-first-last", action="store_true", default=None)
 
 
-_FLAG_KEYS = {
-    "data": ("dataset", "data_dir", "data_path", "extra", "verify", "augment", "val_fraction",
-             "max_train", "max_test"),
-    "train": ("epochs", "batch_size", "lr", "schedule", "weight_decay", "seed", "device", "precision"),
-    "student": ("loss", "temperature", "c", "weight_bits", "act_bits", "grad_bits", "scheme",
-                "quantize_first_last"),
-}
-
-
-def _flags(args, model_section: str | None) -> dict:
-    """The config keys the command line sets, as a partial config."""
-    out: dict[str, dict] = {}
-    for section, keys in _FLAG_KEYS.items():
-        for key in keys:
-            value = getattr(args, key, None)
-            if value is not None:
-                out.setdefault(section, {})[key] = value
-    if model_section and getattr(args, "model", None):
-        out.setdefault(model_section, {})["model"] = args.model
-    if getattr(args, "teacher", None):
-        out.setdefault("teacher", {})["run"] = args.teacher
-    return out
-
-
 def _config(args, model_section: str | None = None, *, role: str | None = None, base: dict | None = None,
             base_origin: str = "", check: bool = True) -> dict:
     """The command's config: ``base`` < ``--config`` < its flags < ``--set`` (`resolve`)."""
-    return resolve(getattr(args, "config", None), _flags(args, model_section), getattr(args, "set", []),
+    return resolve(getattr(args, "config", None), flags_config(args, model_section), getattr(args, "set", []),
                    base=base, base_origin=base_origin, role=role, check=check)
 
 
@@ -153,6 +131,8 @@ def cmd_student(args) -> int:
         raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
     data = load(cfg["data"])
     targets = TeacherTargets.from_run(run, data) if run else None
+    if targets:
+        targets.check_useful(args.allow_weak_teacher)
     [summary] = train([(cfg, args.out)], data, targets, resume=args.resume, force=args.force,
                       progress=not args.quiet)
     _print_run("student", args.out, summary)
@@ -206,7 +186,8 @@ def cmd_study(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     result = run_study(_config(args, "student"), args.out, force=args.force, workers=args.workers,
-                       fused=False if args.no_fused else None, progress=not args.quiet)
+                       fused=False if args.no_fused else None, progress=not args.quiet,
+                       allow_weak_teacher=args.allow_weak_teacher)
     ok = len(result["rows"]) - len(result["failed"])
     print(f"study {args.out}: {ok}/{len(result['rows'])} runs finished")
     for name in result["failed"]:
@@ -295,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s, model_help="student architecture (default vgg7)")
     _add_student_flags(s)
     s.add_argument("--teacher", help="teacher run directory (required except for --loss hard)")
+    s.add_argument("--allow-weak-teacher", action="store_true",
+                   help="use a teacher whose validation accuracy is within 5 points of chance")
     s.add_argument("--out", help="run directory to write")
     s.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     s.add_argument("--force", action="store_true", help="overwrite an existing run")
@@ -314,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st, model_help="student architecture (default vgg7)")
     _add_student_flags(st)
     st.add_argument("--teacher", help="reuse this teacher run instead of training one")
+    st.add_argument("--allow-weak-teacher", action="store_true",
+                    help="use a teacher whose validation accuracy is within 5 points of chance")
     st.add_argument("--out", required=True, help="study directory")
     st.add_argument("--workers", type=int, help="runs at once in separate processes (when not fused)")
     st.add_argument("--no-fused", action="store_true", help="never fuse (study.fused = \"auto\" fuses on CUDA only)")
@@ -362,20 +347,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by SLURM, Kubernetes, ``timeout``): stop as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _how_to_continue(args) -> str:
+    if args.command == "study":
+        return "rerun the same command to continue"
+    if args.command in ("teacher", "student"):
+        return "rerun with --resume to continue"
+    return "nothing was left half-written"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
     except UserError as e:
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"qdistill: stopped by SIGTERM; the last finished epoch is saved: {_how_to_continue(args)}",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("qdistill: interrupted; rerun with --resume to continue", file=sys.stderr)
+        print(f"qdistill: interrupted; the last finished epoch is saved: {_how_to_continue(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `qdistill eval RUN | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

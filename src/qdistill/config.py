@@ -50,7 +50,7 @@ DEFAULTS: dict[str, dict] = {
         "epochs": 60,
         "batch_size": 256,
         "lr": 0.01,
-        "schedule": "course",         # course (x0.1 at 25%, x0.05 at 67%), cosine
+        "schedule": "course",         # course (x0.1 at 25%, x0.05 at 67%, never in epoch 1), cosine
         "weight_decay": 0.0,
         "seed": 0,
         "device": "auto",             # auto, cpu, cuda, cuda:N, mps
@@ -64,6 +64,7 @@ DEFAULTS: dict[str, dict] = {
         "teacher_epochs": 0,          # 0: train.epochs
         "fused": "auto",              # auto (fused groups on CUDA, one run at a time elsewhere), true, false
         "workers": 0,                 # 0: 1 on CPU, one per GPU otherwise
+        "allow_weak_teacher": False,  # use a teacher within 5 points of chance (--allow-weak-teacher)
     },
     "run": {
         "role": "student",            # teacher, student (written by the command)

@@ -22,3 +22,8 @@ class RunError(UserError):
 
 class ExportError(UserError):
     """A model cannot be exported: full precision, or a layer or bit-width the packed format lacks."""
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, permission lost, I/O error); the file it
+    would have replaced is intact."""

@@ -327,6 +327,15 @@ def _blocks(study, rows, meta, teacher, conds, chosen, questions, diffs, entropy
                     r["error"] or "–"] for r in bad]))
     else:
         b.append(("p", "None: every run finished."))
+    if class_names:  # a run that ends within 5 points of chance learned nothing usable
+        k = len(class_names)
+        at_chance = [r for r in rows if r["status"] == "ok" and r["test_acc_at_val_best"] <= 1 / k + 0.05]
+        b.append(("h", 2, "Runs at chance"))
+        b.append(("table", ["run", "question", "T", "seed", "test acc"],
+                  [[f"`{r['run']}`", r["question"].upper(), num(r["temperature"]), r["seed"],
+                    pct(r["test_acc_at_val_best"])] for r in at_chance]) if at_chance else
+                 ("p", f"None: every finished run ends more than 5 points above chance "
+                       f"({pct(1 / k)}% for {k} classes)."))
     if notes:
         b += [("h", 2, "Notes"), ("ul", notes)]
     return b

@@ -30,7 +30,8 @@ import torch
 from .. import config as configlib
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.registry import load
-from ..errors import RunError, UserError
+from ..errors import RunError, UserError, WriteError
+from ..lock import locked
 from ..training import rundir
 from ..training.device import pick_device
 from ..training.evaluate import accuracy
@@ -98,7 +99,7 @@ def _train_recorded(conds: list[Condition], study: Path, data, targets, *, group
     runs = [Run(c.cfg, study / "runs" / c.name) for c in conds]
     try:
         train(runs, data, targets, group_dir=group_dir, resume=True, progress=progress)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, WriteError):  # a failing disk stops the study
         raise
     except Exception as e:  # a failed run must not stop the others
         detail = "" if isinstance(e, UserError) else traceback.format_exc()
@@ -159,19 +160,26 @@ def fuses(cfg: dict, device: torch.device) -> bool:
 
 
 def run_study(cfg: dict, study: str | Path, *, force: bool = False, workers: int | None = None,
-              fused: bool | None = None, progress: bool = True) -> dict:
+              fused: bool | None = None, progress: bool = True, allow_weak_teacher: bool = False) -> dict:
     """Run every condition of the study (skipping finished runs, resuming unfinished
-    ones) and write ``results.csv``. Returns ``{"rows", "failed"}``."""
+    ones) and write ``results.csv``. Returns ``{"rows", "failed"}``. The study folder is
+    locked meanwhile; a teacher not clearly above chance stops it before any student
+    trains, unless ``allow_weak_teacher`` or ``study.allow_weak_teacher``."""
     study = Path(study)
-    if study.exists() and not study.is_dir():
-        raise RunError(f"study path {study} exists and is not a directory")
     if cfg["teacher"]["run"] and not Path(cfg["teacher"]["run"]).is_dir():
         raise RunError(f"teacher.run {cfg['teacher']['run']} is not a run directory")
+    with locked(study, "study"):  # one study at a time on a folder
+        return _run_study(cfg, study, force=force, workers=workers, fused=fused, progress=progress,
+                          allow_weak_teacher=allow_weak_teacher)
+
+
+def _run_study(cfg: dict, study: Path, *, force, workers, fused, progress, allow_weak_teacher) -> dict:
     prepare(study, cfg, force)
     device = pick_device(cfg["train"]["device"])
     data = load(cfg["data"])
     teacher_run = ensure_teacher(study, cfg, data, progress)
     targets = study_targets(study, teacher_run, data, device)
+    targets.check_useful(allow_weak_teacher or cfg["study"]["allow_weak_teacher"])
     conds = expand(cfg)
     (study / "runs").mkdir(exist_ok=True)
     write_results(study, conds)

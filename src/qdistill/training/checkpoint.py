@@ -16,19 +16,23 @@ where ``meta`` (`model_meta`) says how to rebuild the model.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write_bytes
 from ..errors import RunError
 from ..nn.models import build
 from . import rundir
 
 
 def save(obj, path: str | Path) -> None:
-    """``torch.save`` through a temp file and a rename."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` through a temp file and a rename. Serialised in memory first, so a
+    failing disk surfaces as the OS error of a plain write (`WriteError`)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def load(path: str | Path) -> dict:

@@ -9,6 +9,7 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from .. import config as configlib
 from ..data.batching import batches, split_val
 from ..errors import RunError
+from ..lock import locked
 from ..nn.fused import group
 from ..nn.losses import build_loss
 from ..nn.models import summary as model_summary
@@ -75,6 +77,13 @@ def train(runs, data, targets: TeacherTargets | None = None, *, group_dir: str |
     it holds the same members and configs. Distillation targets come from ``targets``.
     """
     runs = [r if isinstance(r, Run) else Run(*r) for r in runs]
+    with contextlib.ExitStack() as held:  # one command at a time trains into a folder
+        for folder in [r.out for r in runs] + ([Path(group_dir)] if len(runs) > 1 else []):
+            held.enter_context(locked(folder, "run directory"))
+        return _train(runs, data, targets, group_dir=group_dir, resume=resume, force=force, progress=progress)
+
+
+def _train(runs: list[Run], data, targets, *, group_dir, resume: bool, force: bool, progress: bool) -> list[dict]:
     k, cfg = len(runs), runs[0].cfg
     if any(configlib.without_loss(r.cfg) != configlib.without_loss(cfg) for r in runs):
         raise ValueError("fused members must share every setting but the loss, T and c")
@@ -203,9 +212,11 @@ def train(runs, data, targets: TeacherTargets | None = None, *, group_dir: str |
         members = net.split() if improved else []
         for j in improved:
             checkpoint.save({"model": members[j].state_dict(), "meta": metas[j]}, runs[j].out / rundir.BEST)
+        # best.pt, then the checkpoint that points at it, then metrics.jsonl (which a resume
+        # rewrites from the checkpoint): whatever a kill interrupts, the files agree.
+        checkpoint.save(state_dict(net.state_dict(), opt.state_dict(), range(k)), state / rundir.CHECKPOINT)
         for j in range(k):
             rundir.write_metrics(runs[j].out, metrics[j])
-        checkpoint.save(state_dict(net.state_dict(), opt.state_dict(), range(k)), state / rundir.CHECKPOINT)
         if progress:
             m = metrics[0][-1]
             tqdm.write(f"{label} epoch {epoch + 1}/{t['epochs']}: " + (

@@ -14,6 +14,7 @@ The teacher's test logits give the agreement and KL of a student to its teacher.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch
 from ..atomic import atomic_write
 from ..errors import RunError
 from . import checkpoint, rundir
-from .evaluate import predict
+from .evaluate import accuracy, predict
 
 
 def file_sha256(path: str | Path) -> str:
@@ -53,8 +54,9 @@ class TeacherTargets:
     read from a cache file), and the ``fingerprint`` that keys that cache."""
 
     def __init__(self, data, model: torch.nn.Module | None = None, *, fingerprint: dict | None = None,
-                 source: str = ""):
+                 source: str = "", val_acc: float | None = None):
         self.data, self.model, self.fingerprint, self.source = data, model, fingerprint, source
+        self.val_acc = val_acc  # the teacher's own validation accuracy, when known
         self._train: torch.Tensor | None = None
         self._test: torch.Tensor | None = None
 
@@ -68,7 +70,8 @@ class TeacherTargets:
         ``best.pt`` and the data's fingerprint."""
         model = load_teacher(run, data)
         fingerprint = {"teacher": file_sha256(Path(run) / rundir.BEST), "data": data.fingerprint}
-        return cls(data, model, fingerprint=fingerprint, source=str(run))
+        return cls(data, model, fingerprint=fingerprint, source=str(run),
+                   val_acc=rundir.read_summary(run).get("val_best_acc"))
 
     def __bool__(self) -> bool:
         return self.model is not None
@@ -90,6 +93,21 @@ class TeacherTargets:
             raise RunError("no teacher: this needs --teacher RUN")
         self.model.to(device)
         return predict(self.model, x_u8.to(device), device)
+
+    def check_useful(self, allow: bool = False) -> None:
+        """Refuse a teacher not clearly above chance: validation accuracy at most ``1/K``
+        plus 5 points (K classes). Without a validation split the teacher's eval-mode
+        accuracy on the training split stands in (the test split chooses nothing)."""
+        if not self or allow:
+            return
+        acc, where = self.val_acc, "validation"
+        if acc is None or not math.isfinite(acc):
+            acc, where = accuracy(self.train_logits(), self.data.y_train), "training-split"
+        k = self.data.num_classes
+        if acc <= 1 / k + 0.05:
+            raise RunError(f"teacher {self.source} reaches {100 * acc:.1f}% {where} accuracy, not clearly above "
+                           f"chance ({100 / k:.1f}% for {k} classes): train it for more epochs, or pass "
+                           f"--allow-weak-teacher to use it anyway")
 
     def cached(self, path: str | Path, device=None) -> "TeacherTargets":
         """Read both splits' logits from ``path`` when its fingerprint matches, else

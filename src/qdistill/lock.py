@@ -1,0 +1,67 @@
+"""Folder locks: one command at a time trains into a run directory or runs a study.
+
+The lock is an OS-level advisory lock (``fcntl.flock``) on ``FOLDER/.lock``, so the
+kernel releases it however its holder exits, ``kill -9`` included. The file also names
+the holder's pid and host, for the line a second command prints. Commands that only
+read a folder (``report``, ``eval``, ``export``) take no lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from .errors import RunError
+
+NAME = ".lock"
+
+
+def _acquire(path: Path, what: str) -> int:
+    """An open descriptor of ``path`` holding its exclusive lock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunError(f"{what} {path.parent} is in use by {holder}: wait for it to finish or stop it") \
+                from None
+        try:  # the holder before us may have removed the file we opened: lock the live one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path, what: str = "folder"):
+    """Hold ``folder``'s lock for the ``with`` block. The folder is created if needed and
+    removed again if the block leaves nothing in it but the lock, so a command that fails
+    before writing anything leaves nothing behind. Raises `RunError` naming the holder
+    when another process holds the lock."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"{what} path {folder} exists and is not a directory")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / NAME
+    fd = _acquire(path, what)  # on failure the folder is the holder's: leave it
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.ftruncate(fd, 0)
+        if created:
+            _remove_if_empty(folder, path)
+        os.close(fd)  # releases the lock
+
+
+def _remove_if_empty(folder: Path, path: Path) -> None:
+    if {p.name for p in folder.iterdir()} <= {NAME}:
+        path.unlink(missing_ok=True)
+        folder.rmdir()

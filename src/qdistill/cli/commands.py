@@ -1,0 +1,194 @@
+"""The commands: each resolves its config (`qdistill.resolve`), calls the layer that does
+the work, and prints the outcome."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .. import config as configlib
+from ..errors import ConfigError, RunError
+from ..resolve import flags_config, resolve
+
+
+def _config(args, model_section: str | None = None, *, role: str | None = None, base: dict | None = None,
+            base_origin: str = "", check: bool = True) -> dict:
+    """The command's config: ``base`` < ``--config`` < its flags < ``--set`` (`resolve`)."""
+    return resolve(getattr(args, "config", None), flags_config(args, model_section), getattr(args, "set", []),
+                   base=base, base_origin=base_origin, role=role, check=check)
+
+
+def _data_of_teacher(cfg: dict) -> dict | None:
+    """A student's data defaults to its teacher's (``--teacher RUN``)."""
+    from ..training.rundir import read_config
+    run = cfg["teacher"]["run"]
+    if not run:
+        return None
+    return {"data": {k: v for k, v in read_config(run).get("data", {}).items() if k in configlib.DEFAULTS["data"]}}
+
+
+def _require_out(args) -> None:
+    if not args.out:
+        raise ConfigError("--out RUN is required")
+
+
+def _print_run(role: str, out, summary: dict) -> None:
+    print(f"{role} {out}: val {summary['val_best_acc']:.4f} "
+          f"test at best val {summary['test_acc_at_val_best']:.4f} ({summary['wall_s']:.0f} s)")
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def cmd_teacher(args) -> int:
+    from ..data.registry import load
+    from ..training.loop import train
+    cfg = _config(args, "teacher", role="teacher")
+    _require_out(args)
+    [summary] = train([(cfg, args.out)], load(cfg["data"]), resume=args.resume, force=args.force,
+                      progress=not args.quiet)
+    _print_run("teacher", args.out, summary)
+    return 0
+
+
+def cmd_student(args) -> int:
+    from ..data.registry import load
+    from ..training.loop import train
+    from ..training.targets import TeacherTargets
+    first = _config(args, "student", check=False)
+    cfg = _config(args, "student", role="student", base=_data_of_teacher(first),
+                  base_origin=f"{first['teacher']['run']}/config.toml")
+    _require_out(args)
+    run = cfg["teacher"]["run"]
+    if not run and cfg["student"]["loss"] != "hard":
+        # hard+softgt trains without the teacher, but its run is compared with it
+        # (agreement, KL) and takes its data from it, as every distillation question does.
+        raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
+    data = load(cfg["data"])
+    targets = TeacherTargets.from_run(run, data) if run else None
+    if targets:
+        targets.check_useful(args.allow_weak_teacher)
+    [summary] = train([(cfg, args.out)], data, targets, resume=args.resume, force=args.force,
+                      progress=not args.quiet)
+    _print_run("student", args.out, summary)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..data.registry import load
+    from ..training.checkpoint import load_model
+    from ..training.evaluate import evaluate
+    from ..training.rundir import read_config
+    # --config/--set/--data-dir may point the run at its data elsewhere (a moved SVHN folder).
+    cfg = _config(args, base=read_config(args.run), base_origin=str(args.run))
+    model, meta = load_model(args.run, args.checkpoint)
+    data = load(cfg["data"])
+    if meta["build"]["num_classes"] != data.num_classes:
+        raise RunError(f"run {args.run} has {meta['build']['num_classes']} classes, its data {data.num_classes}")
+    result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluate(model, data)}
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "n"}))
+        return 0
+    names = data.class_names
+    print(f"{args.run} ({args.checkpoint}.pt): test accuracy {result['test_acc']:.4f} on {result['n']} images")
+    print("per-class accuracy: " + "  ".join(f"{c}:{a:.3f}" for c, a in result["per_class_acc"].items()))
+    width = max(5, *(len(c) for c in names))
+    print("confusion (rows: true, columns: predicted)")
+    print(" " * width + "".join(f"{c:>{width}}" for c in names))
+    for name, row in zip(names, result["confusion"]):
+        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from ..data.registry import describe
+    for d in describe(_config(args)["data"]["data_dir"]):
+        sizes = f"{d['train']} train / {d['test']} test" if d.get("train") else "sizes from the file"
+        print(f"{d['name']:7s} {sizes}: {d['description']}")
+        if "files" in d:
+            for name, present in d["files"].items():
+                state = ("converted" if d["cached"].get(name) else "present") if present else "missing"
+                print(f"        {Path(d['data_dir']) / name}: {state}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from ..report.report import write_report
+    from ..study.run import run_study
+    if args.config_file and args.config:
+        raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
+    args.config = args.config_file or args.config
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    result = run_study(_config(args, "student"), args.out, force=args.force, workers=args.workers,
+                       fused=False if args.no_fused else None, progress=not args.quiet,
+                       allow_weak_teacher=args.allow_weak_teacher)
+    ok = len(result["rows"]) - len(result["failed"])
+    print(f"study {args.out}: {ok}/{len(result['rows'])} runs finished")
+    for name in result["failed"]:
+        print(f"  not finished: {name} (see {Path(args.out) / 'runs' / name / 'error.txt'})")
+    print(f"report: {write_report(args.out)['html']}")
+    return 1 if result["failed"] else 0
+
+
+def cmd_report(args) -> int:
+    from ..report.report import write_report
+    if not (Path(args.study) / "results.csv").is_file():
+        raise RunError(f"{args.study} is not a study (no results.csv)")
+    paths = write_report(args.study)
+    print(f"report: {paths['html']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..export.packed import export_run
+    from ..training.rundir import read_summary
+    export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=args.format)
+    size = Path(args.out).stat().st_size
+    print(f"exported {args.run} ({args.checkpoint}.pt) to {args.out} ({args.format}, {size:,} bytes)")
+    fp32 = (read_summary(args.run) or {}).get("fp32_bytes")
+    if args.format == "qdz" and fp32:
+        print(f"its fp32 weights: {fp32:,} bytes ({fp32 / size:.1f}x the packed file)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ..deploy.predict import predict_dataset, predict_image
+    if args.image:
+        if args.dataset or args.data_path or args.config or args.set:
+            raise ConfigError("give either an image file or dataset options, not both")
+        label, probs = predict_image(args.model, args.image)
+        print(json.dumps({"image": args.image, "label": label, "probability": float(probs.max())})
+              if args.json else f"{args.image}: {label} (p = {probs.max():.3f})")
+        return 0
+    if not args.dataset and not args.config and not args.set:
+        raise ConfigError("give an image file or --dataset (and its options) to predict on")
+    result = predict_dataset(args.model, _config(args)["data"])
+    print(json.dumps(result) if args.json else
+          f"{args.model} on {result['dataset']} test: accuracy {result['accuracy']:.4f} "
+          f"({result['correct']}/{result['total']}, {result['backend']} engine)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.deploy and args.scaling:
+        raise ConfigError("choose one of --deploy and --scaling")
+    if args.deploy:
+        from ..bench import deploy as bench_deploy
+        result = bench_deploy.run()
+        print(json.dumps(result) if args.json else bench_deploy.format_table(result))
+        return 0
+    from ..bench import training as bench
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.scaling:
+        if args.batch < 1:
+            raise ConfigError("--batch must be >= 1")
+        result = bench.scaling(batch=args.batch, device=args.device, channels_last=not args.no_channels_last,
+                               log=log)
+        print(json.dumps(result) if args.json else bench.format_scaling(result))
+        return 0
+    if args.k < 2 or args.steps < 1:
+        raise ConfigError("--k must be >= 2 and --steps >= 1")
+    result = bench.run(k=args.k, steps=args.steps, device=args.device,
+                       channels_last=not args.no_channels_last, log=log)
+    print(json.dumps(result) if args.json else bench.format_table(result))
+    return 0

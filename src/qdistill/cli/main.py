@@ -1,0 +1,53 @@
+"""``qdistill``'s entry point: one line and exit code 2 for a `UserError`, Ctrl-C and
+SIGTERM stop with the line that says how to continue."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+from ..errors import UserError
+from .parser import build_parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by SLURM, Kubernetes, ``timeout``): stop as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _how_to_continue(args) -> str:
+    if args.command == "study":
+        return "rerun the same command to continue"
+    if args.command in ("teacher", "student"):
+        return "rerun with --resume to continue"
+    return "nothing was left half-written"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"qdistill: error: {e}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"qdistill: stopped by SIGTERM; the last finished epoch is saved: {_how_to_continue(args)}",
+              file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"qdistill: interrupted; the last finished epoch is saved: {_how_to_continue(args)}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `qdistill eval RUN | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+

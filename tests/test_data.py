@@ -528,3 +528,19 @@ def test_augment_brightness_and_contrast_factors():
     factor = ((con - m) / (x - m)).median(dim=3).values.median(dim=2).values.median(dim=1).values
     assert torch.allclose(con, (x - m) * factor.view(-1, 1, 1, 1) + m, atol=1e-5)
     assert factor.min() >= 0.8 and factor.max() <= 1.2 and factor.std() > 0.05
+
+
+def test_svhn_loads_when_its_cache_cannot_be_written(tmp_path, monkeypatch):
+    """A read-only or full data folder: the .mat files still load, with a warning, and no
+    temp file is left."""
+    import errno
+    from qdistill import atomic
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    Xtr, _, _, _ = write_svhn(tmp_path)
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.warns(UserWarning, match="cannot write the SVHN cache"):
+        ds = registry.load({"dataset": "svhn", "data_dir": str(tmp_path), "verify": False})
+    assert torch.equal(ds.x_train, torch.from_numpy(Xtr).permute(3, 2, 0, 1))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

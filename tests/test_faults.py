@@ -62,11 +62,15 @@ def wait_for(path, timeout=60.0):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The reference: each study variant run once, in-process, without faults."""
+    """The reference: each study variant run once without faults, as a command in its own
+    process like the interrupted ones (so nothing an earlier test left in this process,
+    such as a thread count, can make it differ)."""
     out = {}
     for name, extra in (("separate", ""), ("fused", "fused = true\n")):
         root = tmp_path_factory.mktemp(name)
-        assert cli.main(["study", str(study_config(root, extra)), "--out", str(root / "S"), "--quiet"]) == 0
+        proc = subprocess.run(cmd("study", study_config(root, extra), "--out", root / "S", "--quiet"),
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
         out[name] = results(root / "S")
     return out
 
@@ -95,7 +99,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_results(tmp_path, u
         time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         killed += proc.wait() == -signal.SIGKILL
-    assert killed == kills  # every kill landed before the study finished
+    assert killed >= 1  # (a kill that comes after the study finished lands on nothing)
     assert subprocess.run(cmd("study", cfg, "--out", study, "--quiet"), capture_output=True).returncode == 0
     assert results(study) == uninterrupted[variant]
     assert not list(study.rglob("*.tmp"))  # no half-written file survived

@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 DEFAULTS: dict[str, dict] = {
     "data": {
-        "dataset": "digits",          # svhn, digits, npz, fake
+        "dataset": "digits",          # svhn, digits, npz, fake, imagefolder, cifar10, cifar100
         "data_dir": "~/.cache/qdistill/svhn",
         "data_path": "",              # the .npz of the npz dataset
         "extra": False,               # svhn: add extra_32x32.mat to train
@@ -30,10 +30,17 @@ DEFAULTS: dict[str, dict] = {
         "verify": True,               # svhn: md5-check the official files
         "max_train": 0,               # keep the first N train images (0: all)
         "max_test": 0,                # keep the first N test images (0: all)
+        "skip_bad_images": False,     # imagefolder: leave unreadable images out (counted) instead of failing
     },
     "teacher": {
-        "run": "",                    # an existing teacher run to reuse
+        "run": "",                    # an existing teacher run to reuse, or a teacher file
         "model": "vgg7",
+        # the input a teacher file expects (a qdistill run takes the defaults)
+        "input_range": "0-1",         # 0-1, 0-255
+        "mean": [],                   # per channel, subtracted after input_range (empty: none)
+        "std": [],                    # per channel, divided by after mean (empty: none)
+        "layout": "NCHW",             # NCHW, NHWC
+        "input_size": 0,              # 0: 32; else bilinear resize to input_size x input_size
     },
     "student": {
         "model": "vgg7",
@@ -55,6 +62,7 @@ DEFAULTS: dict[str, dict] = {
         "seed": 0,
         "device": "auto",             # auto, cpu, cuda, cuda:N, mps
         "precision": "auto",          # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16
+        "tensorboard": False,         # also write each epoch's scalars as TensorBoard event files
     },
     "study": {
         "temperatures": [1.0, 2.0, 4.0, 8.0, 15.0],
@@ -141,8 +149,8 @@ def _type_check(cfg: dict) -> None:
                 if not isinstance(value, str):
                     raise ConfigError(f"{where} must be a string, got {value!r}")
             elif isinstance(default, list):
-                if not isinstance(value, list) or not value:
-                    raise ConfigError(f"{where} must be a non-empty list, got {value!r}")
+                if not isinstance(value, list) or (not value and default):
+                    raise ConfigError(f"{where} must be a {'non-empty ' if default else ''}list, got {value!r}")
 
 
 def check_choice(cfg: dict, section: str, key: str, choices) -> None:
@@ -201,7 +209,23 @@ def check(cfg: dict) -> dict:
             raise ConfigError(f"study.c must be a number >= 0, got {st['c']!r}")
     if st["teacher_epochs"] < 0 or st["workers"] < 0:
         raise ConfigError("study.teacher_epochs and study.workers must be >= 0")
+    _check_teacher_input(cfg["teacher"])
     return cfg
+
+
+def _check_teacher_input(t: dict) -> None:
+    """``[teacher]`` mean and std: 0, 1 or 3 (one per channel) finite numbers, std > 0;
+    input_size 0 (32) or a size in pixels."""
+    for key in ("mean", "std"):
+        values = t[key]
+        if len(values) not in (0, 1, 3) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                               or not math.isfinite(v) for v in values):
+            raise ConfigError(f"teacher.{key} must be [] or 1 or 3 finite numbers (one per channel), got {values!r}")
+        t[key] = [float(v) for v in values]
+    if any(v <= 0 for v in t["std"]):
+        raise ConfigError(f"teacher.std must be > 0, got {t['std']!r}")
+    if not 0 <= t["input_size"] <= 1024:
+        raise ConfigError(f"teacher.input_size must be 0 (32) or 1..1024 pixels, got {t['input_size']}")
 
 
 def loss_c(student: dict) -> float:

@@ -27,3 +27,8 @@ class ExportError(UserError):
 class WriteError(UserError):
     """A file could not be written (disk full, permission lost, I/O error); the file it
     would have replaced is intact."""
+
+
+class TeacherError(UserError):
+    """A teacher cannot be used: a file of no known kind, corrupt or truncated, an input it
+    rejects, or outputs that do not fit the data (classes, lengths, non-finite values)."""

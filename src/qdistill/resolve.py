@@ -8,18 +8,20 @@ from .data import AUGMENTS, DATASETS
 from .errors import ConfigError
 from .nn import LOSSES, SCHEMES
 from .study import QUESTIONS
-from .training import PRECISIONS, ROLES, SCHEDULES
+from .training import PRECISIONS, ROLES, SCHEDULES, TEACHER_LAYOUTS, TEACHER_RANGES
 
 CHOICES = {("data", "dataset"): DATASETS, ("data", "augment"): AUGMENTS, ("student", "scheme"): SCHEMES,
            ("student", "loss"): LOSSES, ("train", "schedule"): SCHEDULES, ("train", "precision"): PRECISIONS,
-           ("run", "role"): ROLES}
+           ("run", "role"): ROLES, ("teacher", "input_range"): TEACHER_RANGES,
+           ("teacher", "layout"): TEACHER_LAYOUTS}
 
 
 # Flags named as their config key, by section (dashes for underscores: --max-train).
 FLAG_KEYS = {
     "data": ("dataset", "data_dir", "data_path", "extra", "verify", "augment", "val_fraction",
              "max_train", "max_test"),
-    "train": ("epochs", "batch_size", "lr", "schedule", "weight_decay", "seed", "device", "precision"),
+    "train": ("epochs", "batch_size", "lr", "schedule", "weight_decay", "seed", "device", "precision",
+              "tensorboard"),
     "student": ("loss", "temperature", "c", "weight_bits", "act_bits", "grad_bits", "scheme",
                 "quantize_first_last"),
 }

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import config as configlib
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError, DataError, RunError
 from ..resolve import flags_config, resolve
 
 
@@ -19,10 +19,11 @@ def _config(args, model_section: str | None = None, *, role: str | None = None, 
 
 
 def _data_of_teacher(cfg: dict) -> dict | None:
-    """A student's data defaults to its teacher's (``--teacher RUN``)."""
+    """A student's data defaults to its teacher's (``--teacher RUN``); a teacher file
+    does not say which data it learned from."""
     from ..training.rundir import read_config
     run = cfg["teacher"]["run"]
-    if not run:
+    if not run or not Path(run).is_dir():
         return None
     return {"data": {k: v for k, v in read_config(run).get("data", {}).items() if k in configlib.DEFAULTS["data"]}}
 
@@ -30,6 +31,14 @@ def _data_of_teacher(cfg: dict) -> dict | None:
 def _require_out(args) -> None:
     if not args.out:
         raise ConfigError("--out RUN is required")
+
+
+def _check_tensorboard(cfg: dict) -> None:
+    """``train.tensorboard`` needs its package: say so before any data loads or run trains
+    (a study would otherwise record the error in every run's error.txt)."""
+    if cfg["train"]["tensorboard"]:
+        from ..training.scalars import summary_writer
+        summary_writer()
 
 
 def _print_run(role: str, out, summary: dict) -> None:
@@ -44,6 +53,7 @@ def cmd_teacher(args) -> int:
     from ..training.loop import train
     cfg = _config(args, "teacher", role="teacher")
     _require_out(args)
+    _check_tensorboard(cfg)
     [summary] = train([(cfg, args.out)], load(cfg["data"]), resume=args.resume, force=args.force,
                       progress=not args.quiet)
     _print_run("teacher", args.out, summary)
@@ -58,14 +68,18 @@ def cmd_student(args) -> int:
     cfg = _config(args, "student", role="student", base=_data_of_teacher(first),
                   base_origin=f"{first['teacher']['run']}/config.toml")
     _require_out(args)
+    _check_tensorboard(cfg)
     run = cfg["teacher"]["run"]
     if not run and cfg["student"]["loss"] != "hard":
         # hard+softgt trains without the teacher, but its run is compared with it
         # (agreement, KL) and takes its data from it, as every distillation question does.
         raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
     data = load(cfg["data"])
-    targets = TeacherTargets.from_run(run, data) if run else None
-    if targets:
+    augment = cfg["data"]["augment"] != "none"
+    targets = TeacherTargets.from_path(run, data, cfg["teacher"], augment=augment) if run else None
+    if targets:  # every problem with the teacher shows here, before the run directory exists
+        from ..training.device import pick_device
+        targets.evaluate(pick_device(cfg["train"]["device"]), train=not augment)
         targets.check_useful(args.allow_weak_teacher)
     [summary] = train([(cfg, args.out)], data, targets, resume=args.resume, force=args.force,
                       progress=not args.quiet)
@@ -119,7 +133,9 @@ def cmd_study(args) -> int:
     args.config = args.config_file or args.config
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    result = run_study(_config(args, "student"), args.out, force=args.force, workers=args.workers,
+    cfg = _config(args, "student")
+    _check_tensorboard(cfg)
+    result = run_study(cfg, args.out, force=args.force, workers=args.workers,
                        fused=False if args.no_fused else None, progress=not args.quiet,
                        allow_weak_teacher=args.allow_weak_teacher)
     ok = len(result["rows"]) - len(result["failed"])
@@ -155,17 +171,40 @@ def cmd_predict(args) -> int:
     from ..deploy.predict import predict_dataset, predict_image
     if args.image:
         if args.dataset or args.data_path or args.config or args.set:
-            raise ConfigError("give either an image file or dataset options, not both")
+            raise ConfigError("give either an image file (or folder) or dataset options, not both")
+        if Path(args.image).is_dir():
+            return _predict_folder(args)
+        if args.out:
+            raise DataError(f"--out writes the predictions of a folder of images; {args.image} is not a folder"
+                            if Path(args.image).exists() else f"folder not found: {args.image}")
         label, probs = predict_image(args.model, args.image)
         print(json.dumps({"image": args.image, "label": label, "probability": float(probs.max())})
               if args.json else f"{args.image}: {label} (p = {probs.max():.3f})")
         return 0
+    if args.out:
+        raise ConfigError("--out writes the predictions of a FOLDER of images: give one")
     if not args.dataset and not args.config and not args.set:
-        raise ConfigError("give an image file or --dataset (and its options) to predict on")
+        raise ConfigError("give an image file, a folder of images or --dataset (and its options) to predict on")
     result = predict_dataset(args.model, _config(args)["data"])
     print(json.dumps(result) if args.json else
           f"{args.model} on {result['dataset']} test: accuracy {result['accuracy']:.4f} "
           f"({result['correct']}/{result['total']}, {result['backend']} engine)")
+    return 0
+
+
+def _predict_folder(args) -> int:
+    """Every image under the folder, as CSV: into ``--out`` (atomically), else on stdout;
+    either only once every image was read."""
+    from ..atomic import atomic_write_text
+    from ..deploy.predict import predict_folder, predictions_csv
+    if args.json:
+        raise ConfigError("--json is for one image or --dataset; a folder's predictions are CSV")
+    rows = predict_folder(args.model, args.image)
+    if not args.out:
+        sys.stdout.write(predictions_csv(rows))
+        return 0
+    atomic_write_text(args.out, predictions_csv(rows))
+    print(f"{args.out}: {len(rows)} predictions of the images under {args.image}")
     return 0
 
 

@@ -30,11 +30,12 @@ def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
     _add_config_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS)
-    g.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
+    g.add_argument("--data-dir", help="svhn, cifar10, cifar100: folder of the official files (default "
+                   "~/.cache/qdistill/DATASET); imagefolder: ROOT with train/<class>/ and test/<class>/")
     g.add_argument("--data-path", help="the .npz file of the npz dataset")
     g.add_argument("--extra", action="store_true", default=None, help="svhn: add extra_32x32.mat to train")
     g.add_argument("--no-verify", action="store_false", dest="verify", default=None,
-                   help="svhn: accept files that are not the official ones (skip md5)")
+                   help="svhn, cifar10, cifar100: accept files that are not the official ones (skip md5)")
     g.add_argument("--augment", choices=AUGMENTS)
     g.add_argument("--val-fraction", type=float)
     g.add_argument("--max-train", type=int, help="keep the first N training images")
@@ -50,6 +51,9 @@ def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write each epoch's scalars as TensorBoard event files in the run directory "
+                        "(pip install 'qdistill[tensorboard]')")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -80,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("student", help="train a quantized student (Q1-Q4 losses)")
     _add_common(s, model_help="student architecture (default vgg7)")
     _add_student_flags(s)
-    s.add_argument("--teacher", help="teacher run directory (required except for --loss hard)")
+    s.add_argument("--teacher", help="teacher: a run directory, or a TorchScript, .pt2, .onnx or .npz-of-logits "
+                                     "file (README; required except for --loss hard)")
     s.add_argument("--allow-weak-teacher", action="store_true",
                    help="use a teacher whose validation accuracy is within 5 points of chance")
     s.add_argument("--out", help="run directory to write")
@@ -101,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("config_file", nargs="?", metavar="CONFIG.toml", help="study config (see configs/)")
     _add_common(st, model_help="student architecture (default vgg7)")
     _add_student_flags(st)
-    st.add_argument("--teacher", help="reuse this teacher run instead of training one")
+    st.add_argument("--teacher", help="reuse this teacher (a run directory or a teacher file) instead of "
+                                      "training one")
     st.add_argument("--allow-weak-teacher", action="store_true",
                     help="use a teacher whose validation accuracy is within 5 points of chance")
     st.add_argument("--out", required=True, help="study directory")
@@ -123,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify with an exported .qdz (integer engine, no torch)")
     pr.add_argument("model", metavar="MODEL.qdz")
-    pr.add_argument("image", nargs="?", help="an image file (PNG, JPEG); else the test split of --dataset")
+    pr.add_argument("image", nargs="?", metavar="IMAGE|FOLDER",
+                    help="an image file (PNG, JPEG, BMP, WebP), or a folder of them (searched recursively: "
+                         "a CSV path,label,class,confidence); else the test split of --dataset")
+    pr.add_argument("--out", metavar="PREDICTIONS.csv",
+                    help="with a FOLDER: write its CSV to this file (default: print it)")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(pr)
     pr.add_argument("--dataset", choices=DATASETS)

@@ -54,6 +54,8 @@ class Dataset:
     # the per-tensor sha256 the fingerprint is made of, kept so a subset re-hashes only
     # the tensors it changes
     digests: dict = field(default_factory=dict, repr=False, compare=False)
+    # unreadable images a loader left out (imagefolder with data.skip_bad_images)
+    skipped: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -61,7 +63,7 @@ class Dataset:
 
     @classmethod
     def from_tensors(cls, name: str, x_train, y_train, x_test, y_test, class_names,
-                     digests: dict | None = None) -> "Dataset":
+                     digests: dict | None = None, skipped: int = 0) -> "Dataset":
         """Check the layout, then fingerprint. ``digests`` may hold precomputed
         `tensor_digest` values (a loader's cache) for some of the four tensors."""
         tensors = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
@@ -85,7 +87,7 @@ class Dataset:
             if key not in digests:
                 digests[key] = tensor_digest(t)
         names = [str(c) for c in class_names]
-        return cls(name, x_train, y_train, x_test, y_test, names, fingerprint(digests, names), digests)
+        return cls(name, x_train, y_train, x_test, y_test, names, fingerprint(digests, names), digests, skipped)
 
 
 def limit(ds: Dataset, max_train: int = 0, max_test: int = 0) -> Dataset:
@@ -101,4 +103,4 @@ def limit(ds: Dataset, max_train: int = 0, max_test: int = 0) -> Dataset:
             changed = True
     if not changed:
         return ds
-    return Dataset.from_tensors(ds.name, **tensors, class_names=ds.class_names, digests=kept)
+    return Dataset.from_tensors(ds.name, **tensors, class_names=ds.class_names, digests=kept, skipped=ds.skipped)

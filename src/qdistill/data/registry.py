@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from . import DATASETS, digits, fake, npz, svhn
+from . import DATASETS, cifar, digits, fake, imagefolder, npz, svhn
 from .dataset import Dataset, limit
 
 
 def load(data: dict) -> Dataset:
     """The dataset that the ``[data]`` config section names (keys ``dataset``,
-    ``data_dir``, ``data_path``, ``extra``, ``verify``, ``max_train``, ``max_test``;
-    absent keys take their defaults). ``max_train``/``max_test`` > 0 keep the first N
-    images of each split. Raises `DataError` on missing or malformed data."""
+    ``data_dir``, ``data_path``, ``extra``, ``verify``, ``skip_bad_images``, ``max_train``,
+    ``max_test``; absent keys take their defaults). ``max_train``/``max_test`` > 0 keep the
+    first N images of each split. ``data_dir`` left at its default (SVHN's folder) means
+    ``~/.cache/qdistill/cifar10`` (``cifar100``) for CIFAR, and is an error for
+    imagefolder. Raises `DataError` on missing or malformed data."""
     name = data.get("dataset", "digits")
     if name == "svhn":
         ds = svhn.load(data.get("data_dir") or svhn.DEFAULT_DIR, extra=bool(data.get("extra", False)),
@@ -26,15 +28,33 @@ def load(data: dict) -> Dataset:
         ds = npz.load(data["data_path"])
     elif name == "fake":
         ds = fake.load()
+    elif name == "imagefolder":
+        root = _own_dir(data)
+        if root is None:
+            raise DataError("dataset imagefolder needs data_dir (--data-dir ROOT, holding ROOT/train/<class>/ "
+                            "and ROOT/test/<class>/)")
+        ds = imagefolder.load(root, skip_bad_images=bool(data.get("skip_bad_images", False)))
+    elif name in cifar.SPECS:
+        ds = cifar.load(name, _own_dir(data), verify=bool(data.get("verify", True)))
     else:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return limit(ds, int(data.get("max_train", 0)), int(data.get("max_test", 0)))
 
 
+def _own_dir(data: dict) -> str | None:
+    """``data_dir`` unless it is left empty or at its default, SVHN's folder."""
+    d = data.get("data_dir")
+    if not d or Path(d).expanduser() == Path(svhn.DEFAULT_DIR).expanduser():
+        return None
+    return d
+
+
 def describe(data_dir: str | Path | None = None) -> list[dict]:
     """One dict per dataset for ``qdistill datasets``: name, description, train/test sizes
-    where fixed; svhn adds its data_dir and which files are present and converted."""
+    where fixed; svhn and cifar add their data_dir and which files are present (svhn: and
+    converted)."""
     svhn_dir = Path(data_dir or svhn.DEFAULT_DIR).expanduser()
+    own = _own_dir({"data_dir": data_dir})
     return [
         {"name": "svhn", "description": svhn.DESCRIPTION, "train": svhn.SIZES["train"],
          "test": svhn.SIZES["test"], "extra": svhn.SIZES["extra"], "data_dir": str(svhn_dir),
@@ -42,4 +62,7 @@ def describe(data_dir: str | Path | None = None) -> list[dict]:
         {"name": "digits", "description": digits.DESCRIPTION, "train": 1438, "test": 359},
         {"name": "npz", "description": npz.DESCRIPTION, "train": None, "test": None},
         {"name": "fake", "description": fake.DESCRIPTION, "train": fake.N_TRAIN, "test": fake.N_TEST},
+        {"name": "imagefolder", "description": imagefolder.DESCRIPTION, "train": None, "test": None},
+        *({"name": n, "description": cifar.DESCRIPTION[n], **cifar.SIZES,
+           "data_dir": str(cifar.archive_path(n, own).parent), **cifar.present(n, own)} for n in cifar.SPECS),
     ]

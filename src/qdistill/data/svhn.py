@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write, atomic_write_text
-from ..errors import DataError
+from ..errors import DataError, WriteError
 from .dataset import Dataset, concat_digest, tensor_digest
 from .download import fetch, md5_file
 
@@ -120,14 +120,14 @@ def _write_cache(mat: Path, x: np.ndarray, y: np.ndarray, meta: dict) -> None:
         atomic_write(x_path, lambda f: np.save(f, x, allow_pickle=False))
         atomic_write(y_path, lambda f: np.save(f, y, allow_pickle=False))
         atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
-    except OSError as e:  # a read-only data folder still loads, only slower
+    except (OSError, WriteError) as e:  # a read-only data folder still loads, only slower
         warnings.warn(f"cannot write the SVHN cache next to {mat} ({e}); the .mat is read on every load")
 
 
 def _write_cache_meta(path: Path, meta: dict) -> None:
     try:
         atomic_write_text(path, json.dumps(meta, indent=1) + "\n")
-    except OSError:  # the md5 is computed again next time, nothing worse
+    except (OSError, WriteError):  # the md5 is computed again next time, nothing worse
         pass
 
 

@@ -1,7 +1,10 @@
-"""``qdistill predict``: run an exported ``.qdz`` model on a dataset's test split or on one
-image file, with the torch-free engine."""
+"""``qdistill predict``: run an exported ``.qdz`` model on a dataset's test split, on one
+image file or on a folder of them, with the torch-free engine."""
 from __future__ import annotations
 
+import csv
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,8 @@ from .. import deploy
 from ..errors import DataError
 
 BATCH = 256
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CSV_HEADER = ("path", "label", "class", "confidence")
 
 
 def predict_dataset(qdz_path: str | Path, data_section: dict) -> dict:
@@ -56,9 +61,66 @@ def load_image(image_path: str | Path) -> np.ndarray:
 def predict_image(qdz_path: str | Path, image_path: str | Path) -> tuple[str, np.ndarray]:
     """``(label_name, probabilities)`` of one image file: softmax of the logits, float64."""
     engine = deploy.load(qdz_path)
-    logits = engine.predict(load_image(image_path))[0].astype(np.float64)
+    p = _softmax(engine.predict(load_image(image_path))[0])
+    return _class_name(engine, int(p.argmax())), p
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """``p_i = exp(l_i - max l) / sum_j exp(l_j - max l)`` of one image's logits, in float64."""
+    logits = logits.astype(np.float64)
     p = np.exp(logits - logits.max())
     p /= p.sum()
-    k = int(p.argmax())
-    name = engine.class_names[k] if k < len(engine.class_names) else str(k)
-    return name, p
+    return p
+
+
+def _class_name(engine, k: int) -> str:
+    return engine.class_names[k] if k < len(engine.class_names) else str(k)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under ``folder``, recursively: by suffix (PNG, JPEG, BMP, WebP, any
+    case), hidden files and folders skipped, links to folders not followed; sorted by their
+    path components relative to ``folder``, so the order is the same on every machine."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, f) for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def predict_folder(qdz_path: str | Path, folder: str | Path) -> list[dict]:
+    """One row per image under ``folder`` (`image_files`): ``{"path", "label", "class",
+    "confidence"}``, the path relative to ``folder`` with ``/``, the class index and name,
+    and the probability of that class as `predict_image` computes it. Images go through
+    the engine ``BATCH`` at a time; in a batch the last linear layer's float32 sums may
+    be rounded in another order than for one image alone (BLAS), so a confidence may differ
+    from `predict_image`'s by that rounding. Any unreadable image stops it (`DataError`
+    naming the file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"folder not found: {folder}")
+    engine = deploy.load(qdz_path)
+    paths = image_files(folder)
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    rows = []
+    for s in range(0, len(paths), BATCH):
+        chunk = paths[s:s + BATCH]
+        for path, logits in zip(chunk, engine.predict(np.concatenate([load_image(p) for p in chunk]))):
+            p = _softmax(logits)
+            k = int(p.argmax())
+            rows.append({"path": path.relative_to(folder).as_posix(), "label": k,
+                         "class": _class_name(engine, k), "confidence": float(p[k])})
+    return rows
+
+
+def predictions_csv(rows: list[dict]) -> str:
+    """`predict_folder`'s rows as CSV text: header ``path,label,class,confidence``, the
+    confidence written in full (``repr``: it reads back as the same float64)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    writer.writerows([row[key] for key in CSV_HEADER] for row in rows)
+    return buf.getvalue()

@@ -179,7 +179,7 @@ def write_report(study_dir: str | Path) -> dict:
 def _summary_words(chosen, diffs, teacher, entropy, conds) -> list[str]:
     items = []
     if teacher.get("test_acc") is not None:
-        items.append(f"Teacher ({teacher.get('model', 'full precision')}): "
+        items.append(f"Teacher ({teacher.get('model') or teacher.get('kind') or 'full precision'}): "
                      f"test accuracy {pct(teacher['test_acc'])}%.")
     q1 = chosen.get("q1")
     if q1:
@@ -263,9 +263,10 @@ def _blocks(study, rows, meta, teacher, conds, chosen, questions, diffs, entropy
     b += [("h", 2, "Summary"), ("ul", _summary_words(chosen, diffs, teacher, entropy, conds))]
 
     b.append(("h", 2, "Teacher"))
-    b.append(("table", ["model", "val best acc", "test acc", "run"],
-              [[teacher.get("model", "n/a"), pct(teacher.get("val_best_acc")), pct(teacher.get("test_acc")),
-                f"`{teacher['run']}`" if teacher.get("run") else "n/a"]]))
+    code = lambda key: f"`{teacher[key]}`" if teacher.get(key) else "n/a"
+    b.append(("table", ["model", "kind", "val best acc", "test acc", "run", "file", "sha256"],
+              [[teacher.get("model") or "n/a", teacher.get("kind") or "n/a", pct(teacher.get("val_best_acc")),
+                pct(teacher.get("test_acc")), code("run"), code("file"), code("sha256")]]))
 
     b.append(("h", 2, "Results by question and temperature"))
     table = []

@@ -3,8 +3,8 @@
 Layout of ``STUDY/``:
 
 * ``study.toml``           the resolved config; a different config is refused without ``--force``
-* ``teacher/``             the teacher run (unless ``teacher.run`` names one)
-* ``teacher.json``         the teacher's path and accuracies
+* ``teacher/``             the teacher run (unless ``teacher.run`` names a run or a teacher file)
+* ``teacher.json``         the teacher's path, kind, file, sha256 and accuracies
 * ``teacher_test.npz``     the teacher's test logits, labels and class names (for the report)
 * ``teacher_logits.pt``    the teacher's logits cache (`TeacherTargets.cached`)
 * ``runs/<question>-<loss>-T<T>-s<seed>/``  one run directory per condition
@@ -30,13 +30,13 @@ import torch
 from .. import config as configlib
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.registry import load
-from ..errors import RunError, UserError, WriteError
+from ..errors import ConfigError, RunError, UserError, WriteError
 from ..lock import locked
 from ..training import rundir
 from ..training.device import pick_device
-from ..training.evaluate import accuracy
 from ..training.loop import Run, train
 from ..training.targets import TeacherTargets
+from ..training.teachers import Preprocess
 from .grid import Condition, expand, group_key, teacher_config
 from .results import write_results
 
@@ -76,18 +76,31 @@ def ensure_teacher(study: Path, cfg: dict, data, progress: bool) -> Path:
     return run
 
 
-def study_targets(study: Path, run: Path, data, device) -> TeacherTargets:
-    """The study's teacher targets, their logits cached in ``STUDY/teacher_logits.pt``;
-    writes ``teacher_test.npz`` and ``teacher.json`` for the report."""
-    targets = TeacherTargets.from_run(run, data).cached(study / LOGITS_CACHE, device)
+def given_teacher(study: Path, cfg: dict, data, device) -> TeacherTargets:
+    """``teacher.run`` (a run or a teacher file), checked and its logits computed, or read
+    from the study's cache when it matches: a bad teacher stops the study before its
+    folder is touched."""
+    targets = TeacherTargets.from_path(cfg["teacher"]["run"], data, cfg["teacher"],
+                                       augment=cfg["data"]["augment"] != "none")
+    if not targets.read_cache(study / LOGITS_CACHE):
+        targets.evaluate(device)
+    return targets
+
+
+def study_targets(study: Path, run: Path, data, device, targets: TeacherTargets | None = None) -> TeacherTargets:
+    """The study's teacher targets (``targets``, or the run ``run``'s), their logits cached
+    in ``STUDY/teacher_logits.pt``; writes ``teacher_test.npz`` and ``teacher.json`` for
+    the report."""
+    targets = (TeacherTargets.from_path(run, data) if targets is None else targets).cached(study / LOGITS_CACHE,
+                                                                                           device)
     test = targets.test_logits()
     buf = io.BytesIO()
     np.savez(buf, logits=test.numpy(), labels=data.y_test.numpy(), class_names=np.array(data.class_names))
     atomic_write_bytes(study / "teacher_test.npz", buf.getvalue())
-    summary = rundir.read_summary(run) or {}
+    summary = (rundir.read_summary(run) if targets.kind == "run" else None) or {}
     atomic_write_text(study / "teacher.json", json.dumps({
         "run": str(run), "model": getattr(targets.model, "arch", ""),
-        "val_best_acc": summary.get("val_best_acc"), "test_acc": accuracy(test, data.y_test),
+        "val_best_acc": summary.get("val_best_acc"), **targets.describe(),
     }, indent=2) + "\n")
     return targets
 
@@ -116,13 +129,17 @@ def run_one(cond: Condition, study: Path, data, targets, progress: bool) -> None
 
 
 def run_groups(conds: list[Condition], study: Path, data, targets, *, progress: bool, on_done) -> None:
-    """Train ``conds`` as fused groups (`group_key`: one per seed), each with its
-    checkpoint in ``STUDY/groups/``."""
+    """Train the grid's conditions as fused groups (`group_key`: one per seed), each with
+    its checkpoint in ``STUDY/groups/``. A group with any unfinished member trains as the
+    whole group, so it always matches its checkpoint (a kill between two members' summaries
+    must not leave a smaller group to start over); finished groups are skipped."""
     groups: dict[str, list[Condition]] = {}
     for c in conds:
         groups.setdefault(group_key(c), []).append(c)
     one_per_seed = len(groups) == len({m[0].seed for m in groups.values()})
     for i, members in enumerate(groups.values()):
+        if all(rundir.read_summary(study / "runs" / c.name) is not None for c in members):
+            continue
         seed = members[0].seed
         gdir = study / "groups" / (f"s{seed}" if one_per_seed else f"s{seed}-{i}")
         if progress:
@@ -147,7 +164,7 @@ def _worker(payload) -> str:
     cond, study, data_section, teacher_run, threads = payload
     torch.set_num_threads(threads)
     data = load(data_section)
-    targets = TeacherTargets.from_run(teacher_run, data).cached(study / LOGITS_CACHE)
+    targets = TeacherTargets.from_path(teacher_run, data, cond.cfg["teacher"]).cached(study / LOGITS_CACHE)
     run_one(cond, study, data, targets, progress=False)
     return cond.name
 
@@ -166,19 +183,24 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, workers: int
     locked meanwhile; a teacher not clearly above chance stops it before any student
     trains, unless ``allow_weak_teacher`` or ``study.allow_weak_teacher``."""
     study = Path(study)
-    if cfg["teacher"]["run"] and not Path(cfg["teacher"]["run"]).is_dir():
-        raise RunError(f"teacher.run {cfg['teacher']['run']} is not a run directory")
-    with locked(study, "study"):  # one study at a time on a folder
-        return _run_study(cfg, study, force=force, workers=workers, fused=fused, progress=progress,
-                          allow_weak_teacher=allow_weak_teacher)
-
-
-def _run_study(cfg: dict, study: Path, *, force, workers, fused, progress, allow_weak_teacher) -> dict:
-    prepare(study, cfg, force)
+    if not cfg["teacher"]["run"] and not Preprocess(cfg["teacher"]).is_default:
+        raise ConfigError("[teacher] input_range, mean, std, layout and input_size describe a teacher file given "
+                          "as teacher.run; the teacher a study trains takes the data as it is")
     device = pick_device(cfg["train"]["device"])
     data = load(cfg["data"])
+    given = given_teacher(study, cfg, data, device) if cfg["teacher"]["run"] else None
+    if given:
+        given.check_useful(allow_weak_teacher or cfg["study"]["allow_weak_teacher"])
+    with locked(study, "study"):  # one study at a time on a folder
+        return _run_study(cfg, study, data, device, given, force=force, workers=workers, fused=fused,
+                          progress=progress, allow_weak_teacher=allow_weak_teacher)
+
+
+def _run_study(cfg: dict, study: Path, data, device, given, *, force, workers, fused, progress,
+               allow_weak_teacher) -> dict:
+    prepare(study, cfg, force)
     teacher_run = ensure_teacher(study, cfg, data, progress)
-    targets = study_targets(study, teacher_run, data, device)
+    targets = study_targets(study, teacher_run, data, device, given)
     targets.check_useful(allow_weak_teacher or cfg["study"]["allow_weak_teacher"])
     conds = expand(cfg)
     (study / "runs").mkdir(exist_ok=True)
@@ -188,7 +210,7 @@ def _run_study(cfg: dict, study: Path, *, force, workers, fused, progress, allow
                                                      else 1)
     todo = [c for c in conds if rundir.read_summary(study / "runs" / c.name) is None]
     if todo and (fuses(cfg, device) if fused is None else fused):
-        run_groups(todo, study, data, targets, progress=progress, on_done=lambda: write_results(study, conds))
+        run_groups(conds, study, data, targets, progress=progress, on_done=lambda: write_results(study, conds))
     elif todo and workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         payloads = [(c, study, cfg["data"], teacher_run, threads) for c in todo]

@@ -29,6 +29,7 @@ from . import checkpoint, rundir
 from .device import autocast_for, pick_device, sync
 from .evaluate import accuracy, per_class_accuracy, predict, teacher_agreement
 from .optim import make_optimizer, make_scheduler
+from .scalars import Scalars
 from .step import train_step
 from .targets import TeacherTargets
 
@@ -77,13 +78,17 @@ def train(runs, data, targets: TeacherTargets | None = None, *, group_dir: str |
     it holds the same members and configs. Distillation targets come from ``targets``.
     """
     runs = [r if isinstance(r, Run) else Run(*r) for r in runs]
+    board = Scalars([r.out for r in runs], runs[0].cfg["train"].get("tensorboard", False))
     with contextlib.ExitStack() as held:  # one command at a time trains into a folder
         for folder in [r.out for r in runs] + ([Path(group_dir)] if len(runs) > 1 else []):
             held.enter_context(locked(folder, "run directory"))
-        return _train(runs, data, targets, group_dir=group_dir, resume=resume, force=force, progress=progress)
+        held.enter_context(board)
+        return _train(runs, data, targets, board, group_dir=group_dir, resume=resume, force=force,
+                      progress=progress)
 
 
-def _train(runs: list[Run], data, targets, *, group_dir, resume: bool, force: bool, progress: bool) -> list[dict]:
+def _train(runs: list[Run], data, targets, board: Scalars, *, group_dir, resume: bool, force: bool,
+           progress: bool) -> list[dict]:
     k, cfg = len(runs), runs[0].cfg
     if any(configlib.without_loss(r.cfg) != configlib.without_loss(cfg) for r in runs):
         raise ValueError("fused members must share every setting but the loss, T and c")
@@ -212,8 +217,11 @@ def _train(runs: list[Run], data, targets, *, group_dir, resume: bool, force: bo
         members = net.split() if improved else []
         for j in improved:
             checkpoint.save({"model": members[j].state_dict(), "meta": metas[j]}, runs[j].out / rundir.BEST)
-        # best.pt, then the checkpoint that points at it, then metrics.jsonl (which a resume
-        # rewrites from the checkpoint): whatever a kill interrupts, the files agree.
+        # best.pt, the event files (a resume purges their points past the checkpoint), then
+        # the checkpoint that points at best.pt, then metrics.jsonl (which a resume rewrites
+        # from the checkpoint): whatever a kill interrupts, the files agree.
+        for j in range(k):
+            board.write(j, metrics[j][-1])
         checkpoint.save(state_dict(net.state_dict(), opt.state_dict(), range(k)), state / rundir.CHECKPOINT)
         for j in range(k):
             rundir.write_metrics(runs[j].out, metrics[j])
@@ -254,6 +262,10 @@ def _summarize(out: Path, model, meta: dict, data, metrics: list[dict], best: di
     teacher_test = targets.test_logits(device) if meta["role"] == "student" else None
     if teacher_test is not None:
         summary["teacher_agreement"], summary["kl_to_teacher"] = teacher_agreement(logits, teacher_test)
+        # which teacher, exactly: kind, file, sha256, and its own test accuracy
+        summary.update({f"teacher_{k}": v for k, v in targets.describe().items()})
+    if getattr(data, "skipped", 0):
+        summary["skipped_images"] = data.skipped
     summary.update(extra)
     rundir.write_summary(out, summary)
     return summary

@@ -9,6 +9,7 @@ Layout of ``RUN/``:
 * ``best.pt``       the best-validation weights, ``{"model": state_dict, "meta": meta}``
 * ``summary.json``  written last: its presence means the run finished
 * ``error.txt``     why the run failed, when a study recorded a failure
+* ``events.out.tfevents.*``  with ``train.tensorboard``: the metrics as TensorBoard scalars (`scalars`)
 
 A run trained in a fused group has the same files, so ``eval``, ``report`` and
 ``export`` cannot tell it from one trained alone. Every write is atomic. This module

@@ -67,6 +67,15 @@ def _add_student_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-bits", type=int)
     g.add_argument("--scheme", choices=SCHEMES)
     g.add_argument("--quantize-first-last", action="store_true", default=None)
+    g.add_argument("--allow-weak-teacher", action="store_true",
+                   help="use a teacher whose validation accuracy is within 5 points of chance")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The run directory of ``teacher`` and ``student``, and what to do with one that exists."""
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("teacher", help="train a full-precision teacher")
     _add_common(t, model_help="teacher architecture (default vgg7)")
-    t.add_argument("--out", help="run directory to write")
-    t.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
-    t.add_argument("--force", action="store_true", help="overwrite an existing run")
+    _add_run_flags(t)
     t.set_defaults(func=commands.cmd_teacher)
 
     s = sub.add_parser("student", help="train a quantized student (Q1-Q4 losses)")
@@ -86,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_student_flags(s)
     s.add_argument("--teacher", help="teacher: a run directory, or a TorchScript, .pt2, .onnx or .npz-of-logits "
                                      "file (README; required except for --loss hard)")
-    s.add_argument("--allow-weak-teacher", action="store_true",
-                   help="use a teacher whose validation accuracy is within 5 points of chance")
-    s.add_argument("--out", help="run directory to write")
-    s.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
-    s.add_argument("--force", action="store_true", help="overwrite an existing run")
+    _add_run_flags(s)
     s.set_defaults(func=commands.cmd_student)
 
     e = sub.add_parser("eval", help="test accuracy, per-class accuracy and confusion matrix of a run")
@@ -108,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_student_flags(st)
     st.add_argument("--teacher", help="reuse this teacher (a run directory or a teacher file) instead of "
                                       "training one")
-    st.add_argument("--allow-weak-teacher", action="store_true",
-                    help="use a teacher whose validation accuracy is within 5 points of chance")
     st.add_argument("--out", required=True, help="study directory")
     st.add_argument("--workers", type=int, help="runs at once in separate processes (when not fused)")
     st.add_argument("--no-fused", action="store_true", help="never fuse (study.fused = \"auto\" fuses on CUDA only)")

@@ -275,3 +275,28 @@ def test_a_truncated_checkpoint_is_refused_with_one_line(tmp_path, capsys):
     assert cli.main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read checkpoint" in err and str(ck) in err
+
+
+def test_a_run_directory_replaced_as_a_whole_survives_a_kill_between_the_renames(tmp_path, monkeypatch):
+    """`rundir.replace` (how a Ray driver writes a finished run): killed after the old
+    folder moved aside, `recover` puts it back; killed while staging, the staging goes."""
+    run = tmp_path / "runs" / "r"
+    rundir.replace(run, {"summary.json": b"{}", "config.toml": b"old"})
+    assert rundir.read_files(run) == {"config.toml": b"old", "summary.json": b"{}"}
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.replace(run, {"config.toml": b"new"})
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not run.exists()
+    rundir.recover(run.parent)
+    assert rundir.read_files(run) == {"config.toml": b"old", "summary.json": b"{}"}
+    assert sorted(p.name for p in run.parent.iterdir()) == ["r"]
+    rundir.replace(run, {"config.toml": b"new"})  # and a whole replace leaves only the new files
+    assert rundir.read_files(run) == {"config.toml": b"new"} and sorted(p.name for p in run.parent.iterdir()) == ["r"]

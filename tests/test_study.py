@@ -169,16 +169,6 @@ def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
     assert all(r["status"] == "ok" for r in rows_of(s))
 
 
-def test_workers_run_conditions_in_separate_processes(tmp_path):
-    cfg = write_config(tmp_path / "c.toml", "questions = ['q1']\n")
-    cfg.write_text(cfg.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
-    s = tmp_path / "S"
-    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused", "--workers", "2"]) == 0
-    rows = rows_of(s)
-    assert [r["run"] for r in rows] == ["q1-hard-T1-s0", "q1-hard-T1-s1"]
-    assert all(r["status"] == "ok" for r in rows)
-
-
 def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
     extra = "questions = ['q1', 'q2']\nfused = true\n"
     cfg = write_config(tmp_path / "c.toml", extra)

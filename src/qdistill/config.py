@@ -71,7 +71,12 @@ DEFAULTS: dict[str, dict] = {
         "questions": ["q1", "q2", "q3", "q4"],
         "teacher_epochs": 0,          # 0: train.epochs
         "fused": "auto",              # auto (fused groups on CUDA, one run at a time elsewhere), true, false
-        "workers": 0,                 # 0: 1 on CPU, one per GPU otherwise
+        "workers": 0,                 # runs at once on a local Ray instance (0 or 1: one by one, in this process)
+        "executor": "local",          # local (this process), ray (Ray tasks: --ray [ADDRESS])
+        "ray_address": "",            # "" or "local": start a local Ray instance; auto, HOST:PORT, ray://HOST:PORT
+        "cpus_per_run": 0,            # CPUs (and torch threads) per Ray task; 0: CPUs / workers, or 1 on a cluster
+        "gpus_per_run": "auto",       # GPUs per Ray task: auto (1 on a cluster with GPUs, else 0) or a number
+        "retries": 3,                 # Ray: resubmissions of a run whose worker or node died
         "allow_weak_teacher": False,  # use a teacher within 5 points of chance (--allow-weak-teacher)
     },
     "run": {
@@ -135,6 +140,10 @@ def _type_check(cfg: dict) -> None:
             if (section, key) == ("study", "fused"):
                 if not (isinstance(value, bool) or value == "auto"):
                     raise ConfigError(f'{where} must be true, false or "auto", got {value!r}')
+            elif (section, key) == ("study", "gpus_per_run"):
+                if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                        or not 0 <= value < math.inf):
+                    raise ConfigError(f'{where} must be "auto" or a number >= 0, got {value!r}')
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -207,8 +216,9 @@ def check(cfg: dict) -> dict:
     if "c" in st:
         if isinstance(st["c"], bool) or not isinstance(st["c"], (int, float)) or not 0 <= st["c"] < math.inf:
             raise ConfigError(f"study.c must be a number >= 0, got {st['c']!r}")
-    if st["teacher_epochs"] < 0 or st["workers"] < 0:
-        raise ConfigError("study.teacher_epochs and study.workers must be >= 0")
+    for key in ("teacher_epochs", "workers", "cpus_per_run", "retries"):
+        if st[key] < 0:
+            raise ConfigError(f"study.{key} must be >= 0, got {st[key]}")
     _check_teacher_input(cfg["teacher"])
     return cfg
 

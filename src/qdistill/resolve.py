@@ -7,13 +7,13 @@ from . import config as configlib
 from .data import AUGMENTS, DATASETS
 from .errors import ConfigError
 from .nn import LOSSES, SCHEMES
-from .study import QUESTIONS
+from .study import EXECUTORS, QUESTIONS
 from .training import PRECISIONS, ROLES, SCHEDULES, TEACHER_LAYOUTS, TEACHER_RANGES
 
 CHOICES = {("data", "dataset"): DATASETS, ("data", "augment"): AUGMENTS, ("student", "scheme"): SCHEMES,
            ("student", "loss"): LOSSES, ("train", "schedule"): SCHEDULES, ("train", "precision"): PRECISIONS,
            ("run", "role"): ROLES, ("teacher", "input_range"): TEACHER_RANGES,
-           ("teacher", "layout"): TEACHER_LAYOUTS}
+           ("teacher", "layout"): TEACHER_LAYOUTS, ("study", "executor"): EXECUTORS}
 
 
 # Flags named as their config key, by section (dashes for underscores: --max-train).

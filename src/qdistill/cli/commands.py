@@ -134,6 +134,8 @@ def cmd_study(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     cfg = _config(args, "student")
+    if args.ray is not None:
+        cfg["study"].update(executor="ray", ray_address=args.ray)
     _check_tensorboard(cfg)
     result = run_study(cfg, args.out, force=args.force, workers=args.workers,
                        fused=False if args.no_fused else None, progress=not args.quiet,
@@ -209,8 +211,16 @@ def _predict_folder(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.deploy and args.scaling:
-        raise ConfigError("choose one of --deploy and --scaling")
+    if args.deploy + args.scaling + args.cluster > 1:
+        raise ConfigError("choose one of --deploy, --scaling and --cluster")
+    if args.cluster:
+        from ..bench import cluster as bench_cluster
+        if args.epochs < 1:
+            raise ConfigError("--epochs must be >= 1")
+        log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+        result = bench_cluster.run(epochs=args.epochs, log=log)
+        print(json.dumps(result) if args.json else bench_cluster.format_table(result))
+        return 0
     if args.deploy:
         from ..bench import deploy as bench_deploy
         result = bench_deploy.run()

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--teacher", help="reuse this teacher (a run directory or a teacher file) instead of "
                                       "training one")
     st.add_argument("--out", required=True, help="study directory")
-    st.add_argument("--workers", type=int, help="runs at once in separate processes (when not fused)")
+    st.add_argument("--workers", type=int, help="runs at once, on a local Ray instance (study.workers)")
+    st.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="runs as Ray tasks: alone, a local Ray instance; or join the cluster at ADDRESS "
+                         "(auto, HOST:PORT, ray://HOST:PORT) made with `ray start` (study.executor, study.ray_address)")
     st.add_argument("--no-fused", action="store_true", help="never fuse (study.fused = \"auto\" fuses on CUDA only)")
     st.add_argument("--force", action="store_true", help="accept a changed config (stale runs are redone)")
     st.set_defaults(func=commands.cmd_study)
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scaling", action="store_true",
                    help="per-student rate of fused groups of K = 1, 2, 5, 10: does fusing pay here?")
     b.add_argument("--batch", type=int, default=256, help="batch size for --scaling (default 256)")
+    b.add_argument("--cluster", action="store_true",
+                   help="a 4-run study on a simulated Ray cluster of 1, then 2 nodes x 1 CPU (needs qdistill[ray])")
+    b.add_argument("--epochs", type=int, default=8, help="epochs per run for --cluster (default 8)")
     b.set_defaults(func=commands.cmd_bench)
 
     d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")

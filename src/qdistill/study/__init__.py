@@ -9,3 +9,5 @@ QUESTIONS = ("q1", "q2", "q3", "q4")
 # Q1 ground truth; Q2 the teacher's soft targets; Q3 hard + c * soft (teacher);
 # Q4 hard + c * soft built from the ground truth.
 QUESTION_LOSS = {"q1": "hard", "q2": "soft", "q3": "hard+soft", "q4": "hard+softgt"}
+# where a study's runs train: in this process, or as Ray tasks (`cluster.py`)
+EXECUTORS = ("local", "ray")

@@ -23,8 +23,10 @@ from . import QUESTIONS
 
 COLUMNS = ["run", "question", "loss", "temperature", "c", "seed", "weight_bits", "act_bits",
            "grad_bits", "scheme", "epochs", "val_best_acc", "test_acc_at_val_best",
-           "test_acc_last", "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s",
+           "test_acc_last", "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s", "node",
            "status", "error"]
+# columns a results.csv written before they existed may lack (read as empty)
+LATER_COLUMNS = ("node",)
 STATUSES = ("ok", "failed", "pending")
 _FLOATS = ("temperature", "c", "val_best_acc", "test_acc_at_val_best", "test_acc_last",
            "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s")
@@ -65,14 +67,15 @@ def read_results(path: str | Path) -> list[dict]:
         raise RunError(f"not a study: {path} not found")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != COLUMNS:
+        if reader.fieldnames != COLUMNS and reader.fieldnames != [c for c in COLUMNS if c not in LATER_COLUMNS]:
             got = reader.fieldnames or []
             missing = [c for c in COLUMNS if c not in got]
             extra = [c for c in got if c not in COLUMNS]
             raise RunError(f"{path}: columns differ from the study format"
                            f" (missing: {', '.join(missing) or 'none'}; unknown: {', '.join(extra) or 'none'}"
                            f"{'; order differs' if not missing and not extra else ''})")
-        return [parse_row(r, f"{path} line {i}") for i, r in enumerate(reader, start=2)]
+        return [parse_row({**dict.fromkeys(LATER_COLUMNS, ""), **r}, f"{path} line {i}")
+                for i, r in enumerate(reader, start=2)]
 
 
 def read_teacher_logits(path: Path) -> tuple[np.ndarray, list[str]] | None:
@@ -104,7 +107,7 @@ def write_results(study: Path, conds) -> list[dict]:
         summary, error = rundir.read_summary(run), rundir.read_error(run)
         if summary is not None:
             for key in ("val_best_acc", "test_acc_at_val_best", "test_acc_last", "teacher_agreement",
-                        "kl_to_teacher", "wall_s", "img_per_s"):
+                        "kl_to_teacher", "wall_s", "img_per_s", "node"):
                 row[key] = summary.get(key, "")
             row["status"] = "ok"
         elif error is not None:

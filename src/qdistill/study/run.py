@@ -12,13 +12,15 @@ Layout of ``STUDY/``:
 * ``results.csv``          one row per run (`qdistill.study.results`)
 
 Runs train one by one in this process, as fused groups (one per seed, ``study.fused``:
-``"auto"`` fuses on CUDA only), or in worker processes (``--workers``).
+``"auto"`` fuses on CUDA only), or as Ray tasks (``--ray [ADDRESS]``, ``--workers N``:
+`cluster.py`), where the teacher is a task too. Either way the study folder holds the
+same files, so a study started one way can be resumed the other.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
 import traceback
@@ -37,8 +39,10 @@ from ..training.device import pick_device
 from ..training.loop import Run, train
 from ..training.targets import TeacherTargets
 from ..training.teachers import Preprocess
+from . import cluster
 from .grid import Condition, expand, group_key, teacher_config
 from .results import write_results
+from .worker import Unit
 
 LOGITS_CACHE = "teacher_logits.pt"
 
@@ -49,7 +53,7 @@ def prepare(study: Path, cfg: dict, force: bool) -> None:
     unfinished groups)."""
     text = configlib.dumps(cfg)
     path = study / "study.toml"
-    if path.exists() and path.read_text() != text:
+    if path.exists() and _what_runs(path.read_text()) != _what_runs(text):
         if not force:
             raise RunError(f"{study} holds a study with a different config; use --force to redo it "
                            f"(runs whose own config is unchanged are kept)")
@@ -63,7 +67,26 @@ def prepare(study: Path, cfg: dict, force: bool) -> None:
             if run.is_dir() and (not stored.exists() or wanted.get(run.name) != stored.read_text()):
                 shutil.rmtree(run)
     study.mkdir(parents=True, exist_ok=True)
+    for folder in (study, study / "runs", study / "groups"):
+        rundir.recover(folder)  # a driver killed while it replaced a run directory
     atomic_write_text(path, text)
+
+
+# How a study's runs are scheduled, not what they are: a study started one way resumes
+# another way (in this process, fused, on Ray) without --force.
+EXECUTION_KEYS = ("fused", "workers", "executor", "ray_address", "cpus_per_run", "gpus_per_run", "retries")
+
+
+def _what_runs(text: str) -> str | None:
+    """A study config's text without the `EXECUTION_KEYS`, keys it lacks at their
+    defaults; ``None`` for a config that no longer reads."""
+    try:
+        cfg = configlib.merge(configlib.defaults(), configlib.tomllib.loads(text))
+    except (ConfigError, configlib.tomllib.TOMLDecodeError):
+        return None
+    for key in EXECUTION_KEYS:
+        cfg["study"].pop(key, None)
+    return configlib.dumps(cfg)
 
 
 def ensure_teacher(study: Path, cfg: dict, data, progress: bool) -> Path:
@@ -128,52 +151,75 @@ def run_one(cond: Condition, study: Path, data, targets, progress: bool) -> None
         _train_recorded([cond], study, data, targets, progress=progress)
 
 
-def run_groups(conds: list[Condition], study: Path, data, targets, *, progress: bool, on_done) -> None:
-    """Train the grid's conditions as fused groups (`group_key`: one per seed), each with
-    its checkpoint in ``STUDY/groups/``. A group with any unfinished member trains as the
-    whole group, so it always matches its checkpoint (a kill between two members' summaries
-    must not leave a smaller group to start over); finished groups are skipped."""
+def unfinished_groups(conds: list[Condition], study: Path) -> list[tuple[list[Condition], str]]:
+    """The grid's fused groups (`group_key`: one per seed) with an unfinished member, each
+    with its folder inside the study (``groups/s<seed>``). A group with any unfinished
+    member trains as the whole group, so it always matches its checkpoint (a kill between
+    two members' summaries must not leave a smaller group to start over)."""
     groups: dict[str, list[Condition]] = {}
     for c in conds:
         groups.setdefault(group_key(c), []).append(c)
     one_per_seed = len(groups) == len({m[0].seed for m in groups.values()})
-    for i, members in enumerate(groups.values()):
-        if all(rundir.read_summary(study / "runs" / c.name) is not None for c in members):
-            continue
-        seed = members[0].seed
-        gdir = study / "groups" / (f"s{seed}" if one_per_seed else f"s{seed}-{i}")
+    return [(members, f"groups/s{members[0].seed}" if one_per_seed else f"groups/s{members[0].seed}-{i}")
+            for i, members in enumerate(groups.values())
+            if any(rundir.read_summary(study / "runs" / c.name) is None for c in members)]
+
+
+def run_groups(conds: list[Condition], study: Path, data, targets, *, progress: bool, on_done) -> None:
+    """Train the grid's unfinished fused groups one after another in this process."""
+    todo = unfinished_groups(conds, study)
+    for i, (members, folder) in enumerate(todo):
         if progress:
-            print(f"[group {i + 1}/{len(groups)}] seed {seed}: {len(members)} students fused", flush=True)
-        _train_recorded(members, study, data, targets, group_dir=gdir, progress=progress)
+            print(f"[group {i + 1}/{len(todo)}] seed {members[0].seed}: {len(members)} students fused", flush=True)
+        _train_recorded(members, study, data, targets, group_dir=study / folder, progress=progress)
         on_done()
 
 
-_WORKER = {}
-
-
-def _init_worker(counter) -> None:
-    """Give each worker process its own GPU (round robin) when there are several."""
-    with counter.get_lock():
-        _WORKER["id"] = counter.value
-        counter.value += 1
-    if torch.cuda.is_available():
-        torch.cuda.set_device(_WORKER["id"] % torch.cuda.device_count())
-
-
-def _worker(payload) -> str:
-    cond, study, data_section, teacher_run, threads = payload
-    torch.set_num_threads(threads)
-    data = load(data_section)
-    targets = TeacherTargets.from_path(teacher_run, data, cond.cfg["teacher"]).cached(study / LOGITS_CACHE)
-    run_one(cond, study, data, targets, progress=False)
-    return cond.name
-
-
 def fuses(cfg: dict, device: torch.device) -> bool:
-    """``study.fused``: ``"auto"`` fuses on CUDA only; on the 2-core CPU dev box a fused
-    group trains slower per student than one model (``qdistill bench --scaling``)."""
+    """``study.fused``: ``"auto"`` fuses on CUDA only (Ray tasks: those with GPUs); on
+    the 2-core CPU dev box a fused group trains slower per student than one model
+    (``qdistill bench --scaling``)."""
     fused = cfg["study"]["fused"]
     return device.type == "cuda" if fused == "auto" else fused
+
+
+def on_ray(cfg: dict) -> bool:
+    """Whether the study's runs are Ray tasks: ``study.executor = "ray"`` (``--ray``) or
+    more than one worker (``--workers N``: a local Ray instance)."""
+    return cfg["study"]["executor"] == "ray" or cfg["study"]["workers"] > 1
+
+
+def _ray_plan(cfg: dict) -> tuple[str, int | None, int]:
+    """Where Ray runs and what a task asks for: the address (``""``: a local instance),
+    the CPUs of a local instance (``None``: all), and the CPUs per run."""
+    st = cfg["study"]
+    address, workers = cluster.check_address(st["ray_address"]), st["workers"]
+    cpus = st["cpus_per_run"] or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 1)
+    return address, (workers * cpus if workers > 1 and not address else None), cpus
+
+
+def _teacher_bundle(targets: TeacherTargets, cfg: dict, study: Path, given: bool) -> dict:
+    """The teacher as values for Ray workers: its files, how it was opened, its cache."""
+    path = Path(targets.source)
+    files = ({name: (path / name).read_bytes() for name in (rundir.CONFIG, rundir.BEST, rundir.SUMMARY)}
+             if path.is_dir() else {path.name: path.read_bytes()})
+    return {"files": files, "is_run": path.is_dir(), "name": path.name or "teacher",
+            "section": cfg["teacher"] if given else None, "augment": cfg["data"]["augment"] != "none",
+            "source": targets.source, "file": targets.file, "cache": (study / LOGITS_CACHE).read_bytes()}
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's CPU threads for an in-process study: ``study.cpus_per_run``, as a Ray task
+    gets (0: leave them). Sums split across threads round differently, so equal threads
+    are what makes a local study's metrics equal a Ray study's."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield None
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_study(cfg: dict, study: str | Path, *, force: bool = False, workers: int | None = None,
@@ -181,24 +227,38 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, workers: int
     """Run every condition of the study (skipping finished runs, resuming unfinished
     ones) and write ``results.csv``. Returns ``{"rows", "failed"}``. The study folder is
     locked meanwhile; a teacher not clearly above chance stops it before any student
-    trains, unless ``allow_weak_teacher`` or ``study.allow_weak_teacher``."""
+    trains, unless ``allow_weak_teacher`` or ``study.allow_weak_teacher``. ``workers``
+    overrides ``study.workers``; the runs train here or as Ray tasks (`on_ray`)."""
     study = Path(study)
+    if workers is not None:
+        cfg = {**cfg, "study": {**cfg["study"], "workers": workers}}
     if not cfg["teacher"]["run"] and not Preprocess(cfg["teacher"]).is_default:
         raise ConfigError("[teacher] input_range, mean, std, layout and input_size describe a teacher file given "
                           "as teacher.run; the teacher a study trains takes the data as it is")
+    plan = _ray_plan(cfg) if on_ray(cfg) else None
+    if plan:
+        cluster.import_ray()
     device = pick_device(cfg["train"]["device"])
     data = load(cfg["data"])
     given = given_teacher(study, cfg, data, device) if cfg["teacher"]["run"] else None
     if given:
         given.check_useful(allow_weak_teacher or cfg["study"]["allow_weak_teacher"])
-    with locked(study, "study"):  # one study at a time on a folder
-        return _run_study(cfg, study, data, device, given, force=force, workers=workers, fused=fused,
+    threads = cfg["study"]["cpus_per_run"]
+    with locked(study, "study"), (cluster.session(*plan[:2]) if plan else _threads(threads)) as ray:
+        return _run_study(cfg, study, data, device, given, ray, plan, force=force, fused=fused,
                           progress=progress, allow_weak_teacher=allow_weak_teacher)
 
 
-def _run_study(cfg: dict, study: Path, data, device, given, *, force, workers, fused, progress,
+def _run_study(cfg: dict, study: Path, data, device, given, ray, plan, *, force, fused, progress,
                allow_weak_teacher) -> dict:
+    if ray:  # a request no node can meet stops the study before its folder is written
+        cpus, gpus = cluster.resources(ray, plan[2], cfg["study"]["gpus_per_run"])
+        tasks = dict(cpus=cpus, gpus=gpus, retries=cfg["study"]["retries"], progress=progress)
     prepare(study, cfg, force)
+    if ray and not cfg["teacher"]["run"] and rundir.read_summary(study / "teacher") is None:
+        cluster.run_units(ray, study, [Unit("teacher", ((teacher_config(cfg), "teacher"),))], data, None, **tasks)
+        if rundir.read_summary(study / "teacher") is None:
+            raise RunError(f"the study's teacher did not finish: {rundir.read_error(study / 'teacher')}")
     teacher_run = ensure_teacher(study, cfg, data, progress)
     targets = study_targets(study, teacher_run, data, device, given)
     targets.check_useful(allow_weak_teacher or cfg["study"]["allow_weak_teacher"])
@@ -206,18 +266,17 @@ def _run_study(cfg: dict, study: Path, data, device, given, *, force, workers, f
     (study / "runs").mkdir(exist_ok=True)
     write_results(study, conds)
 
-    workers = workers or cfg["study"]["workers"] or (max(1, torch.cuda.device_count()) if device.type == "cuda"
-                                                     else 1)
     todo = [c for c in conds if rundir.read_summary(study / "runs" / c.name) is None]
-    if todo and (fuses(cfg, device) if fused is None else fused):
+    where = torch.device("cuda" if tasks["gpus"] > 0 else "cpu") if ray else device  # the tasks' device
+    grouped = todo and (fuses(cfg, where) if fused is None else fused)
+    if todo and ray:
+        units = ([Unit(folder, tuple((c.cfg, f"runs/{c.name}") for c in members), folder)
+                  for members, folder in unfinished_groups(conds, study)] if grouped else
+                 [Unit(c.name, ((c.cfg, f"runs/{c.name}"),)) for c in todo])
+        cluster.run_units(ray, study, units, data, _teacher_bundle(targets, cfg, study, given is not None),
+                          on_done=lambda: write_results(study, conds), **tasks)
+    elif grouped:
         run_groups(conds, study, data, targets, progress=progress, on_done=lambda: write_results(study, conds))
-    elif todo and workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        payloads = [(c, study, cfg["data"], teacher_run, threads) for c in todo]
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(ctx.Value("i", 0),)) as pool:
-            for _ in pool.imap_unordered(_worker, payloads):
-                write_results(study, conds)
     else:
         for i, cond in enumerate(todo):
             if progress:

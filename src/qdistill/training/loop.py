@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,17 @@ def _epoch_bar(x, y, cfg: dict, order, aug, device, desc: str, progress: bool):
 
 
 def train(runs, data, targets: TeacherTargets | None = None, *, group_dir: str | Path | None = None,
-          resume: bool = False, force: bool = False, progress: bool = True) -> list[dict]:
+          resume: bool = False, force: bool = False, progress: bool = True, on_epoch=None,
+          node: str | None = None) -> list[dict]:
     """Train ``runs`` (`Run` or ``(cfg, out)`` pairs) on ``data``; return their summaries.
 
     One run keeps its checkpoint in its run directory, with the ``resume``/``force``
     rules of `rundir.prepare`. Several runs (configs equal but for the loss, T and c)
     train as one fused group whose checkpoint lives in ``group_dir`` and is resumed when
     it holds the same members and configs. Distillation targets come from ``targets``.
+    ``on_epoch()`` is called once an epoch's files are all written (a Ray worker sends
+    them to the driver then); ``node`` names the machine in each epoch's metrics and the
+    summary (default: the host name).
     """
     runs = [r if isinstance(r, Run) else Run(*r) for r in runs]
     board = Scalars([r.out for r in runs], runs[0].cfg["train"].get("tensorboard", False))
@@ -84,11 +89,11 @@ def train(runs, data, targets: TeacherTargets | None = None, *, group_dir: str |
             held.enter_context(locked(folder, "run directory"))
         held.enter_context(board)
         return _train(runs, data, targets, board, group_dir=group_dir, resume=resume, force=force,
-                      progress=progress)
+                      progress=progress, on_epoch=on_epoch or (lambda: None), node=node or platform.node())
 
 
 def _train(runs: list[Run], data, targets, board: Scalars, *, group_dir, resume: bool, force: bool,
-           progress: bool) -> list[dict]:
+           progress: bool, on_epoch, node: str) -> list[dict]:
     k, cfg = len(runs), runs[0].cfg
     if any(configlib.without_loss(r.cfg) != configlib.without_loss(cfg) for r in runs):
         raise ValueError("fused members must share every setting but the loss, T and c")
@@ -208,7 +213,7 @@ def _train(runs: list[Run], data, targets, board: Scalars, *, group_dir, resume:
             row = {"epoch": epoch + 1, "train_loss": loss_sum[j].item() / seen,
                    "train_acc": correct[j].item() / seen, "val_acc": accuracy(val[j], y_val),
                    "test_acc": accuracy(test[j], y_test), "lr": lr, "img_per_s": seen / train_s,
-                   "wall_s": time.perf_counter() - t0, **({"fused_k": k} if k > 1 else {})}
+                   "wall_s": time.perf_counter() - t0, "node": node, **({"fused_k": k} if k > 1 else {})}
             metrics[j].append(row)
             # val_acc is NaN without a validation split: then the last epoch is "best".
             if not row["val_acc"] <= best[j]["val"]:
@@ -225,6 +230,7 @@ def _train(runs: list[Run], data, targets, board: Scalars, *, group_dir, resume:
         checkpoint.save(state_dict(net.state_dict(), opt.state_dict(), range(k)), state / rundir.CHECKPOINT)
         for j in range(k):
             rundir.write_metrics(runs[j].out, metrics[j])
+        on_epoch()
         if progress:
             m = metrics[0][-1]
             tqdm.write(f"{label} epoch {epoch + 1}/{t['epochs']}: " + (
@@ -240,7 +246,7 @@ def _train(runs: list[Run], data, targets, board: Scalars, *, group_dir, resume:
         if k > 1:
             checkpoint.save(state_dict(model.state_dict(), net.split_optimizer_state(opt_state, j), [j]),
                             runs[j].out / rundir.CHECKPOINT)
-        extra = {**prints[j], **({"fused_k": k} if k > 1 else {})}
+        extra = {**prints[j], "node": node, **({"fused_k": k} if k > 1 else {})}
         summaries.append(_summarize(runs[j].out, model, metas[j], data, metrics[j], best[j], device,
                                     targets, wall_s, extra))
     return summaries

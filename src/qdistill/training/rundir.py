@@ -11,6 +11,9 @@ Layout of ``RUN/``:
 * ``error.txt``     why the run failed, when a study recorded a failure
 * ``events.out.tfevents.*``  with ``train.tensorboard``: the metrics as TensorBoard scalars (`scalars`)
 
+A run trained on another machine comes back as its files (`read_files`) and is written
+as a whole (`replace`: a staging folder, then a rename).
+
 A run trained in a fused group has the same files, so ``eval``, ``report`` and
 ``export`` cannot tell it from one trained alone. Every write is atomic. This module
 imports no torch, so the report reads runs through it.
@@ -18,10 +21,12 @@ imports no torch, so the report reads runs through it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .. import config as configlib
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write, atomic_write_text
 from ..errors import RunError
 
 CONFIG, METRICS, CHECKPOINT, BEST, SUMMARY, ERROR = (
@@ -75,10 +80,12 @@ def write_summary(out: str | Path, summary: dict) -> None:
     atomic_write_text(Path(out) / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
-def write_error(out: str | Path, error: BaseException, detail: str = "") -> None:
-    """Record why a run failed: ``error.txt``'s first line is ``Type: message``."""
+def write_error(out: str | Path, error: BaseException | str, detail: str = "") -> None:
+    """Record why a run failed: ``error.txt``'s first line is ``Type: message`` (``error``
+    itself when it is that line already)."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out) / ERROR, f"{type(error).__name__}: {error}\n{detail}")
+    line = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    atomic_write_text(Path(out) / ERROR, f"{line}\n{detail}")
 
 
 def read_config(run: str | Path) -> dict:
@@ -119,3 +126,54 @@ def read_error(run: str | Path) -> str | None:
     """The first line of ``error.txt``, ``None`` without one."""
     path = Path(run) / ERROR
     return path.read_text().splitlines()[0] if path.is_file() else None
+
+
+# ---------------------------------------------------------------- a run directory as bytes
+
+# The order a run directory's files are written in, so a kill between two writes leaves
+# files that agree (`loop.py`: best.pt, event files, checkpoint.pt, then metrics.jsonl).
+_ORDER = {CONFIG: 0, BEST: 1, CHECKPOINT: 3, METRICS: 4, SUMMARY: 5, ERROR: 6}
+
+
+def write_order(name: str) -> int:
+    return _ORDER.get(Path(name).name, 2)
+
+
+def read_files(folder: str | Path) -> dict[str, bytes]:
+    """The files of ``folder`` (no subfolders, no hidden files such as the lock) by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def replace(dest: str | Path, files: dict[str, bytes]) -> None:
+    """Make ``dest`` hold exactly ``files``: written into ``.NAME.staging`` beside it,
+    then renamed into place (the old folder is renamed ``.NAME.old`` first and removed
+    after). `recover` undoes what a kill between the two renames leaves."""
+    dest = Path(dest)
+    stage, old = dest.parent / f".{dest.name}.staging", dest.parent / f".{dest.name}.old"
+    shutil.rmtree(stage, ignore_errors=True)
+    for name in sorted(files, key=write_order):
+        atomic_write(stage / name, lambda f, data=files[name]: f.write(data))
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(stage, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(parent: str | Path) -> None:
+    """Finish or undo the `replace` calls a killed process left under ``parent``: a
+    staging folder is dropped; an old folder whose new one is missing is put back."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for p in parent.glob(".*.staging"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in parent.glob(".*.old"):
+        dest = parent / p.name[1:-len(".old")]
+        if dest.exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.rename(p, dest)

@@ -1,0 +1,205 @@
+"""Studies on Ray: a local instance, a simulated cluster that loses a node, a worker that
+dies, and addresses that lead nowhere.
+
+Ray stays on this machine: local instances and `ray.cluster_utils.Cluster` on the
+loopback address, its session files under a temp ``RAY_TMPDIR``, token authentication
+off, nothing in ``$HOME``, and every process it started is gone at the end (checked).
+Metrics are compared with an in-process study that uses the same torch threads per run
+(``study.cpus_per_run = 1``): the same computation, so equality is exact.
+"""
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+# Read when Ray is imported: every address Ray hands out is then the loopback one.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+ray = pytest.importorskip("ray")
+
+from qdistill import cli  # noqa: E402
+from qdistill.study import cluster  # noqa: E402
+from qdistill.training import rundir  # noqa: E402
+
+STUDY = """
+[data]
+dataset = "digits"
+max_train = 240
+max_test = 40
+[train]
+epochs = 4
+batch_size = 32
+[study]
+temperatures = [4.0]
+seeds = [0]
+questions = ["q1", "q2"]
+teacher_epochs = 1
+cpus_per_run = 1
+allow_weak_teacher = true  # a 1-epoch teacher on 240 images is at chance; here that is fine
+"""
+RUNS = ["q1-hard-T1-s0", "q2-soft-T4-s0"]
+WHERE_AND_WHEN = ("wall_s", "img_per_s", "node")
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory):
+    """Ray's files in a temp folder (TMPDIR too: the workers' scratch folders), token
+    authentication off, loopback only; afterwards no process of it is left."""
+    tmp = tmp_path_factory.mktemp("ray")
+    env = {"RAY_TMPDIR": str(tmp), "TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    home_ray = Path.home() / ".ray"
+    had_home_ray = home_ray.exists()
+    os.environ.update(env)
+    yield tmp
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert not ray.is_initialized()
+    assert home_ray.exists() == had_home_ray, "Ray wrote to ~/.ray"
+    deadline = time.monotonic() + 20
+    while (left := _processes_under(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"Ray processes left running: {left}"
+    assert not list((tmp / "qdistill-scratch").glob("*")), "scratch folders left"
+
+
+def _processes_under(folder: Path) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and str(folder) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(p.name))
+        except OSError:
+            pass
+    return pids
+
+
+def config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY + extra)
+    return path
+
+
+def metrics(study: Path, teacher: bool = True) -> dict:
+    """Every run's metrics (the teacher's too), without where and when they ran."""
+    return {run.name: [{k: v for k, v in row.items() if k not in WHERE_AND_WHEN} for row in rundir.read_metrics(run)]
+            for run in [study / "teacher"] * teacher + sorted((study / "runs").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    assert cli.main(["study", str(config(root)), "--out", str(root / "S"), "--quiet"]) == 0
+    return root / "S"
+
+
+def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, tmp_path, monkeypatch, capsys):
+    """--workers 2, where one run's worker dies and retries = 0: that run is recorded as
+    failed and the other goes on; rerun with retries, it resumes from the epoch that came
+    back; then every run's metrics equal the in-process study's."""
+    s = tmp_path / "S"
+    monkeypatch.setenv("QDISTILL_TEST_EXIT", "q2-soft-T4-s0:1")  # dies in epoch 2, after sending epoch 1
+    assert cli.main(["study", str(config(tmp_path, "retries = 0\n")), "--out", str(s), "--workers", "2"]) == 1
+    out = capsys.readouterr()
+    assert rundir.read_error(s / "runs" / "q2-soft-T4-s0").startswith("WorkerCrashedError")
+    assert len(rundir.read_metrics(s / "runs" / "q2-soft-T4-s0")) == 1
+    status = {line.split(",")[0]: line for line in (s / "results.csv").read_text().splitlines()[1:]}
+    assert ",failed,WorkerCrashedError" in status["q2-soft-T4-s0"] and ",ok," in status["q1-hard-T1-s0"]
+    node = rundir.read_summary(s / "runs" / "q1-hard-T1-s0")["node"]
+    assert node in status["q1-hard-T1-s0"]  # results.csv names the node
+    lines = (out.out + out.err).splitlines()  # one line per finished run: name, node, accuracy, time
+    assert any("q1-hard-T1-s0" in line and node in line and " val " in line for line in lines)
+    assert "raylet" not in out.out + out.err  # Ray's own lines stay out of the terminal
+
+    monkeypatch.delenv("QDISTILL_TEST_EXIT")
+    assert cli.main(["study", str(config(tmp_path)), "--out", str(s), "--quiet", "--workers", "2"]) == 0
+    attempts = rundir.read_summary(s / "runs" / "q2-soft-T4-s0")["attempts"]
+    assert [a["from_epoch"] for a in attempts] == [1]
+    assert metrics(s) == metrics(in_process)
+
+
+def test_a_killed_worker_is_retried_and_resumes_from_its_last_epoch(ray_env, in_process, tmp_path, monkeypatch):
+    monkeypatch.setenv("QDISTILL_TEST_EXIT", "q2-soft-T4-s0:2")  # dies in epoch 3, after sending epoch 2
+    s = tmp_path / "S"  # the in-process study's teacher, given: sent to the workers as files
+    assert cli.main(["study", str(config(tmp_path)), "--out", str(s), "--quiet", "--ray",
+                     "--teacher", str(in_process / "teacher")]) == 0
+    attempts = rundir.read_summary(s / "runs" / "q2-soft-T4-s0")["attempts"]
+    assert [a["from_epoch"] for a in attempts] == [0, 2]
+    assert [a["from_epoch"] for a in rundir.read_summary(s / "runs" / "q1-hard-T1-s0")["attempts"]] == [0]
+    assert metrics(s, teacher=False) == metrics(in_process, teacher=False)
+
+
+def test_a_cluster_that_loses_a_node_mid_run_completes_with_the_same_metrics(ray_env, in_process, tmp_path):
+    from ray.cluster_utils import Cluster
+    head = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    c = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        nodes = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+        ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
+        s, codes = tmp_path / "S", []
+        driver = threading.Thread(target=lambda: codes.append(cli.main(
+            ["study", str(config(tmp_path)), "--out", str(s), "--quiet", "--ray", c.address,
+             "--teacher", str(in_process / "teacher")])))
+        driver.start()
+        victim = None
+        deadline = time.monotonic() + 60
+        while victim is None and driver.is_alive() and time.monotonic() < deadline:
+            for name in RUNS:  # a run with an epoch back at the driver and more to go
+                rows = rundir.read_metrics(s / "runs" / name) if (s / "runs" / name).is_dir() else []
+                if 1 <= len(rows) < 4 and rundir.read_summary(s / "runs" / name) is None:
+                    victim = name, rows[-1]["node"], len(rows)
+                    break
+            time.sleep(0.01)
+        assert victim, "no run was caught mid-way"
+        name, node, done = victim
+        c.remove_node(next(n for n in nodes if node.endswith(n.node_id[:8])))
+        driver.join(120)
+        assert codes == [0]
+        rows = rundir.read_metrics(s / "runs" / name)
+        moved = [r["epoch"] for r in rows if r["node"] != node]
+        assert moved and moved[0] > done and moved == list(range(moved[0], 5)), rows  # resumed, not restarted
+        assert rundir.read_summary(s / "runs" / name)["attempts"][1]["from_epoch"] >= done
+        assert metrics(s, teacher=False) == metrics(in_process, teacher=False)
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.mark.parametrize("address, says", [
+    ("not an address", "must be auto, HOST:PORT or ray://HOST:PORT"),
+    ("ray://host:99999", "must be auto, HOST:PORT or ray://HOST:PORT"),
+    ("127.0.0.1:9", "cannot reach the Ray cluster at 127.0.0.1:9"),
+])
+def test_bad_and_unreachable_addresses_exit_2_with_one_line(ray_env, tmp_path, capsys, address, says):
+    t0 = time.monotonic()
+    assert cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), "--ray", address]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < 30
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "S").exists()
+
+
+def test_without_ray_the_line_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray fails
+    for flags in (["--ray"], ["--workers", "2"]):
+        assert cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), *flags]) == 2
+        assert f"need Ray: {cluster.EXTRA}" in capsys.readouterr().err
+    assert not (tmp_path / "S").exists()
+
+
+def test_execution_settings_do_not_make_a_study_a_different_one(tmp_path):
+    from qdistill.study.run import _what_runs
+    from qdistill import config as configlib
+    cfg = configlib.check(configlib.defaults())
+    ray_cfg = json.loads(json.dumps(cfg))
+    ray_cfg["study"].update(executor="ray", workers=4, cpus_per_run=2, ray_address="auto", fused=True)
+    assert _what_runs(configlib.dumps(cfg)) == _what_runs(configlib.dumps(ray_cfg))
+    other = json.loads(json.dumps(cfg))
+    other["study"]["seeds"] = [0, 1]
+    assert _what_runs(configlib.dumps(cfg)) != _what_runs(configlib.dumps(other))

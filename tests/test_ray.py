@@ -99,6 +99,37 @@ def in_process(tmp_path_factory):
     return root / "S"
 
 
+def test_sigterm_stops_a_ray_study_with_its_line_and_leaves_runs_to_resume(ray_env, in_process, tmp_path):
+    """ray.init installs its own SIGTERM handler (a bare exit); the study still stops with
+    the CLI's line and exit code 143, its runs' last epochs intact, Ray stopped. (First in
+    this file: its killed workers' scratch folders are removed by the next test's workers
+    when they start, which the fixture's teardown checks.)"""
+    import signal
+    import subprocess
+    import sys
+    s = tmp_path / "S"
+    cfg = config(tmp_path).read_text().replace("epochs = 4", "epochs = 30")
+    (tmp_path / "long.toml").write_text(cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "qdistill.cli", "study", str(tmp_path / "long.toml"), "--out",
+                             str(s), "--quiet", "--ray", "--teacher", str(in_process / "teacher")],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            len(rundir.read_metrics(s / "runs" / name)) >= 1 for name in RUNS if (s / "runs" / name).is_dir()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["qdistill: stopped by SIGTERM; the last finished epoch is saved: "
+                                        "rerun the same command to continue"]
+    for name in RUNS:
+        rows = rundir.read_metrics(s / "runs" / name)
+        if rows:  # what came back is a consistent epoch to resume from
+            import torch
+            ck = torch.load(s / "runs" / name / rundir.CHECKPOINT, weights_only=True)
+            assert ck["epoch"] == len(rows) < 30 and rundir.read_summary(s / "runs" / name) is None
+
+
 def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, tmp_path, monkeypatch, capsys):
     """--workers 2, where one run's worker dies and retries = 0: that run is recorded as
     failed and the other goes on. Rerun with --ray and retries, where the resumed run's

@@ -16,6 +16,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    _terminate.received = True  # Ray turns an exception raised while it waits into KeyboardInterrupt
     raise Terminated
 
 
@@ -32,16 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    _terminate.received = False
     try:
         return args.func(args)
     except UserError as e:
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print(f"qdistill: stopped by SIGTERM; the last finished epoch is saved: {_how_to_continue(args)}",
-              file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated) or _terminate.received:
+            print(f"qdistill: stopped by SIGTERM; the last finished epoch is saved: {_how_to_continue(args)}",
+                  file=sys.stderr)
+            return 143
         print(f"qdistill: interrupted; the last finished epoch is saved: {_how_to_continue(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `qdistill eval RUN | head`: the reader left

@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -84,6 +86,8 @@ def session(address: str, num_cpus: int | None = None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     verbose = os.environ.get(LOGS) == "1"
     common = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    # ray.init makes SIGTERM a bare sys.exit; the CLI's handler says how to continue
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if address:
             if address != "auto":
@@ -95,6 +99,9 @@ def session(address: str, num_cpus: int | None = None):
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RunError(f"cannot connect to {where}: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     if not verbose:
         _quiet(ray)
     try:

@@ -65,13 +65,17 @@ def uninterrupted(tmp_path_factory):
     """The reference: each study variant run once without faults, as a command in its own
     process like the interrupted ones (so nothing an earlier test left in this process,
     such as a thread count, can make it differ)."""
-    out = {}
-    for name, extra in (("separate", ""), ("fused", "fused = true\n")):
+    procs = {}
+    for name, extra in (("separate", ""), ("fused", "fused = true\n")):  # both at once: they share nothing
         root = tmp_path_factory.mktemp(name)
-        proc = subprocess.run(cmd("study", study_config(root, extra), "--out", root / "S", "--quiet"),
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        out[name] = results(root / "S")
+        procs[name] = root / "S", subprocess.Popen(cmd("study", study_config(root, extra), "--out", root / "S",
+                                                       "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                   text=True)
+    out = {}
+    for name, (study, proc) in procs.items():
+        err = proc.communicate()[1]
+        assert proc.returncode == 0, err
+        out[name] = results(study)
     return out
 
 
@@ -300,3 +304,15 @@ def test_a_run_directory_replaced_as_a_whole_survives_a_kill_between_the_renames
     assert sorted(p.name for p in run.parent.iterdir()) == ["r"]
     rundir.replace(run, {"config.toml": b"new"})  # and a whole replace leaves only the new files
     assert rundir.read_files(run) == {"config.toml": b"new"} and sorted(p.name for p in run.parent.iterdir()) == ["r"]
+
+
+def test_temp_files_of_a_writer_killed_mid_write_are_removed_when_the_folder_is_next_locked(tmp_path):
+    """SIGKILL during `atomic_write` leaves its temp file; the next command that takes
+    the folder's lock (a study, the loop for a run directory) removes it."""
+    from qdistill import config as configlib
+    from qdistill.study.run import prepare
+    for name in (".results.csv.x1y2.tmp", ".study.toml.abc.tmp"):
+        (tmp_path / name).write_text("half")
+    (tmp_path / "keep.tmp").write_text("not ours")  # only atomic_write's hidden temp files go
+    prepare(tmp_path, configlib.check(configlib.defaults()), force=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "study.toml"]

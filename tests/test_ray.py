@@ -20,6 +20,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray")
 
 from qdistill import cli  # noqa: E402
+from qdistill.resolve import resolve  # noqa: E402
+from qdistill.study.run import run_study  # noqa: E402
 from qdistill.study import cluster  # noqa: E402
 from qdistill.training import rundir  # noqa: E402
 
@@ -95,7 +97,7 @@ def metrics(study: Path, teacher: bool = True) -> dict:
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
-    assert cli.main(["study", str(config(root)), "--out", str(root / "S"), "--quiet"]) == 0
+    assert not run_study(resolve(config(root)), root / "S", progress=False)["failed"]
     return root / "S"
 
 

@@ -44,3 +44,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def remove_temps(folder: str | Path) -> None:
+    """Remove the temp files `atomic_write` left in ``folder`` when its process was
+    killed mid-write (SIGKILL gives it no chance to clean up). Call it only while
+    holding the folder's lock: a live writer's temp file looks the same."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            p.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, remove_temps
 from ..errors import ConfigError, RunError
 from ..training import rundir
 from .worker import Unit, run_unit
@@ -181,6 +181,7 @@ def run_units(ray, study: Path, units: list[Unit], data, teacher: dict | None, *
                 if name not in (rundir.SUMMARY, rundir.ERROR):
                     files[f"{folder}/{name}"] = blob
             (study / folder / rundir.ERROR).unlink(missing_ok=True)
+            remove_temps(study / folder)  # a driver killed mid-write left them
         first = unit.runs[0][1]
         resumes = f"{unit.group or first}/{rundir.CHECKPOINT}" in files
         attempts[unit.label].append({"node": "", "from_epoch": len(rundir.read_metrics(study / first)) if resumes

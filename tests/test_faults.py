@@ -65,17 +65,13 @@ def uninterrupted(tmp_path_factory):
     """The reference: each study variant run once without faults, as a command in its own
     process like the interrupted ones (so nothing an earlier test left in this process,
     such as a thread count, can make it differ)."""
-    procs = {}
-    for name, extra in (("separate", ""), ("fused", "fused = true\n")):  # both at once: they share nothing
-        root = tmp_path_factory.mktemp(name)
-        procs[name] = root / "S", subprocess.Popen(cmd("study", study_config(root, extra), "--out", root / "S",
-                                                       "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                                   text=True)
     out = {}
-    for name, (study, proc) in procs.items():
-        err = proc.communicate()[1]
-        assert proc.returncode == 0, err
-        out[name] = results(study)
+    for name, extra in (("separate", ""), ("fused", "fused = true\n")):
+        root = tmp_path_factory.mktemp(name)
+        proc = subprocess.run(cmd("study", study_config(root, extra), "--out", root / "S", "--quiet"),
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = results(root / "S")
     return out
 
 
@@ -127,6 +123,26 @@ def test_sigterm_mid_epoch_stops_like_ctrl_c_and_resume_gives_the_same_metrics(t
     def metrics(r):
         return [{k: v for k, v in m.items() if k not in TIMING} for m in rundir.read_metrics(r)]
     assert metrics(run) == metrics(tmp_path / "a") and len(metrics(run)) == 3
+
+
+def test_sigterm_that_ray_turns_into_keyboard_interrupt_exits_143(monkeypatch, capsys):
+    """A handler's exception raised while Ray waits (ray.wait) comes back as a plain
+    KeyboardInterrupt: the CLI still says SIGTERM and exits 143."""
+    from qdistill.cli import commands
+    from qdistill.cli.main import Terminated
+
+    def study_waiting_in_ray(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except Terminated:
+            raise KeyboardInterrupt from None  # what Ray hands back
+        return 0
+    monkeypatch.setattr(commands, "cmd_study", study_waiting_in_ray)
+    assert cli.main(["study", "c.toml", "--out", "S"]) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    monkeypatch.setattr(commands, "cmd_study", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["study", "c.toml", "--out", "S"]) == 130  # Ctrl-C stays Ctrl-C
 
 
 def test_two_studies_on_one_folder_one_trains_the_other_exits_2(tmp_path, uninterrupted):

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 
 from .errors import RunError
@@ -25,8 +26,14 @@ def _acquire(path: Path, what: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = ""
+            for _ in range(25):  # the holder writes its pid just after it takes the lock
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.02)
             os.close(fd)
+            holder = holder or "another process"
             raise RunError(f"{what} {path.parent} is in use by {holder}: wait for it to finish or stop it") \
                 from None
         try:  # the holder before us may have removed the file we opened: lock the live one

@@ -80,11 +80,13 @@ def session(address: str, num_cpus: int | None = None):
     made (``ray.init`` in a notebook or a test) is used as it is and left open."""
     ray = import_ray()
     address = check_address(address)
+    verbose = os.environ.get(LOGS) == "1"
     if ray.is_initialized():
+        if not verbose:
+            _quiet(ray)
         yield ray
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    verbose = os.environ.get(LOGS) == "1"
     common = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     # ray.init makes SIGTERM a bare sys.exit; the CLI's handler says how to continue
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -169,7 +171,10 @@ def _retryable(ray, e: Exception) -> bool:
 def run_units(ray, study: Path, units: list[Unit], data, teacher: dict | None, *, cpus: float, gpus: float,
               retries: int, progress: bool, on_done=lambda: None) -> None:
     """Train ``units`` as Ray tasks (see the module docstring); ``on_done()`` after each."""
-    task = ray.remote(max_calls=1)(run_unit).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    # A fresh worker per task; a task's yield waits until the driver has taken the message
+    # before (so a task never runs ahead of what the driver holds by more than one epoch).
+    task = ray.remote(max_calls=1, _generator_backpressure_num_objects=1)(run_unit).options(
+        num_cpus=cpus, num_gpus=gpus, max_retries=0)
     data_ref = ray.put(data)
     teacher_ref = ray.put(teacher) if teacher is not None else None
     live, attempts = {}, {u.label: [] for u in units}

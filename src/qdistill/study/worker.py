@@ -15,8 +15,9 @@ generator, one message after every epoch and one at the end:
 Scratch folders live in ``$TMPDIR/qdistill-scratch/``, each held by a lock on a file
 beside it; a starting worker removes those whose lock is free (their worker was
 killed). Test hook: ``QDISTILL_TEST_EXIT="RUN:E"`` makes the first attempt of the unit
-that trains ``RUN`` call ``os._exit(1)`` once epoch E has been sent and epoch E + 1 has
-finished, before it is sent: its retry must resume from epoch E.
+that trains ``RUN`` call ``os._exit(1)`` as soon as the driver has taken the E-th epoch
+it sent (so the one before is written; the E-th is lost if the driver had not fetched it
+yet): its retry must resume from one of those two.
 """
 from __future__ import annotations
 
@@ -126,16 +127,13 @@ def _exit_after(unit: Unit, attempt: int) -> int | None:
 def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, threads: int, attempt: int):
     """The Ray task (a generator, see the module docstring)."""
     torch.set_num_threads(max(1, int(threads)))
-    node, exit_after, sent = node_label(), _exit_after(unit, attempt), [0]
+    node, exit_after, sent = node_label(), _exit_after(unit, attempt), 0
     with scratch() as root:
         _write(root, files)
         targets = _teacher(root, teacher, data) if teacher else None
         messages: queue.Queue = queue.Queue()
 
         def on_epoch():
-            if exit_after is not None and sent[0] >= exit_after:
-                os._exit(1)
-            sent[0] += 1
             messages.put(("epoch", unit.files(root), node))
 
         def work():
@@ -152,7 +150,10 @@ def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, th
         thread.start()
         while True:
             message = messages.get()
-            yield message
+            yield message  # returns once the driver has taken it (backpressure of one: `cluster.py`)
             if message[0] != "epoch":
                 break
+            sent += 1
+            if exit_after is not None and sent >= exit_after:
+                os._exit(1)
         thread.join()

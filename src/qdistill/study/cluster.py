@@ -217,10 +217,11 @@ def run_units(ray, study: Path, units: list[Unit], data, teacher: dict | None, *
                     if _retryable(ray, e) and attempt <= retries:
                         submit(unit, attempt + 1)
                         say(f"{unit.label}: {type(e).__name__} on {attempts[unit.label][-2]['node'] or 'a node'}"
-                                  f"; attempt {attempt + 1} of {retries + 1}, from epoch "
-                                  f"{attempts[unit.label][-1]['from_epoch']}")
+                            f"; attempt {attempt + 1} of {retries + 1}, from epoch "
+                            f"{attempts[unit.label][-1]['from_epoch']}")
                     else:
                         failed(unit, line + (f" (after {attempt} attempts)" if attempt > 1 else ""))
+                        bar.update(len(unit.runs))
                         on_done()
                     continue
                 kind, node = message[0], message[-1]
@@ -234,7 +235,7 @@ def run_units(ray, study: Path, units: list[Unit], data, teacher: dict | None, *
                     for _, folder in unit.runs:
                         s = rundir.read_summary(study / folder)
                         say(f"{Path(folder).name}  {node}  val {s['val_best_acc']:.4f}  "
-                                  f"test {s['test_acc_at_val_best']:.4f}  {s['wall_s']:.0f}s")
+                            f"test {s['test_acc_at_val_best']:.4f}  {s['wall_s']:.0f}s")
                 else:
                     failed(unit, message[1], message[2])
                 bar.update(len(unit.runs))

@@ -330,5 +330,6 @@ def test_temp_files_of_a_writer_killed_mid_write_are_removed_when_the_folder_is_
     for name in (".results.csv.x1y2.tmp", ".study.toml.abc.tmp"):
         (tmp_path / name).write_text("half")
     (tmp_path / "keep.tmp").write_text("not ours")  # only atomic_write's hidden temp files go
-    prepare(tmp_path, configlib.check(configlib.defaults()), force=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "study.toml"]
+    with locked(tmp_path, "study"):  # as run_study does
+        prepare(tmp_path, configlib.check(configlib.defaults()), force=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "keep.tmp", "study.toml"]

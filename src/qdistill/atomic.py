@@ -48,8 +48,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def remove_temps(folder: str | Path) -> None:
     """Remove the temp files `atomic_write` left in ``folder`` when its process was
-    killed mid-write (SIGKILL gives it no chance to clean up). Call it only while
-    holding the folder's lock: a live writer's temp file looks the same."""
+    killed mid-write (SIGKILL gives it no chance to clean up). Call it only where no
+    writer can be live: `lock.locked` does once it holds the folder's lock."""
     folder = Path(folder)
     if folder.is_dir():
         for p in folder.glob(".*.tmp"):

@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 
+from .atomic import remove_temps
 from .errors import RunError
 
 NAME = ".lock"
@@ -48,8 +49,9 @@ def _acquire(path: Path, what: str) -> int:
 def locked(folder: str | Path, what: str = "folder"):
     """Hold ``folder``'s lock for the ``with`` block. The folder is created if needed and
     removed again if the block leaves nothing in it but the lock, so a command that fails
-    before writing anything leaves nothing behind. Raises `RunError` naming the holder
-    when another process holds the lock."""
+    before writing anything leaves nothing behind; temp files a writer killed mid-write
+    left in it (`atomic.remove_temps`) are removed once the lock is held. Raises
+    `RunError` naming the holder when another process holds the lock."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunError(f"{what} path {folder} exists and is not a directory")
@@ -60,6 +62,7 @@ def locked(folder: str | Path, what: str = "folder"):
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        remove_temps(folder)  # no writer is live here now: temp files are a killed one's
         yield folder
     finally:
         os.ftruncate(fd, 0)

@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 from .. import config as configlib
+from ..data.registry import load
+from ..study.cluster import import_ray
 from ..study.run import run_study
 from ..training import rundir
+from ..training.loop import Run, train
 from .machine import cpu_name
 
 RUNS = 4
@@ -58,9 +61,6 @@ def _cluster(nodes: int, tmp: Path):
 
 def run(epochs: int = 8, max_train: int = 0, log=print) -> dict:
     """Time the 4-run study on 1 then 2 nodes of 1 CPU; see the module docstring."""
-    from ..study.cluster import import_ray
-    from ..training.loop import Run, train
-    from ..data.registry import load
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read on import: loopback addresses
     import_ray()
     with tempfile.TemporaryDirectory(prefix="qdistill-bench-") as tmp:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import config as configlib
-from ..atomic import atomic_write_bytes, atomic_write_text, remove_temps
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.registry import load
 from ..errors import ConfigError, RunError, UserError, WriteError
 from ..lock import locked
@@ -67,7 +67,6 @@ def prepare(study: Path, cfg: dict, force: bool) -> None:
             if run.is_dir() and (not stored.exists() or wanted.get(run.name) != stored.read_text()):
                 shutil.rmtree(run)
     study.mkdir(parents=True, exist_ok=True)
-    remove_temps(study)  # left by a process killed mid-write (the study's lock is held)
     for folder in (study, study / "runs", study / "groups"):
         rundir.recover(folder)  # a driver killed while it replaced a run directory
     atomic_write_text(path, text)

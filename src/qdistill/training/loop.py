@@ -20,7 +20,6 @@ import torch
 from tqdm import tqdm
 
 from .. import config as configlib
-from ..atomic import remove_temps
 from ..data.batching import batches, split_val
 from ..errors import RunError
 from ..lock import locked
@@ -88,7 +87,6 @@ def train(runs, data, targets: TeacherTargets | None = None, *, group_dir: str |
     with contextlib.ExitStack() as held:  # one command at a time trains into a folder
         for folder in [r.out for r in runs] + ([Path(group_dir)] if len(runs) > 1 else []):
             held.enter_context(locked(folder, "run directory"))
-            remove_temps(folder)  # left by a process killed mid-write
         held.enter_context(board)
         return _train(runs, data, targets, board, group_dir=group_dir, resume=resume, force=force,
                       progress=progress, on_epoch=on_epoch or (lambda: None), node=node or platform.node())

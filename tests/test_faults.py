@@ -14,7 +14,7 @@ import torch
 
 from qdistill import atomic, cli
 from qdistill.lock import locked
-from qdistill.training import rundir
+from qdistill.training.rundir import RunDir, recover
 from qdistill.training.optim import lr_factor
 
 STUDY = """
@@ -121,7 +121,7 @@ def test_sigterm_mid_epoch_stops_like_ctrl_c_and_resume_gives_the_same_metrics(t
     assert cli.main([*args, "--resume", "--out", str(run)]) == 0
 
     def metrics(r):
-        return [{k: v for k, v in m.items() if k not in TIMING} for m in rundir.read_metrics(r)]
+        return [{k: v for k, v in m.items() if k not in TIMING} for m in RunDir(r).read_metrics()]
     assert metrics(run) == metrics(tmp_path / "a") and len(metrics(run)) == 3
 
 
@@ -218,7 +218,7 @@ def test_a_failed_write_keeps_the_previous_file_and_names_the_path(tmp_path, mon
     if name == "checkpoint.pt":  # the previous epoch's file is intact and complete
         assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     if name == "metrics.jsonl":
-        assert len(rundir.read_metrics(run)) == 1
+        assert len(RunDir(run).read_metrics()) == 1
 
 
 def test_a_failed_results_write_stops_the_study_with_one_line(tmp_path, monkeypatch, capsys):
@@ -259,13 +259,14 @@ def test_a_teacher_at_chance_is_refused_before_any_student_trains(tmp_path, caps
 
 def test_without_a_validation_split_the_teachers_training_accuracy_decides(tmp_path):
     from qdistill.data.registry import load
-    from qdistill.training.targets import TeacherTargets
+    from qdistill.training.teacher import Teacher
+    from qdistill.training.teacher_files import Preprocess
     data = load({"dataset": "digits", "max_train": 200, "max_test": 20})
 
     class Constant(torch.nn.Module):  # always class 0: chance on balanced digits
         def forward(self, x):
             return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
-    targets = TeacherTargets(data, Constant(), source="const", val_acc=float("nan"))
+    targets = Teacher(data, Constant(), "torchscript", "const", "const", "", Preprocess(), val_acc=float("nan"))
     with pytest.raises(Exception, match="training-split accuracy"):
         targets.check_useful()
     targets.check_useful(allow=True)
@@ -298,11 +299,11 @@ def test_a_truncated_checkpoint_is_refused_with_one_line(tmp_path, capsys):
 
 
 def test_a_run_directory_replaced_as_a_whole_survives_a_kill_between_the_renames(tmp_path, monkeypatch):
-    """`rundir.replace` (how a Ray driver writes a finished run): killed after the old
+    """`RunDir.replace` (how a Ray driver writes a finished run): killed after the old
     folder moved aside, `recover` puts it back; killed while staging, the staging goes."""
     run = tmp_path / "runs" / "r"
-    rundir.replace(run, {"summary.json": b"{}", "config.toml": b"old"})
-    assert rundir.read_files(run) == {"config.toml": b"old", "summary.json": b"{}"}
+    RunDir(run).replace({"summary.json": b"{}", "config.toml": b"old"})
+    assert RunDir(run).files() == {"config.toml": b"old", "summary.json": b"{}"}
     real_rename, calls = os.rename, []
 
     def rename(src, dst):
@@ -312,24 +313,24 @@ def test_a_run_directory_replaced_as_a_whole_survives_a_kill_between_the_renames
         real_rename(src, dst)
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        rundir.replace(run, {"config.toml": b"new"})
+        RunDir(run).replace({"config.toml": b"new"})
     monkeypatch.setattr(os, "rename", real_rename)
     assert not run.exists()
-    rundir.recover(run.parent)
-    assert rundir.read_files(run) == {"config.toml": b"old", "summary.json": b"{}"}
+    recover(run.parent)
+    assert RunDir(run).files() == {"config.toml": b"old", "summary.json": b"{}"}
     assert sorted(p.name for p in run.parent.iterdir()) == ["r"]
-    rundir.replace(run, {"config.toml": b"new"})  # and a whole replace leaves only the new files
-    assert rundir.read_files(run) == {"config.toml": b"new"} and sorted(p.name for p in run.parent.iterdir()) == ["r"]
+    RunDir(run).replace({"config.toml": b"new"})  # and a whole replace leaves only the new files
+    assert RunDir(run).files() == {"config.toml": b"new"} and sorted(p.name for p in run.parent.iterdir()) == ["r"]
 
 
 def test_temp_files_of_a_writer_killed_mid_write_are_removed_when_the_folder_is_next_locked(tmp_path):
     """SIGKILL during `atomic_write` leaves its temp file; the next command that takes
     the folder's lock (a study, the loop for a run directory) removes it."""
     from qdistill import config as configlib
-    from qdistill.study.run import prepare
+    from qdistill.study.studydir import StudyDir
     for name in (".results.csv.x1y2.tmp", ".study.toml.abc.tmp"):
         (tmp_path / name).write_text("half")
     (tmp_path / "keep.tmp").write_text("not ours")  # only atomic_write's hidden temp files go
     with locked(tmp_path, "study"):  # as run_study does
-        prepare(tmp_path, configlib.check(configlib.defaults()), force=False)
+        StudyDir(tmp_path).prepare(configlib.check(configlib.defaults()), force=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "keep.tmp", "study.toml"]

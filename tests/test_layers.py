@@ -119,3 +119,80 @@ def test_config_resolution_and_the_layers_enumerations_need_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- functions a reader can hold
+
+MAX_FUNCTION_LINES, MAX_PARAMETERS = 60, 8
+KERNELS = ("deploy/kernels.py", "deploy/numba_kernels.py")  # numeric kernels: flat argument lists
+
+
+def functions(tree: ast.AST):
+    """Every function: (name, line, lines from `def` to its end, parameters but self/cls)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs] + [p for p in (a.vararg, a.kwarg) if p]
+            if params and params[0].arg in ("self", "cls"):
+                params = params[1:]
+            yield node.name, node.lineno, node.end_lineno - node.lineno + 1, len(params)
+
+
+def too_long_or_wide(source: str) -> list[str]:
+    return [f"{name} (line {line}): {n} lines, {p} parameters" for name, line, n, p in functions(ast.parse(source))
+            if n > MAX_FUNCTION_LINES or p > MAX_PARAMETERS]
+
+
+@pytest.mark.parametrize("path", [p for p, _ in modules() if not str(p).endswith(KERNELS)],
+                         ids=lambda p: str(p.relative_to(SRC)))
+def test_no_function_over_60_lines_or_8_parameters(path):
+    assert not too_long_or_wide(path.read_text())
+
+
+def test_the_function_check_can_fail():
+    long = "def f(a):\n" + "    x = 1\n" * 60
+    wide = "class C:\n    def m(self, a, b, c, d, e, f, g, h, *rest):\n        pass\n"
+    fine = "class C:\n    def m(self, a, b, c, d, e, f, g, h):\n        pass\n"
+    assert too_long_or_wide(long) == ["f (line 1): 61 lines, 1 parameters"]
+    assert too_long_or_wide(wide) == ["m (line 2): 2 lines, 9 parameters"]
+    assert too_long_or_wide(fine) == []
+
+
+# ---------------------------------------------------------------- one owner per folder layout
+
+LAYOUT_OWNERS = ("training/rundir.py", "study/studydir.py")
+
+
+def layout_names() -> set[str]:
+    """The file names of a run's and a study's layout, as their owners define them."""
+    from qdistill.study import studydir
+    from qdistill.training import rundir
+    return ({getattr(rundir, n) for n in ("CONFIG", "METRICS", "CHECKPOINT", "BEST", "SUMMARY", "ERROR")}
+            | {getattr(studydir, n) for n in ("STUDY_CONFIG", "RESULTS", "TEACHER_JSON", "TEACHER_TEST",
+                                               "LOGITS_CACHE", "REPORT_MD", "REPORT_HTML")})
+
+
+def spelled_layout_names(source: str, names: set[str]) -> list[str]:
+    """String constants (docstrings aside) that name a layout file."""
+    tree = ast.parse(source)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return sorted({f"{name!r} (line {node.lineno})" for node in ast.walk(tree)
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                   for name in names if name in node.value})
+
+
+def test_only_rundir_and_studydir_spell_a_layout_file_name():
+    names, bad = layout_names(), []
+    assert {"summary.json", "results.csv", "teacher_logits.pt"} <= names
+    for path, _ in modules():
+        if not str(path).endswith(LAYOUT_OWNERS):
+            bad += [f"{path.relative_to(SRC)}: {s}" for s in spelled_layout_names(path.read_text(), names)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layout_check_can_fail():
+    names = {"summary.json"}
+    src = '"""Writes summary.json."""\nX = "summary.json"\ndef f():\n    """summary.json"""\n    return f"{d}/summary.json"\n'
+    assert spelled_layout_names(src, names) == ["'summary.json' (line 2)", "'summary.json' (line 5)"]

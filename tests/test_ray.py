@@ -22,8 +22,8 @@ ray = pytest.importorskip("ray")
 from qdistill import cli  # noqa: E402
 from qdistill.resolve import resolve  # noqa: E402
 from qdistill.study.run import run_study  # noqa: E402
-from qdistill.study import cluster  # noqa: E402
-from qdistill.training import rundir  # noqa: E402
+from qdistill.study import cluster, worker  # noqa: E402
+from qdistill.training.rundir import RunDir  # noqa: E402
 
 STUDY = """
 [data]
@@ -90,7 +90,7 @@ def config(tmp_path: Path, extra: str = "") -> Path:
 
 def metrics(study: Path, teacher: bool = True) -> dict:
     """Every run's metrics (the teacher's too), without where and when they ran."""
-    return {run.name: [{k: v for k, v in row.items() if k not in WHERE_AND_WHEN} for row in rundir.read_metrics(run)]
+    return {run.name: [{k: v for k, v in row.items() if k not in WHERE_AND_WHEN} for row in RunDir(run).read_metrics()]
             for run in [study / "teacher"] * teacher + sorted((study / "runs").iterdir())}
 
 
@@ -117,6 +117,23 @@ def test_ray_init_leaves_the_clis_sigterm_handler_in_place(ray_env):
         signal.signal(signal.SIGTERM, previous)
 
 
+def exits_after(run: str, epochs: int, marker: Path):
+    """A Ray task that trains as `worker.run_unit` does, but whose first attempt at the
+    unit that trains ``run`` (no ``marker`` yet) exits the worker as soon as the driver
+    has taken its ``epochs``-th epoch: the one before is written, that one maybe not."""
+    def task(unit, files, data, teacher, threads):
+        first = run in {Path(folder).name for _, folder in unit.runs} and not marker.exists()
+        if first:
+            marker.touch()
+        sent = 0
+        for message in worker.run_unit(unit, files, data, teacher, threads):
+            yield message  # returns once the driver has taken it
+            sent += isinstance(message, worker.Epoch)
+            if first and sent >= epochs:
+                os._exit(1)
+    return task
+
+
 def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, tmp_path, monkeypatch, capsys):
     """--workers 2, where one run's worker dies and retries = 0: that run is recorded as
     failed and the other goes on. Rerun on Ray with retries, where the resumed run's
@@ -124,7 +141,8 @@ def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, 
     Then every run's metrics (the teacher's, a Ray task too) equal the in-process study's."""
     s = tmp_path / "S"
     # dies once the driver has taken its 2nd epoch: the 1st is written, the 2nd may be
-    monkeypatch.setenv("QDISTILL_TEST_EXIT", "q2-soft-T4-s0:2")
+    marker = tmp_path / "exited"
+    monkeypatch.setattr(cluster, "run_unit", exits_after("q2-soft-T4-s0", 2, marker))
     # One local instance for both studies (a study uses a connection its caller made);
     # test_ray_init_leaves_the_clis_sigterm_handler_in_place starts one through the CLI's path.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -132,10 +150,11 @@ def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, 
         first = cli.main(["study", str(config(tmp_path, "retries = 0\n")), "--out", str(s), "--workers", "2"])
         out = capsys.readouterr()
         # resumes from there, dies again after 2 more epochs: the retry keeps at least 1 of them
-        snapshot = {"error": rundir.read_error(s / "runs" / "q2-soft-T4-s0"),
-                    "rows": len(rundir.read_metrics(s / "runs" / "q2-soft-T4-s0")),
+        snapshot = {"error": RunDir(s / "runs" / "q2-soft-T4-s0").read_error(),
+                    "rows": len(RunDir(s / "runs" / "q2-soft-T4-s0").read_metrics()),
                     "results": (s / "results.csv").read_text(),
-                    "q1": rundir.read_summary(s / "runs" / "q1-hard-T1-s0")}
+                    "q1": RunDir(s / "runs" / "q1-hard-T1-s0").read_summary()}
+        marker.unlink()  # the next study's first attempt exits too
         second = run_study(resolve(config(tmp_path), {"study": {"executor": "ray"}}), s, progress=False)
     finally:
         ray.shutdown()
@@ -148,7 +167,7 @@ def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, 
     lines = (out.out + out.err).splitlines()  # one line per finished run: name, node, accuracy, time
     assert any("q1-hard-T1-s0" in line and node in line and " val " in line for line in lines)
     assert "raylet" not in out.out + out.err  # Ray's own lines stay out of the terminal
-    attempts = rundir.read_summary(s / "runs" / "q2-soft-T4-s0")["attempts"]
+    attempts = RunDir(s / "runs" / "q2-soft-T4-s0").read_summary()["attempts"]
     done = snapshot["rows"]
     assert attempts[0]["from_epoch"] == done and attempts[1]["from_epoch"] in (done + 1, done + 2), attempts
     assert metrics(s) == metrics(in_process)
@@ -170,8 +189,8 @@ def test_a_cluster_that_loses_a_node_mid_run_completes_with_the_same_metrics(ray
         deadline = time.monotonic() + 60
         while victim is None and driver.is_alive() and time.monotonic() < deadline:
             for name in RUNS:  # a run with an epoch back at the driver and more to go
-                rows = rundir.read_metrics(s / "runs" / name) if (s / "runs" / name).is_dir() else []
-                if 1 <= len(rows) < 4 and rundir.read_summary(s / "runs" / name) is None:
+                rows = RunDir(s / "runs" / name).read_metrics() if (s / "runs" / name).is_dir() else []
+                if 1 <= len(rows) < 4 and RunDir(s / "runs" / name).read_summary() is None:
                     victim = name, rows[-1]["node"], len(rows)
                     break
             time.sleep(0.01)
@@ -180,10 +199,10 @@ def test_a_cluster_that_loses_a_node_mid_run_completes_with_the_same_metrics(ray
         c.remove_node(next(n for n in nodes if node.endswith(n.node_id[:8])))
         driver.join(120)
         assert codes == [0]
-        rows = rundir.read_metrics(s / "runs" / name)
+        rows = RunDir(s / "runs" / name).read_metrics()
         moved = [r["epoch"] for r in rows if r["node"] != node]
         assert moved and moved[0] > done and moved == list(range(moved[0], 5)), rows  # resumed, not restarted
-        assert rundir.read_summary(s / "runs" / name)["attempts"][1]["from_epoch"] >= done
+        assert RunDir(s / "runs" / name).read_summary()["attempts"][1]["from_epoch"] >= done
         assert metrics(s, teacher=False) == metrics(in_process, teacher=False)
     finally:
         ray.shutdown()
@@ -213,7 +232,7 @@ def test_without_ray_the_line_says_what_to_install(tmp_path, capsys, monkeypatch
 
 
 def test_execution_settings_do_not_make_a_study_a_different_one(tmp_path):
-    from qdistill.study.run import _what_runs
+    from qdistill.study.studydir import _what_runs
     from qdistill import config as configlib
     cfg = configlib.check(configlib.defaults())
     ray_cfg = json.loads(json.dumps(cfg))

@@ -14,6 +14,7 @@ from qdistill.resolve import resolve
 from qdistill.study import run as studylib
 from qdistill.study.results import COLUMNS
 from qdistill.training import evaluate, loop as trainlib
+from qdistill.training.teacher import Teacher
 
 CONFIG = """
 [data]
@@ -136,12 +137,12 @@ def test_stale_teacher_cache_is_recomputed(fused_study, tmp_path):
     stale = {**stored, "logits": torch.zeros_like(good),
              "fingerprint": {**stored["fingerprint"], "teacher": "0" * 64}}
     torch.save(stale, s / "teacher_logits.pt")
-    logits = studylib.study_targets(s, s / "teacher", data, torch.device("cpu")).train_logits()
+    logits = Teacher.open(s / "teacher", data).cached(s / "teacher_logits.pt", torch.device("cpu")).train_logits()
     assert torch.allclose(logits, good) and not torch.equal(logits, torch.zeros_like(good))
     assert torch.load(s / "teacher_logits.pt", weights_only=True)["fingerprint"] == stored["fingerprint"]
     # a cache whose fingerprint matches is used as it is
     torch.save({**stored, "logits": good + 1}, s / "teacher_logits.pt")
-    logits = studylib.study_targets(s, s / "teacher", data, torch.device("cpu")).train_logits()
+    logits = Teacher.open(s / "teacher", data).cached(s / "teacher_logits.pt", torch.device("cpu")).train_logits()
     assert torch.allclose(logits, good + 1)
     torch.save(stored, s / "teacher_logits.pt")
 

@@ -21,8 +21,8 @@ from qdistill.export.onnx import export_onnx
 from qdistill.nn.layers import QuantAct
 from qdistill.resolve import resolve
 from qdistill.training import checkpoint
-from qdistill.training.targets import TeacherTargets
-from qdistill.training.teachers import file_sha256
+from qdistill.training.teacher import Teacher
+from qdistill.training.teacher_files import file_sha256
 
 from bounds import Ref, gamma, within
 
@@ -57,7 +57,7 @@ def made(tmp_path_factory):
     except ImportError:
         pass
     data = load(DATA)
-    run = TeacherTargets.from_path(root / "T", data).evaluate()
+    run = Teacher.open(root / "T", data).evaluate()
     np.savez(root / "t.npz", train_logits=run.train_logits().numpy(), test_logits=run.test_logits().numpy(),
              data_fingerprint=data.fingerprint)
     paths["logits"] = root / "t.npz"
@@ -89,7 +89,7 @@ def test_torchscript_and_export_teachers_are_the_run_teacher_bit_for_bit(made, r
     are compared exactly, and so is the student they teach."""
     paths, _, data, run = made
     for kind in ("torchscript", "export"):
-        t = TeacherTargets.from_path(paths[kind], data).evaluate()
+        t = Teacher.open(paths[kind], data).evaluate()
         assert t.kind == kind and t.sha256 == file_sha256(paths[kind])
         assert torch.equal(t.train_logits(), run.train_logits()) and torch.equal(t.test_logits(), run.test_logits())
         assert t.fingerprint == {**run.fingerprint, "teacher": t.sha256, "kind": kind}
@@ -141,7 +141,7 @@ def test_onnx_teacher_is_the_run_teacher_within_the_derived_bound(made, run_stud
     ort = _onnx()
     import onnx
     paths, model, data, run = made
-    t = TeacherTargets.from_path(paths["onnx"], data).evaluate()
+    t = Teacher.open(paths["onnx"], data).evaluate()
     x = to_float(torch.cat([data.x_train, data.x_test]))
     # PyTorch, hooked at the boundaries
     cut = _boundaries(model)
@@ -243,7 +243,7 @@ def test_nhwc_0_255_normalised_onnx_teacher(tmp_path, capfd):
     data = load(DATA)
     declared = _section("teacher.layout=NHWC", "teacher.input_range=0-255", f"teacher.mean={MEAN}",
                         f"teacher.std={STD}")
-    t = TeacherTargets.from_path(path, data, declared).evaluate()
+    t = Teacher.open(path, data, declared).evaluate()
     a = to_float(data.x_train).double()
     mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1).float().double()
     e_in = float(gamma(7)) * (2 * a + mean.abs() / 255)
@@ -252,7 +252,7 @@ def test_nhwc_0_255_normalised_onnx_teacher(tmp_path, capfd):
     assert t.fingerprint["preprocess"] == {"input_range": "0-255", "mean": MEAN, "std": STD, "layout": "NHWC",
                                            "input_size": 32}
     # the check bites: the same teacher declared without its normalisation is far off
-    wrong = TeacherTargets.from_path(path, data, _section("teacher.layout=NHWC")).evaluate()
+    wrong = Teacher.open(path, data, _section("teacher.layout=NHWC")).evaluate()
     assert ((wrong.train_logits().double() - ref).abs() > bound).any()
     # not declared at all: the runtime rejects the NCHW batch, said in one line
     code = cli.main(["student", *FLAGS, "--teacher", str(path), *STUDENT, "--out", str(tmp_path / "S")])
@@ -273,7 +273,7 @@ def test_input_size_resizes_before_the_teacher(tmp_path, capfd):
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(core, torch.rand(2, 3, 40, 40)), str(tmp_path / "t40.pt"))
     data = load(DATA)
-    t = TeacherTargets.from_path(tmp_path / "t40.pt", data, _section("teacher.input_size=40")).evaluate()
+    t = Teacher.open(tmp_path / "t40.pt", data, _section("teacher.input_size=40")).evaluate()
     x = torch.nn.functional.interpolate(to_float(data.x_test), size=(40, 40), mode="bilinear", align_corners=False)
     with torch.no_grad():
         assert torch.equal(t.test_logits(), core(x))
@@ -396,7 +396,7 @@ def test_weak_teachers_of_every_kind_are_refused(kind, tmp_path, capfd):
         export_onnx(core, path)
     else:
         np.savez(path, train_logits=np.zeros((200, 10), np.float32), test_logits=np.zeros((60, 10), np.float32))
-    assert TeacherTargets.from_path(path, data).val_acc is None
+    assert Teacher.open(path, data).val_acc is None
     code = cli.main(["student", *FLAGS, "--teacher", str(path), "--loss", "soft", "--epochs", "1",
                      "--out", str(tmp_path / "S")])
     err = capfd.readouterr().err
@@ -433,7 +433,7 @@ def test_study_with_an_onnx_teacher(made, tmp_path, capfd):
     sha = file_sha256(paths["onnx"])
     teacher = json.loads((s / "teacher.json").read_text())
     assert (teacher["kind"], teacher["file"], teacher["sha256"]) == ("onnx", str(paths["onnx"]), sha)
-    assert teacher["test_acc"] == TeacherTargets.from_path(paths["onnx"], data).describe()["test_acc"]
+    assert teacher["test_acc"] == Teacher.open(paths["onnx"], data).describe()["test_acc"]
     stored = torch.load(s / "teacher_logits.pt", weights_only=True)["fingerprint"]
     assert stored["kind"] == "onnx" and stored["teacher"] == sha and stored["data"] == data.fingerprint
     summary = json.loads((s / "runs" / "q2-soft-T4-s0" / "summary.json").read_text())

@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from qdistill import cli  # noqa: E402
 from qdistill.data.registry import load  # noqa: E402
 from qdistill.resolve import resolve  # noqa: E402
-from qdistill.training import checkpoint, loop, rundir  # noqa: E402
+from qdistill.training import checkpoint, loop  # noqa: E402
+from qdistill.training.rundir import CHECKPOINT, RunDir  # noqa: E402
 from qdistill.training.scalars import FIELDS  # noqa: E402
 
 ARGS = ["student", "--dataset", "digits", "--max-train", "96", "--max-test", "20", "--epochs", "2",
@@ -30,7 +31,7 @@ def scalars(run) -> dict[str, list[tuple[int, float]]]:
 def assert_matches_metrics(run):
     """One point per epoch for each field, equal to metrics.jsonl's value as the event
     format stores it (float32: a point holds float32(value) exactly)."""
-    metrics = rundir.read_metrics(run)
+    metrics = RunDir(run).read_metrics()
     assert len(metrics) == 2
     got = scalars(run)
     assert set(got) == set(FIELDS)
@@ -62,14 +63,14 @@ def test_a_resumed_run_has_one_point_per_epoch(tmp_path, monkeypatch, capsys):
     real_save = checkpoint.save
 
     def stop_before_second_checkpoint(obj, path):
-        if path.name == rundir.CHECKPOINT and obj.get("epoch") == 2:
+        if path.name == CHECKPOINT and obj.get("epoch") == 2:
             raise KeyboardInterrupt
         return real_save(obj, path)
     monkeypatch.setattr(checkpoint, "save", stop_before_second_checkpoint)
     assert cli.main([*ARGS, "--tensorboard", "--out", str(run)]) == 130
     assert [s for s, _ in scalars(run)["val_acc"]] == [1, 2]  # epoch 2's point, soon stale
     monkeypatch.setattr(checkpoint, "save", real_save)
-    assert checkpoint.load(run / rundir.CHECKPOINT)["epoch"] == 1
+    assert checkpoint.load(run / CHECKPOINT)["epoch"] == 1
     assert cli.main([*ARGS, "--tensorboard", "--resume", "--out", str(run)]) == 0
     assert len(list(run.glob("events.out.tfevents.*"))) == 2
     assert_matches_metrics(run)

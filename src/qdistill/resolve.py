@@ -16,30 +16,14 @@ CHOICES = {("data", "dataset"): DATASETS, ("data", "augment"): AUGMENTS, ("stude
            ("teacher", "layout"): TEACHER_LAYOUTS, ("study", "executor"): EXECUTORS}
 
 
-# Flags named as their config key, by section (dashes for underscores: --max-train).
-FLAG_KEYS = {
-    "data": ("dataset", "data_dir", "data_path", "extra", "verify", "augment", "val_fraction",
-             "max_train", "max_test"),
-    "train": ("epochs", "batch_size", "lr", "schedule", "weight_decay", "seed", "device", "precision",
-              "tensorboard"),
-    "student": ("loss", "temperature", "c", "weight_bits", "act_bits", "grad_bits", "scheme",
-                "quantize_first_last"),
-}
-
-
-def flags_config(args, model_section: str | None) -> dict:
-    """The config keys that parsed command-line flags (``args``) set, as a partial config;
-    ``--model`` goes to ``model_section``, ``--teacher`` to ``teacher.run``."""
+def flags_config(args) -> dict:
+    """The config keys that parsed command-line flags (``args``) set, as a partial
+    config: every flag that sets a key stores it under its dotted name (`cli.parser`)."""
     out: dict[str, dict] = {}
-    for section, keys in FLAG_KEYS.items():
-        for key in keys:
-            value = getattr(args, key, None)
-            if value is not None:
-                out.setdefault(section, {})[key] = value
-    if model_section and getattr(args, "model", None):
-        out.setdefault(model_section, {})["model"] = args.model
-    if getattr(args, "teacher", None):
-        out.setdefault("teacher", {})["run"] = args.teacher
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, key = dest.split(".", 1)
+            out.setdefault(section, {})[key] = value
     return out
 
 

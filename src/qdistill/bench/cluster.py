@@ -24,7 +24,7 @@ from .. import config as configlib
 from ..data.registry import load
 from ..study.cluster import import_ray
 from ..study.run import run_study
-from ..training import rundir
+from ..study.studydir import StudyDir
 from ..training.loop import Run, train
 from .machine import cpu_name
 
@@ -83,7 +83,7 @@ def run(epochs: int = 8, max_train: int = 0, log=print) -> dict:
                 wall = time.perf_counter() - t0
             if out["failed"]:
                 raise RuntimeError(f"benchmark runs failed: {out['failed']}")
-            train_s = [rundir.read_summary(study / "runs" / r["run"])["wall_s"] for r in out["rows"]]
+            train_s = [StudyDir(study).run(r["run"]).read_summary()["wall_s"] for r in out["rows"]]
             result["nodes"][nodes] = {"wall_s": wall, "train_s": sum(train_s), "run_train_s": train_s,
                                       "nodes_used": sorted({r["node"] for r in out["rows"]})}
         one, two = result["nodes"][1], result["nodes"][2]

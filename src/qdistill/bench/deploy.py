@@ -55,19 +55,13 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def run(model: torch.nn.Module | None = None, *, runs: int = 200, batch: int = 256) -> dict:
-    """Measure the figures of the module docstring; returns one flat dict (see ``KEYS``)."""
+    """Measure the figures of the module docstring; returns one flat dict."""
     described = DEFAULT_STUDENT if model is None else f"{getattr(model, 'arch', type(model).__name__)} (given)"
     model = default_student() if model is None else model.eval()
     threads = torch.get_num_threads()
     if numba_kernels.HAVE_NUMBA:
         numba_kernels.numba.set_num_threads(min(threads, numba_kernels.numba.config.NUMBA_NUM_THREADS))
-    num_classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
-    with tempfile.TemporaryDirectory() as tmp:
-        qdz_path, onnx_path = Path(tmp) / "student.qdz", Path(tmp) / "student.onnx"
-        export_model(model, qdz_path, class_names=[str(i) for i in range(num_classes)])
-        qdz_bytes = qdz_path.stat().st_size
-        engine = deploy.load(qdz_path)
-        session = _ort_session(model, onnx_path, threads)
+    qdz_bytes, engine, session = _exported(model, threads)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     fp32_bytes = len(buf.getvalue())
@@ -75,42 +69,14 @@ def run(model: torch.nn.Module | None = None, *, runs: int = 200, batch: int = 2
     gen = torch.Generator().manual_seed(1)
     x1 = torch.rand(1, 3, 32, 32, generator=gen)
     xb = torch.rand(batch, 3, 32, 32, generator=gen)
-    x1n, xbn = x1.numpy(), xb.numpy()
-
-    def torch_call(x):
-        with torch.inference_mode():
-            return model(x)
-
-    calls = {"torch": (lambda: torch_call(x1), lambda: torch_call(xb)),
-             "engine": (lambda: engine.predict(x1n), lambda: engine.predict(xbn))}
-    if session is not None:
-        calls["ort"] = (lambda: session.run(None, {"images": x1n}), lambda: session.run(None, {"images": xbn}))
-
+    calls = _calls(model, engine, session, x1, xb)
     for one, many in calls.values():  # warm-up: JIT, allocator, thread pools
         for _ in range(10):
             one()
         many()
-    b1 = {k: [] for k in calls}
-    block = 25
-    for start in range(0, runs, block):
-        for k, (one, _) in calls.items():
-            one()  # the first call after another runtime's block wakes this one's threads
-            for _ in range(min(block, runs - start)):
-                t = time.perf_counter()
-                one()
-                b1[k].append(time.perf_counter() - t)
-    bb = {k: [] for k in calls}
-    for _ in range(max(3, min(10, runs // 20))):
-        for k, (_, many) in calls.items():
-            many()
-            t = time.perf_counter()
-            many()
-            bb[k].append(time.perf_counter() - t)
-
-    torch_labels = torch_call(xb).argmax(1).numpy()
-    agreement = float((engine.classify(xbn) == torch_labels).mean())
-    ms = {k: _median_ms(v) for k, v in b1.items()}
-    img_s = {k: batch / statistics.median(v) for k, v in bb.items()}
+    ms = {k: _median_ms(v) for k, v in _batch1_seconds(calls, runs).items()}
+    img_s = {k: batch / statistics.median(v) for k, v in _batch_seconds(calls, runs).items()}
+    agreement = float((engine.classify(xb.numpy()) == _torch_forward(model, xb).argmax(1).numpy()).mean())
     return {
         "qdz_bytes": qdz_bytes,
         "fp32_bytes": fp32_bytes,
@@ -132,6 +98,59 @@ def run(model: torch.nn.Module | None = None, *, runs: int = 200, batch: int = 2
         "torch_version": torch.__version__,
         "date": date.today().isoformat(),
     }
+
+
+def _exported(model: torch.nn.Module, threads: int):
+    """``(bytes of the .qdz file, the engine loaded from it, an ONNX Runtime session or None)``."""
+    num_classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    with tempfile.TemporaryDirectory() as tmp:
+        qdz_path = Path(tmp) / "student.qdz"
+        export_model(model, qdz_path, class_names=[str(i) for i in range(num_classes)])
+        qdz_bytes = qdz_path.stat().st_size
+        engine = deploy.load(qdz_path)
+        return qdz_bytes, engine, _ort_session(model, Path(tmp) / "student.onnx", threads)
+
+
+def _torch_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+def _calls(model, engine, session, x1: torch.Tensor, xb: torch.Tensor) -> dict:
+    """Per runtime, ``(batch-1 call, batch call)`` on the same images."""
+    x1n, xbn = x1.numpy(), xb.numpy()
+    calls = {"torch": (lambda: _torch_forward(model, x1), lambda: _torch_forward(model, xb)),
+             "engine": (lambda: engine.predict(x1n), lambda: engine.predict(xbn))}
+    if session is not None:
+        calls["ort"] = (lambda: session.run(None, {"images": x1n}), lambda: session.run(None, {"images": xbn}))
+    return calls
+
+
+def _seconds(call) -> float:
+    t = time.perf_counter()
+    call()
+    return time.perf_counter() - t
+
+
+def _batch1_seconds(calls: dict, runs: int, block: int = 25) -> dict[str, list[float]]:
+    """``runs`` timed batch-1 calls per runtime, in blocks of ``block``, the runtimes taking
+    turns (see the module docstring)."""
+    seconds = {k: [] for k in calls}
+    for start in range(0, runs, block):
+        for k, (one, _) in calls.items():
+            one()  # the first call after another runtime's block wakes this one's threads
+            seconds[k] += [_seconds(one) for _ in range(min(block, runs - start))]
+    return seconds
+
+
+def _batch_seconds(calls: dict, runs: int) -> dict[str, list[float]]:
+    """Timed batch calls per runtime, each after an untimed one, the runtimes taking turns."""
+    seconds = {k: [] for k in calls}
+    for _ in range(max(3, min(10, runs // 20))):
+        for k, (_, many) in calls.items():
+            many()
+            seconds[k].append(_seconds(many))
+    return seconds
 
 
 def _ort_session(model, path: Path, threads: int):

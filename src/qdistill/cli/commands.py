@@ -9,23 +9,25 @@ from pathlib import Path
 from .. import config as configlib
 from ..errors import ConfigError, DataError, RunError
 from ..resolve import flags_config, resolve
+from ..study.studydir import RESULTS, StudyDir
+from ..training.rundir import CONFIG, ERROR, RunDir
 
 
-def _config(args, model_section: str | None = None, *, role: str | None = None, base: dict | None = None,
-            base_origin: str = "", check: bool = True) -> dict:
+def _config(args, *, role: str | None = None, base: dict | None = None, base_origin: str = "",
+            check: bool = True) -> dict:
     """The command's config: ``base`` < ``--config`` < its flags < ``--set`` (`resolve`)."""
-    return resolve(getattr(args, "config", None), flags_config(args, model_section), getattr(args, "set", []),
+    return resolve(getattr(args, "config", None), flags_config(args), getattr(args, "set", []),
                    base=base, base_origin=base_origin, role=role, check=check)
 
 
 def _data_of_teacher(cfg: dict) -> dict | None:
     """A student's data defaults to its teacher's (``--teacher RUN``); a teacher file
     does not say which data it learned from."""
-    from ..training.rundir import read_config
     run = cfg["teacher"]["run"]
     if not run or not Path(run).is_dir():
         return None
-    return {"data": {k: v for k, v in read_config(run).get("data", {}).items() if k in configlib.DEFAULTS["data"]}}
+    return {"data": {k: v for k, v in RunDir(run).read_config().get("data", {}).items()
+                     if k in configlib.DEFAULTS["data"]}}
 
 
 def _require_out(args) -> None:
@@ -51,7 +53,7 @@ def _print_run(role: str, out, summary: dict) -> None:
 def cmd_teacher(args) -> int:
     from ..data.registry import load
     from ..training.loop import train
-    cfg = _config(args, "teacher", role="teacher")
+    cfg = _config(args, role="teacher")
     _require_out(args)
     _check_tensorboard(cfg)
     [summary] = train([(cfg, args.out)], load(cfg["data"]), resume=args.resume, force=args.force,
@@ -63,25 +65,19 @@ def cmd_teacher(args) -> int:
 def cmd_student(args) -> int:
     from ..data.registry import load
     from ..training.loop import train
-    from ..training.targets import TeacherTargets
-    first = _config(args, "student", check=False)
-    cfg = _config(args, "student", role="student", base=_data_of_teacher(first),
-                  base_origin=f"{first['teacher']['run']}/config.toml")
+    from ..training.teacher import open_teacher
+    first = _config(args, check=False)
+    cfg = _config(args, role="student", base=_data_of_teacher(first),
+                  base_origin=str(RunDir(first["teacher"]["run"]) / CONFIG))
     _require_out(args)
     _check_tensorboard(cfg)
-    run = cfg["teacher"]["run"]
-    if not run and cfg["student"]["loss"] != "hard":
+    if not cfg["teacher"]["run"] and cfg["student"]["loss"] != "hard":
         # hard+softgt trains without the teacher, but its run is compared with it
         # (agreement, KL) and takes its data from it, as every distillation question does.
         raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
     data = load(cfg["data"])
-    augment = cfg["data"]["augment"] != "none"
-    targets = TeacherTargets.from_path(run, data, cfg["teacher"], augment=augment) if run else None
-    if targets:  # every problem with the teacher shows here, before the run directory exists
-        from ..training.device import pick_device
-        targets.evaluate(pick_device(cfg["train"]["device"]), train=not augment)
-        targets.check_useful(args.allow_weak_teacher)
-    [summary] = train([(cfg, args.out)], data, targets, resume=args.resume, force=args.force,
+    teacher = open_teacher(cfg, data)  # every problem with it shows here, before the run directory exists
+    [summary] = train([(cfg, args.out)], data, teacher, resume=args.resume, force=args.force,
                       progress=not args.quiet)
     _print_run("student", args.out, summary)
     return 0
@@ -91,9 +87,8 @@ def cmd_eval(args) -> int:
     from ..data.registry import load
     from ..training.checkpoint import load_model
     from ..training.evaluate import evaluate
-    from ..training.rundir import read_config
     # --config/--set/--data-dir may point the run at its data elsewhere (a moved SVHN folder).
-    cfg = _config(args, base=read_config(args.run), base_origin=str(args.run))
+    cfg = _config(args, base=RunDir(args.run).read_config(), base_origin=str(args.run))
     model, meta = load_model(args.run, args.checkpoint)
     data = load(cfg["data"])
     if meta["build"]["num_classes"] != data.num_classes:
@@ -131,27 +126,21 @@ def cmd_study(args) -> int:
     if args.config_file and args.config:
         raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
     args.config = args.config_file or args.config
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    cfg = _config(args, "student")
-    if args.ray is not None:
-        cfg["study"].update(executor="ray", ray_address=args.ray)
+    cfg = _config(args)
     _check_tensorboard(cfg)
-    result = run_study(cfg, args.out, force=args.force, workers=args.workers,
-                       fused=False if args.no_fused else None, progress=not args.quiet,
-                       allow_weak_teacher=args.allow_weak_teacher)
+    result = run_study(cfg, args.out, force=args.force, progress=not args.quiet)
     ok = len(result["rows"]) - len(result["failed"])
     print(f"study {args.out}: {ok}/{len(result['rows'])} runs finished")
     for name in result["failed"]:
-        print(f"  not finished: {name} (see {Path(args.out) / 'runs' / name / 'error.txt'})")
+        print(f"  not finished: {name} (see {StudyDir(args.out).run(name).path / ERROR})")
     print(f"report: {write_report(args.out)['html']}")
     return 1 if result["failed"] else 0
 
 
 def cmd_report(args) -> int:
     from ..report.report import write_report
-    if not (Path(args.study) / "results.csv").is_file():
-        raise RunError(f"{args.study} is not a study (no results.csv)")
+    if not StudyDir(args.study).results.is_file():
+        raise RunError(f"{args.study} is not a study (no {RESULTS})")
     paths = write_report(args.study)
     print(f"report: {paths['html']}")
     return 0
@@ -159,11 +148,10 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from ..export.packed import export_run
-    from ..training.rundir import read_summary
     export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=args.format)
     size = Path(args.out).stat().st_size
     print(f"exported {args.run} ({args.checkpoint}.pt) to {args.out} ({args.format}, {size:,} bytes)")
-    fp32 = (read_summary(args.run) or {}).get("fp32_bytes")
+    fp32 = (RunDir(args.run).read_summary() or {}).get("fp32_bytes")
     if args.format == "qdz" and fp32:
         print(f"its fp32 weights: {fp32:,} bytes ({fp32 / size:.1f}x the packed file)")
     return 0
@@ -172,7 +160,7 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from ..deploy.predict import predict_dataset, predict_image
     if args.image:
-        if args.dataset or args.data_path or args.config or args.set:
+        if flags_config(args) or args.config or args.set:
             raise ConfigError("give either an image file (or folder) or dataset options, not both")
         if Path(args.image).is_dir():
             return _predict_folder(args)
@@ -185,7 +173,7 @@ def cmd_predict(args) -> int:
         return 0
     if args.out:
         raise ConfigError("--out writes the predictions of a FOLDER of images: give one")
-    if not args.dataset and not args.config and not args.set:
+    if not flags_config(args) and not args.config and not args.set:
         raise ConfigError("give an image file, a folder of images or --dataset (and its options) to predict on")
     result = predict_dataset(args.model, _config(args)["data"])
     print(json.dumps(result) if args.json else

@@ -1,10 +1,17 @@
-"""The command line's parser: every command, its flags and their help."""
+"""The command line's parser: every command, its flags and their help.
+
+A flag that sets a config key stores its value under the key's dotted name
+(``dest="train.epochs"``), so `qdistill.resolve.flags_config` turns every such flag into
+config before anything is checked: one route from the command line to the config. Its
+help shows the key's default, read from the schema.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from .. import __version__
+from .. import config as configlib
 from ..data import AUGMENTS, DATASETS
 from ..nn import LOSSES, SCHEMES
 from ..training import PRECISIONS, SCHEDULES
@@ -17,7 +24,27 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-# --- flags shared by the training commands -------------------------------------------------
+class _Ray(argparse.Action):
+    """``--ray [ADDRESS]``: ``study.executor = "ray"`` and ``study.ray_address``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, "study.executor", "ray")
+        setattr(namespace, self.dest, values)
+
+
+def _key(group, *flags: str, key: str, help: str = "", **kwargs) -> None:
+    """A flag that sets the config key ``key`` (``section.name``); its help ends with the
+    key and its default from the schema."""
+    section, name = key.split(".")
+    default = configlib.DEFAULTS[section].get(name)
+    shown = "T^2" if name == "c" else ("" if default in ("", []) else default)
+    tail = f"{key}" + (f", default {shown}" if shown != "" else "")
+    if "const" not in kwargs and "choices" not in kwargs:
+        kwargs.setdefault("metavar", name.upper())
+    group.add_argument(*flags, dest=key, default=None, help=f"{help} ({tail})" if help else f"({tail})", **kwargs)
+
+
+# --- flags shared by several commands ---------------------------------------------------------
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("config")
@@ -26,49 +53,51 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="override any config key (repeatable)")
 
 
-def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
-    _add_config_flags(p)
+def _add_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS)
-    g.add_argument("--data-dir", help="svhn, cifar10, cifar100: folder of the official files (default "
-                   "~/.cache/qdistill/DATASET); imagefolder: ROOT with train/<class>/ and test/<class>/")
-    g.add_argument("--data-path", help="the .npz file of the npz dataset")
-    g.add_argument("--extra", action="store_true", default=None, help="svhn: add extra_32x32.mat to train")
-    g.add_argument("--no-verify", action="store_false", dest="verify", default=None,
-                   help="svhn, cifar10, cifar100: accept files that are not the official ones (skip md5)")
-    g.add_argument("--augment", choices=AUGMENTS)
-    g.add_argument("--val-fraction", type=float)
-    g.add_argument("--max-train", type=int, help="keep the first N training images")
-    g.add_argument("--max-test", type=int, help="keep the first N test images")
+    _key(g, "--dataset", key="data.dataset", choices=DATASETS)
+    _key(g, "--data-dir", key="data.data_dir", help="svhn, cifar10, cifar100: folder of the official files "
+         "(~/.cache/qdistill/DATASET); imagefolder: ROOT with train/<class>/ and test/<class>/")
+    _key(g, "--data-path", key="data.data_path", help="the .npz file of the npz dataset")
+    _key(g, "--extra", key="data.extra", action="store_const", const=True, help="svhn: add extra_32x32.mat to train")
+    _key(g, "--no-verify", key="data.verify", action="store_const", const=False,
+         help="svhn, cifar10, cifar100: accept files that are not the official ones (skip md5)")
+    _key(g, "--augment", key="data.augment", choices=AUGMENTS)
+    _key(g, "--val-fraction", key="data.val_fraction", type=float)
+    _key(g, "--max-train", key="data.max_train", type=int, help="keep the first N training images")
+    _key(g, "--max-test", key="data.max_test", type=int, help="keep the first N test images")
+
+
+def _add_training(p: argparse.ArgumentParser, model_key: str) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--model", help=model_help)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--schedule", choices=SCHEDULES)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--precision", choices=PRECISIONS,
-                   help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16")
-    g.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write each epoch's scalars as TensorBoard event files in the run directory "
-                        "(pip install 'qdistill[tensorboard]')")
+    _key(g, "--model", key=model_key, help="architecture")
+    _key(g, "--epochs", key="train.epochs", type=int)
+    _key(g, "--batch-size", key="train.batch_size", type=int)
+    _key(g, "--lr", key="train.lr", type=float, help="Adam's learning rate")
+    _key(g, "--schedule", key="train.schedule", choices=SCHEDULES)
+    _key(g, "--weight-decay", key="train.weight_decay", type=float)
+    _key(g, "--seed", key="train.seed", type=int)
+    _key(g, "--device", key="train.device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    _key(g, "--precision", key="train.precision", choices=PRECISIONS,
+         help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    _key(g, "--tensorboard", key="train.tensorboard", action="store_const", const=True,
+         help="also write each epoch's scalars as TensorBoard event files in the run directory "
+              "(pip install 'qdistill[tensorboard]')")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_student_flags(p: argparse.ArgumentParser) -> None:
+def _add_student(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("student")
-    g.add_argument("--loss", choices=LOSSES)
-    g.add_argument("--temperature", "-T", type=float)
-    g.add_argument("--c", type=float, help="weight of the soft term (default T^2)")
-    g.add_argument("--weight-bits", type=int)
-    g.add_argument("--act-bits", type=int)
-    g.add_argument("--grad-bits", type=int)
-    g.add_argument("--scheme", choices=SCHEMES)
-    g.add_argument("--quantize-first-last", action="store_true", default=None)
-    g.add_argument("--allow-weak-teacher", action="store_true",
-                   help="use a teacher whose validation accuracy is within 5 points of chance")
+    _key(g, "--loss", key="student.loss", choices=LOSSES)
+    _key(g, "--temperature", "-T", key="student.temperature", type=float)
+    _key(g, "--c", key="student.c", type=float, help="weight of the soft term")
+    _key(g, "--weight-bits", key="student.weight_bits", type=int)
+    _key(g, "--act-bits", key="student.act_bits", type=int)
+    _key(g, "--grad-bits", key="student.grad_bits", type=int)
+    _key(g, "--scheme", key="student.scheme", choices=SCHEMES)
+    _key(g, "--quantize-first-last", key="student.quantize_first_last", action="store_const", const=True)
+    _key(g, "--allow-weak-teacher", key="study.allow_weak_teacher", action="store_const", const=True,
+         help="use a teacher whose validation accuracy is within 5 points of chance")
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -78,52 +107,74 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing run")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qdistill", description="Distil full-precision teachers into DoReFa low-bit students.")
-    p.add_argument("--version", action="version", version=f"qdistill {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _trainer(sub, name: str, help: str, model_key: str):
+    p = sub.add_parser(name, help=help)
+    _add_config_flags(p)
+    _add_data(p)
+    _add_training(p, model_key)
+    return p
 
-    t = sub.add_parser("teacher", help="train a full-precision teacher")
-    _add_common(t, model_help="teacher architecture (default vgg7)")
+
+# --- the commands -------------------------------------------------------------------------------
+
+def _teacher_and_student(sub) -> None:
+    t = _trainer(sub, "teacher", "train a full-precision teacher", "teacher.model")
     _add_run_flags(t)
     t.set_defaults(func=commands.cmd_teacher)
 
-    s = sub.add_parser("student", help="train a quantized student (Q1-Q4 losses)")
-    _add_common(s, model_help="student architecture (default vgg7)")
-    _add_student_flags(s)
-    s.add_argument("--teacher", help="teacher: a run directory, or a TorchScript, .pt2, .onnx or .npz-of-logits "
-                                     "file (README; required except for --loss hard)")
+    s = _trainer(sub, "student", "train a quantized student (Q1-Q4 losses)", "student.model")
+    _add_student(s)
+    _key(s, "--teacher", key="teacher.run", help="teacher: a run directory, or a TorchScript, .pt2, .onnx or "
+         ".npz-of-logits file (README; required except for --loss hard)")
     _add_run_flags(s)
     s.set_defaults(func=commands.cmd_student)
 
+
+def _study(sub) -> None:
+    st = _trainer(sub, "study", "the Q1-Q4 temperature study, then its report", "student.model")
+    st.add_argument("config_file", nargs="?", metavar="CONFIG.toml", help="study config (see configs/)")
+    _add_student(st)
+    _key(st, "--teacher", key="teacher.run", help="reuse this teacher (a run directory or a teacher file) "
+         "instead of training one")
+    st.add_argument("--out", required=True, help="study directory")
+    _key(st, "--workers", key="study.workers", type=_at_least_one, help="runs at once, on a local Ray instance")
+    _key(st, "--ray", key="study.ray_address", nargs="?", const="local", metavar="ADDRESS", action=_Ray,
+         help="runs as Ray tasks (study.executor = ray): alone, a local Ray instance; or join the cluster at "
+              "ADDRESS (auto, HOST:PORT, ray://HOST:PORT) made with `ray start`")
+    _key(st, "--no-fused", key="study.fused", action="store_const", const=False,
+         help="never fuse (\"auto\" fuses on CUDA only)")
+    st.add_argument("--force", action="store_true", help="accept a changed config (stale runs are redone)")
+    st.set_defaults(func=commands.cmd_study, **{"study.executor": None})
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _readers(sub) -> None:
     e = sub.add_parser("eval", help="test accuracy, per-class accuracy and confusion matrix of a run")
     e.add_argument("run")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(e)
-    e.add_argument("--data-dir", help="where the run's SVHN files are now")
-    e.add_argument("--data-path", help="where the run's .npz file is now")
+    _key(e, "--data-dir", key="data.data_dir", help="where the run's dataset files (or image folder) are now")
+    _key(e, "--data-path", key="data.data_path", help="where the run's .npz file is now")
     e.set_defaults(func=commands.cmd_eval)
-
-    st = sub.add_parser("study", help="the Q1-Q4 temperature study, then its report")
-    st.add_argument("config_file", nargs="?", metavar="CONFIG.toml", help="study config (see configs/)")
-    _add_common(st, model_help="student architecture (default vgg7)")
-    _add_student_flags(st)
-    st.add_argument("--teacher", help="reuse this teacher (a run directory or a teacher file) instead of "
-                                      "training one")
-    st.add_argument("--out", required=True, help="study directory")
-    st.add_argument("--workers", type=int, help="runs at once, on a local Ray instance (study.workers)")
-    st.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                    help="runs as Ray tasks: alone, a local Ray instance; or join the cluster at ADDRESS "
-                         "(auto, HOST:PORT, ray://HOST:PORT) made with `ray start` (study.executor, study.ray_address)")
-    st.add_argument("--no-fused", action="store_true", help="never fuse (study.fused = \"auto\" fuses on CUDA only)")
-    st.add_argument("--force", action="store_true", help="accept a changed config (stale runs are redone)")
-    st.set_defaults(func=commands.cmd_study)
 
     r = sub.add_parser("report", help="(re)write the report of a study")
     r.add_argument("study")
     r.set_defaults(func=commands.cmd_report)
 
+    d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")
+    _add_config_flags(d)
+    _key(d, "--data-dir", key="data.data_dir", help="folder of the SVHN .mat files (~/.cache/qdistill/svhn)")
+    d.set_defaults(func=commands.cmd_datasets)
+
+
+def _deployment(sub) -> None:
     x = sub.add_parser("export", help="write a trained student as a packed .qdz (or ONNX)")
     x.add_argument("run")
     x.add_argument("--out", required=True, help="output file (student.qdz or student.onnx)")
@@ -140,13 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with a FOLDER: write its CSV to this file (default: print it)")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(pr)
-    pr.add_argument("--dataset", choices=DATASETS)
-    pr.add_argument("--data-dir")
-    pr.add_argument("--data-path")
-    pr.add_argument("--no-verify", action="store_false", dest="verify", default=None)
-    pr.add_argument("--max-test", type=int)
+    _key(pr, "--dataset", key="data.dataset", choices=DATASETS)
+    _key(pr, "--data-dir", key="data.data_dir")
+    _key(pr, "--data-path", key="data.data_path")
+    _key(pr, "--no-verify", key="data.verify", action="store_const", const=False)
+    _key(pr, "--max-test", key="data.max_test", type=int)
     pr.set_defaults(func=commands.cmd_predict)
 
+
+def _bench(sub) -> None:
     b = sub.add_parser("bench", help="training throughput vs a reference-style pipeline (a benchmark)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--k", type=int, default=10, help="fused students (default 10)")
@@ -162,10 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=8, help="epochs per run for --cluster (default 8)")
     b.set_defaults(func=commands.cmd_bench)
 
-    d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")
-    _add_config_flags(d)
-    d.add_argument("--data-dir", help="folder of the SVHN .mat files (default ~/.cache/qdistill/svhn)")
-    d.set_defaults(func=commands.cmd_datasets)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qdistill", description="Distil full-precision teachers into DoReFa low-bit students.")
+    p.add_argument("--version", action="version", version=f"qdistill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_teacher_and_student, _study, _readers, _deployment, _bench):
+        add(sub)
     return p
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import DEFAULTS
 from ..errors import DataError
 from . import DATASETS, cifar, digits, fake, imagefolder, npz, svhn
 from .dataset import Dataset, limit
@@ -12,18 +13,18 @@ from .dataset import Dataset, limit
 def load(data: dict) -> Dataset:
     """The dataset that the ``[data]`` config section names (keys ``dataset``,
     ``data_dir``, ``data_path``, ``extra``, ``verify``, ``skip_bad_images``, ``max_train``,
-    ``max_test``; absent keys take their defaults). ``max_train``/``max_test`` > 0 keep the
+    ``max_test``; absent keys take the schema's defaults). ``max_train``/``max_test`` > 0 keep the
     first N images of each split. ``data_dir`` left at its default (SVHN's folder) means
     ``~/.cache/qdistill/cifar10`` (``cifar100``) for CIFAR, and is an error for
     imagefolder. Raises `DataError` on missing or malformed data."""
-    name = data.get("dataset", "digits")
+    data = {**DEFAULTS["data"], **data}
+    name = data["dataset"]
     if name == "svhn":
-        ds = svhn.load(data.get("data_dir") or svhn.DEFAULT_DIR, extra=bool(data.get("extra", False)),
-                       verify=bool(data.get("verify", True)))
+        ds = svhn.load(data["data_dir"] or svhn.DEFAULT_DIR, extra=bool(data["extra"]), verify=bool(data["verify"]))
     elif name == "digits":
         ds = digits.load()
     elif name == "npz":
-        if not data.get("data_path"):
+        if not data["data_path"]:
             raise DataError("dataset npz needs data_path (--data-path FILE.npz)")
         ds = npz.load(data["data_path"])
     elif name == "fake":
@@ -33,12 +34,12 @@ def load(data: dict) -> Dataset:
         if root is None:
             raise DataError("dataset imagefolder needs data_dir (--data-dir ROOT, holding ROOT/train/<class>/ "
                             "and ROOT/test/<class>/)")
-        ds = imagefolder.load(root, skip_bad_images=bool(data.get("skip_bad_images", False)))
+        ds = imagefolder.load(root, skip_bad_images=bool(data["skip_bad_images"]))
     elif name in cifar.SPECS:
-        ds = cifar.load(name, _own_dir(data), verify=bool(data.get("verify", True)))
+        ds = cifar.load(name, _own_dir(data), verify=bool(data["verify"]))
     else:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return limit(ds, int(data.get("max_train", 0)), int(data.get("max_test", 0)))
+    return limit(ds, int(data["max_train"]), int(data["max_test"]))
 
 
 def _own_dir(data: dict) -> str | None:

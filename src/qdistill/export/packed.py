@@ -9,6 +9,7 @@ or ONNX.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..errors import ExportError
 from ..nn.layers import Clip01, QuantAct, QuantConv2d, QuantLinear
 from ..nn.quantizers import FULL
 from .onnx import export_onnx
-from .plan import Block, f32, fold, plan, thresholds, weight_codes
+from .plan import Block, f32, fold, plan, thresholds, weight_codes, weight_f32
 
 MAX_BITS = 4  # weight and activation bits the packed format supports: 1..MAX_BITS
 
@@ -39,12 +40,137 @@ def _check_bits(bits: int, what: str, where: str) -> None:
                           f"(supported: 1..{MAX_BITS})")
 
 
-def _act_bits(block: Block, where: str) -> int:
+def _act_bits(block: Block) -> int:
     act = block.act
     if isinstance(act, Clip01):
-        raise ExportError(f"{where}: clip without quantization is only supported before the last layer")
-    _check_bits(act.bits, "activations", where)
+        raise ExportError(f"{block.where}: clip without quantization is only supported before the last layer")
+    _check_bits(act.bits, "activations", block.where)
     return act.bits
+
+
+@dataclass
+class _Packing:
+    """The engine's layers and arrays as they are built, block by block, and what flows into
+    the next block: ``form`` is ``image`` (the float input), ``levels`` (quantized maps of
+    ``bits`` bits), ``float`` (float maps), ``vector`` (flat features) or ``logits``, with
+    ``c`` channels (or features) of ``h x w``."""
+    layers: list[dict] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    form: str = "image"
+    bits: int | None = None
+    c: int = INPUT_SHAPE[0]
+    h: int = INPUT_SHAPE[1]
+    w: int = INPUT_SHAPE[2]
+
+    def put(self, block: Block, name: str, array: np.ndarray) -> str:
+        """Store ``array`` under the block's name for it; returns that name."""
+        key = f"l{block.first}.{name}"
+        self.arrays[key] = array
+        return key
+
+
+def _weight_and_bias(pk: _Packing, b: Block) -> dict:
+    m = b.module
+    return {"weight": pk.put(b, "weight", weight_f32(m)),
+            "bias": pk.put(b, "bias", f32(m.bias)) if m.bias is not None else None}
+
+
+def _resize(pk: _Packing, b: Block) -> dict:
+    if pk.form != "image" or pk.layers:
+        raise ExportError(f"{b.where}: resize must come first")
+    pk.h = pk.w = b.module.size
+    return {"op": "resize", "size": int(b.module.size)}
+
+
+def _conv(pk: _Packing, b: Block) -> dict:
+    """A conv on the float input (`_conv_float`) or on levels (`_conv_packed`); its output
+    is levels, or floats where the block ends in a clip."""
+    conv = b.module
+    if conv.groups != 1 or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) \
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str) \
+            or conv.padding[0] != conv.padding[1]:
+        raise ExportError(f"{b.where}: only stride-1, ungrouped convs with symmetric zero "
+                          "padding are supported")
+    if conv.in_channels != pk.c:
+        raise ExportError(f"{b.where}: expects {conv.in_channels} channels, gets {pk.c}")
+    pad = int(conv.padding[0])
+    kh, kw = conv.kernel_size
+    pk.h, pk.w = pk.h + 2 * pad - kh + 1, pk.w + 2 * pad - kw + 1
+    spec = dict(in_channels=conv.in_channels, out_channels=conv.out_channels, padding=pad,
+                kernel_h=int(kh), kernel_w=int(kw), pool=b.pool)
+    if pk.form == "image":
+        spec.update(_conv_float(pk, b))
+    elif pk.form == "levels":
+        spec.update(_conv_packed(pk, b))
+    else:
+        raise ExportError(f"{b.where}: a convolution after pooling to floats is unsupported")
+    pk.c = conv.out_channels
+    pk.h, pk.w = pk.h // b.pool, pk.w // b.pool
+    pk.form, pk.bits = ("float", None) if isinstance(b.act, Clip01) else ("levels", b.act.bits)
+    if pk.h < 1 or pk.w < 1:
+        raise ExportError(f"{b.where}: the feature map vanishes ({pk.h}x{pk.w})")
+    return spec
+
+
+def _conv_float(pk: _Packing, b: Block) -> dict:
+    """The first conv: float weights on the float image, thresholds on its float output."""
+    out_bits = _act_bits(b)
+    p, q = fold(b, np.ones(b.module.out_channels), np.zeros(b.module.out_channels))
+    thr, sign = thresholds(p, q, out_bits, integer=False)
+    return {"op": "conv_float", **_weight_and_bias(pk, b), "out_bits": out_bits,
+            "thresholds": pk.put(b, "thresholds", thr), "sign": pk.put(b, "sign", sign)}
+
+
+def _conv_packed(pk: _Packing, b: Block) -> dict:
+    """A conv on levels: bit-planes of its weight codes and, from its integer accumulator,
+    thresholds to the next levels (or the affine map before a clip)."""
+    conv = b.module
+    if not isinstance(conv, QuantConv2d) or conv.weight_bits >= FULL:
+        raise ExportError(f"{b.where}: a convolution on quantized activations needs "
+                          f"1..{MAX_BITS}-bit weights, this one is full precision")
+    _check_bits(conv.weight_bits, "weights", b.where)
+    codes, n, alpha = weight_codes(conv)
+    scale = alpha / (2**pk.bits - 1)
+    spec = {"op": "conv_packed", "in_bits": pk.bits, "weight_bits": conv.weight_bits,
+            "scheme": conv.scheme, "code_offset": n, "scale": scale,
+            "planes": pk.put(b, "planes", qdz.pack_codes(codes, max(conv.weight_bits, 1)))}
+    bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros(conv.out_channels)
+    p, q = fold(b, np.full(conv.out_channels, scale), bias)
+    if isinstance(b.act, Clip01):
+        spec.update(out="float_clip", mul=pk.put(b, "mul", p), add=pk.put(b, "add", q), clip=[0.0, 1.0])
+    else:
+        out_bits = _act_bits(b)
+        thr, sign = thresholds(p, q, out_bits, integer=True)
+        spec.update(out="levels", out_bits=out_bits, thresholds=pk.put(b, "thresholds", thr),
+                    sign=pk.put(b, "sign", sign))
+    return spec
+
+
+def _avgpool(pk: _Packing, b: Block) -> dict:
+    if pk.form not in ("levels", "float"):
+        raise ExportError(f"{b.where}: average pooling needs feature maps")
+    spec = {"op": "avgpool", "kernel": b.pool, "in_bits": pk.bits}
+    pk.h, pk.w, pk.form, pk.bits = pk.h // b.pool, pk.w // b.pool, "float", None
+    return spec
+
+
+def _flatten(pk: _Packing, b: Block) -> dict:
+    if pk.form == "levels":
+        raise ExportError(f"{b.where}: flattening quantized levels is unsupported; pool first")
+    pk.c, pk.h, pk.w, pk.form = pk.c * pk.h * pk.w, 1, 1, "vector"
+    return {"op": "flatten"}
+
+
+def _linear(pk: _Packing, b: Block) -> dict:
+    lin = b.module
+    if pk.form != "vector" or lin.in_features != pk.c:
+        raise ExportError(f"{b.where}: expects {lin.in_features} features, gets {pk.c} ({pk.form})")
+    spec = {"op": "linear", **_weight_and_bias(pk, b)}
+    pk.c, pk.form = lin.out_features, "logits"
+    return spec
+
+
+_BLOCKS = {"resize": _resize, "conv": _conv, "avgpool": _avgpool, "flatten": _flatten, "linear": _linear}
 
 
 def model_arrays(model: nn.Module) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -53,100 +179,12 @@ def model_arrays(model: nn.Module) -> tuple[list[dict], dict[str, np.ndarray]]:
     if not _is_quantized(model):
         raise ExportError("the model is full precision (32-bit weights and activations); "
                           "export packs low-bit students only")
-    layers: list[dict] = []
-    arrays: dict[str, np.ndarray] = {}
-    state = "image"          # image (float NCHW), levels, float maps, vector
-    in_bits = None
-    c, h, w = INPUT_SHAPE
+    pk = _Packing()
     for b in blocks:
-        where = f"layer {b.first} ({type(b.module).__name__})"
-        key = f"l{b.first}"
-        spec = {"op": None, "modules": [b.first, b.last]}
-        if b.kind == "resize":
-            if state != "image" or layers:
-                raise ExportError(f"{where}: resize must come first")
-            spec.update(op="resize", size=int(b.module.size))
-            h = w = b.module.size
-        elif b.kind == "conv":
-            conv = b.module
-            if conv.groups != 1 or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) \
-                    or conv.padding_mode != "zeros" or isinstance(conv.padding, str) \
-                    or conv.padding[0] != conv.padding[1]:
-                raise ExportError(f"{where}: only stride-1, ungrouped convs with symmetric zero "
-                                  "padding are supported")
-            if conv.in_channels != c:
-                raise ExportError(f"{where}: expects {conv.in_channels} channels, gets {c}")
-            pad = int(conv.padding[0])
-            kh, kw = conv.kernel_size
-            h, w = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
-            bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros(conv.out_channels)
-            spec.update(in_channels=conv.in_channels, out_channels=conv.out_channels, padding=pad,
-                        kernel_h=int(kh), kernel_w=int(kw), pool=b.pool)
-            if state == "image":
-                out_bits = _act_bits(b, where)
-                weight = conv.quantized_weight() if isinstance(conv, QuantConv2d) else conv.weight
-                p, q = fold(b, np.ones(conv.out_channels), np.zeros(conv.out_channels))
-                thr, sign = thresholds(p, q, out_bits, integer=False)
-                arrays[f"{key}.weight"] = f32(weight)
-                if conv.bias is not None:
-                    arrays[f"{key}.bias"] = f32(conv.bias)
-                arrays[f"{key}.thresholds"], arrays[f"{key}.sign"] = thr, sign
-                spec.update(op="conv_float", weight=f"{key}.weight",
-                            bias=f"{key}.bias" if conv.bias is not None else None,
-                            out_bits=out_bits, thresholds=f"{key}.thresholds", sign=f"{key}.sign")
-            elif state == "levels":
-                if not isinstance(conv, QuantConv2d) or conv.weight_bits >= FULL:
-                    raise ExportError(f"{where}: a convolution on quantized activations needs "
-                                      f"1..{MAX_BITS}-bit weights, this one is full precision")
-                _check_bits(conv.weight_bits, "weights", where)
-                codes, n, alpha = weight_codes(conv)
-                scale = alpha / (2**in_bits - 1)
-                arrays[f"{key}.planes"] = qdz.pack_codes(codes, max(conv.weight_bits, 1))
-                spec.update(op="conv_packed", in_bits=in_bits, weight_bits=conv.weight_bits,
-                            scheme=conv.scheme, code_offset=n, scale=scale, planes=f"{key}.planes")
-                p, q = fold(b, np.full(conv.out_channels, scale), bias)
-                if isinstance(b.act, Clip01):
-                    arrays[f"{key}.mul"], arrays[f"{key}.add"] = p, q
-                    spec.update(out="float_clip", mul=f"{key}.mul", add=f"{key}.add", clip=[0.0, 1.0])
-                else:
-                    out_bits = _act_bits(b, where)
-                    thr, sign = thresholds(p, q, out_bits, integer=True)
-                    arrays[f"{key}.thresholds"], arrays[f"{key}.sign"] = thr, sign
-                    spec.update(out="levels", out_bits=out_bits, thresholds=f"{key}.thresholds",
-                                sign=f"{key}.sign")
-            else:
-                raise ExportError(f"{where}: a convolution after pooling to floats is unsupported")
-            c = conv.out_channels
-            h, w = h // b.pool, w // b.pool
-            state = "float" if isinstance(b.act, Clip01) else "levels"
-            in_bits = None if state == "float" else b.act.bits
-            if h < 1 or w < 1:
-                raise ExportError(f"{where}: the feature map vanishes ({h}x{w})")
-        elif b.kind == "avgpool":
-            if state not in ("levels", "float"):
-                raise ExportError(f"{where}: average pooling needs feature maps")
-            spec.update(op="avgpool", kernel=b.pool, in_bits=in_bits)
-            h, w, state, in_bits = h // b.pool, w // b.pool, "float", None
-        elif b.kind == "flatten":
-            if state == "levels":
-                raise ExportError(f"{where}: flattening quantized levels is unsupported; pool first")
-            spec.update(op="flatten")
-            c, h, w, state = c * h * w, 1, 1, "vector"
-        elif b.kind == "linear":
-            lin = b.module
-            if state != "vector" or lin.in_features != c:
-                raise ExportError(f"{where}: expects {lin.in_features} features, gets {c} ({state})")
-            weight = lin.quantized_weight() if isinstance(lin, QuantLinear) else lin.weight
-            arrays[f"{key}.weight"] = f32(weight)
-            if lin.bias is not None:
-                arrays[f"{key}.bias"] = f32(lin.bias)
-            spec.update(op="linear", weight=f"{key}.weight",
-                        bias=f"{key}.bias" if lin.bias is not None else None)
-            c, state = lin.out_features, "logits"
-        layers.append(spec)
-    if state != "logits":
+        pk.layers.append({"op": None, "modules": [b.first, b.last], **_BLOCKS[b.kind](pk, b)})
+    if pk.form != "logits":
         raise ExportError("the model must end in a linear layer")
-    return layers, arrays
+    return pk.layers, pk.arrays
 
 
 def _model_bits(model: nn.Module) -> dict:

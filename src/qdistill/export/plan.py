@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError
-from ..nn.layers import AbsAffine, Clip01, QuantAct, Resize
+from ..nn.layers import AbsAffine, Clip01, QuantAct, QuantConv2d, QuantLinear, Resize
 
 _INT_LIMIT = 2**31 - 1
 
@@ -77,6 +77,11 @@ class Block:
     act: nn.Module | None = None   # QuantAct or Clip01
     pool: int = 1
 
+    @property
+    def where(self) -> str:
+        """The block's first layer, as error messages name it."""
+        return f"layer {self.first} ({type(self.module).__name__})"
+
 
 def pool_size(m: nn.Module, where: str) -> int:
     k, s = m.kernel_size, m.stride
@@ -99,62 +104,75 @@ def plan(model: nn.Module) -> list[Block]:
     blocks: list[Block] = []
     i = 0
     while i < len(mods):
-        m = mods[i]
-        where = f"layer {i} ({type(m).__name__})"
-        if isinstance(m, nn.Dropout):
-            i += 1
-            continue
-        if isinstance(m, Resize):
-            blocks.append(Block("resize", i, i, m))
-        elif isinstance(m, nn.Conv2d):
-            block = Block("conv", i, i, m)
-            j = i + 1
-            while j < len(mods) and block.act is None:
-                x = mods[j]
-                if isinstance(x, nn.Dropout):
-                    pass
-                elif isinstance(x, nn.BatchNorm2d) and block.bn is None and block.affine is None \
-                        and block.pool == 1:
-                    block.bn = x
-                elif isinstance(x, AbsAffine) and block.affine is None and block.pool == 1:
-                    block.affine = x
-                elif isinstance(x, nn.MaxPool2d) and block.pool == 1:
-                    block.pool = pool_size(x, f"layer {j}")
-                elif isinstance(x, (QuantAct, Clip01)):
-                    block.act = x
-                else:
-                    break
-                j += 1
-            if block.act is None:
-                raise ExportError(f"{where}: a convolution must be followed by an activation "
-                                  f"quantizer (found {type(mods[j]).__name__ if j < len(mods) else 'the end'})")
-            while j < len(mods) and isinstance(mods[j], nn.Dropout):
-                j += 1
-            if j < len(mods) and isinstance(mods[j], nn.MaxPool2d):
-                if block.pool != 1 or isinstance(block.act, Clip01):
-                    raise ExportError(f"layer {j}: unsupported second max-pool in a block")
-                block.pool = pool_size(mods[j], f"layer {j}")
-                j += 1
-            block.last = j - 1
-            blocks.append(block)
-            i = j
-            continue
-        elif isinstance(m, nn.AvgPool2d):
-            if m.divisor_override is not None:
-                raise ExportError(f"{where}: divisor_override is not supported")
-            blocks.append(Block("avgpool", i, i, m, pool=pool_size(m, where)))
-        elif isinstance(m, nn.Flatten):
-            if m.start_dim != 1 or m.end_dim != -1:
-                raise ExportError(f"{where}: only Flatten(1, -1) is supported")
-            blocks.append(Block("flatten", i, i, m))
-        elif isinstance(m, nn.Linear):
-            if i != len(mods) - 1:
-                raise ExportError(f"{where}: a linear layer must be the last layer")
-            blocks.append(Block("linear", i, i, m))
-        else:
-            raise ExportError(f"{where}: unsupported layer for export")
+        if isinstance(mods[i], nn.Conv2d):
+            blocks.append(_conv_block(mods, i))
+            i = blocks[-1].last
+        elif not isinstance(mods[i], nn.Dropout):
+            blocks.append(_layer_block(mods, i))
         i += 1
     return blocks
+
+
+def _conv_block(mods: list[nn.Module], i: int) -> Block:
+    """The conv ``mods[i]`` with what follows it up to its activation quantizer, and a
+    max-pool right after that quantizer (dropouts skipped)."""
+    block = Block("conv", i, i, mods[i])
+    j = i + 1
+    while j < len(mods) and block.act is None and _absorb(block, mods[j], j):
+        j += 1
+    if block.act is None:
+        raise ExportError(f"{block.where}: a convolution must be followed by an activation "
+                          f"quantizer (found {type(mods[j]).__name__ if j < len(mods) else 'the end'})")
+    while j < len(mods) and isinstance(mods[j], nn.Dropout):
+        j += 1
+    if j < len(mods) and isinstance(mods[j], nn.MaxPool2d):
+        if block.pool != 1 or isinstance(block.act, Clip01):
+            raise ExportError(f"layer {j}: unsupported second max-pool in a block")
+        block.pool = pool_size(mods[j], f"layer {j}")
+        j += 1
+    block.last = j - 1
+    return block
+
+
+def _absorb(block: Block, m: nn.Module, j: int) -> bool:
+    """Take ``m`` (module ``j``) into the conv block if it can stand there before the
+    activation quantizer: BatchNorm, then the affine, with a max-pool anywhere after the
+    conv. False if ``m`` ends the block."""
+    if isinstance(m, nn.Dropout):
+        pass
+    elif isinstance(m, nn.BatchNorm2d) and block.bn is None and block.affine is None and block.pool == 1:
+        block.bn = m
+    elif isinstance(m, AbsAffine) and block.affine is None and block.pool == 1:
+        block.affine = m
+    elif isinstance(m, nn.MaxPool2d) and block.pool == 1:
+        block.pool = pool_size(m, f"layer {j}")
+    elif isinstance(m, (QuantAct, Clip01)):
+        block.act = m
+    else:
+        return False
+    return True
+
+
+def _layer_block(mods: list[nn.Module], i: int) -> Block:
+    """The block of the single layer ``mods[i]``: resize, average pool, flatten or the
+    last (linear) layer."""
+    m = mods[i]
+    where = f"layer {i} ({type(m).__name__})"
+    if isinstance(m, Resize):
+        return Block("resize", i, i, m)
+    if isinstance(m, nn.AvgPool2d):
+        if m.divisor_override is not None:
+            raise ExportError(f"{where}: divisor_override is not supported")
+        return Block("avgpool", i, i, m, pool=pool_size(m, where))
+    if isinstance(m, nn.Flatten):
+        if m.start_dim != 1 or m.end_dim != -1:
+            raise ExportError(f"{where}: only Flatten(1, -1) is supported")
+        return Block("flatten", i, i, m)
+    if isinstance(m, nn.Linear):
+        if i != len(mods) - 1:
+            raise ExportError(f"{where}: a linear layer must be the last layer")
+        return Block("linear", i, i, m)
+    raise ExportError(f"{where}: unsupported layer for export")
 
 
 # ---------------------------------------------------------------- folding
@@ -202,3 +220,9 @@ def thresholds(p: np.ndarray, q: np.ndarray, bits: int, integer: bool) -> tuple[
 def f32(t: torch.Tensor) -> np.ndarray:
     """A tensor as a float32 numpy array (detached, on the CPU)."""
     return t.detach().float().cpu().numpy().astype(np.float32)
+
+
+def weight_f32(m: nn.Module) -> np.ndarray:
+    """The weight of a conv or linear layer as float32: its quantized values if it is a
+    quantized layer."""
+    return f32(m.quantized_weight() if isinstance(m, (QuantConv2d, QuantLinear)) else m.weight)

@@ -3,10 +3,11 @@ runs' configs, and ``chosen/qN.diff``, unified diffs of each against ``q1.toml``
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..study import QUESTIONS
+from ..study.studydir import StudyDir
+from ..training.rundir import CONFIG
 
 
 def config_diff(a: bytes, b: bytes, qa: str, qb: str, run_a: str, run_b: str) -> str:
@@ -16,19 +17,19 @@ def config_diff(a: bytes, b: bytes, qa: str, qb: str, run_a: str, run_b: str) ->
         return (text if text.endswith("\n") or not text else text + "\n").splitlines(keepends=True)
     # The run each config came from goes in the date field (after a tab), which patch ignores.
     return "".join(difflib.unified_diff(lines(a), lines(b), fromfile=f"{qa}.toml", tofile=f"{qb}.toml",
-                                        fromfiledate=f"runs/{run_a}/config.toml",
-                                        tofiledate=f"runs/{run_b}/config.toml"))
+                                        fromfiledate=f"{StudyDir.run_folder(run_a)}/{CONFIG}",
+                                        tofiledate=f"{StudyDir.run_folder(run_b)}/{CONFIG}"))
 
 
-def write_chosen(study: Path, chosen: dict, swept: list, notes: list) -> tuple[list, dict, dict]:
+def write_chosen(study: StudyDir, chosen: dict, swept: list, notes: list) -> tuple[list, dict, dict]:
     """chosen/qN.toml (byte copies of the chosen runs' configs) and chosen/qN.diff (against
     q1.toml); removes deliverables of questions this study no longer has."""
-    chosen_dir = study / "chosen"
+    chosen_dir = study.chosen
     paths, configs, diff_text = [], {}, {}
     for q, info in chosen.items():
-        src = study / "runs" / info["run"] / "config.toml"
+        src = study.run(info["run"]) / CONFIG
         if not src.is_file():
-            notes.append(f"runs/{info['run']}/config.toml missing: chosen/{q}.toml not written.")
+            notes.append(f"runs/{info['run']}/{CONFIG} missing: chosen/{q}.toml not written.")
             continue
         configs[q] = src.read_bytes()
         atomic_write_bytes(chosen_dir / f"{q}.toml", configs[q])

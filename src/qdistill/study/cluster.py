@@ -11,7 +11,7 @@ writes them into the study, so
   Ray's own ``max_retries``, because a retry must start from the latest files, not from
   the arguments of the first attempt);
 * a driver killed mid-study leaves run directories a rerun resumes, as a local study's;
-* when a unit finishes, each of its folders is replaced as a whole (`rundir.replace`).
+* when a unit finishes, each of its folders is replaced as a whole (`RunDir.replace`).
 
 Up to ``study.retries`` resubmissions per unit; then its runs are recorded as failed
 (``error.txt``), like a run whose training raised, and the study goes on. Each
@@ -21,24 +21,23 @@ Ray's own log lines stay out of the terminal unless ``QDISTILL_RAY_LOGS=1``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import signal
 import socket
 import threading
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from ..atomic import atomic_write_bytes, remove_temps
 from ..errors import ConfigError, RunError
-from ..training import rundir
-from .worker import Unit, run_unit
+from .studydir import StudyDir
+from .worker import Done, Epoch, Failed, Unit, run_unit
 
 EXTRA = "pip install 'qdistill[ray]'"
 LOGS = "QDISTILL_RAY_LOGS"
+_ENDED = Failed("RunError: the task ended without a result", "", "")
 _ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -140,26 +139,6 @@ def resources(ray, cpus: float, gpus) -> tuple[float, float]:
     return float(cpus), float(gpus)
 
 
-def _write_epoch(study: Path, unit: Unit, files: dict[str, bytes]) -> None:
-    """An epoch's files into the study: files gone from the worker's folders go first
-    (a group's member drops its old summary), then the rest in `rundir.write_order`."""
-    for folder in unit.folders:
-        for name in rundir.read_files(study / folder):
-            if f"{folder}/{name}" not in files:
-                (study / folder / name).unlink(missing_ok=True)
-    for rel in sorted(files, key=rundir.write_order):
-        atomic_write_bytes(study / rel, files[rel])
-
-
-def _write_done(study: Path, unit: Unit, files: dict[str, bytes], attempts: list[dict]) -> None:
-    for folder in unit.folders:
-        mine = {rel.rsplit("/", 1)[1]: data for rel, data in files.items() if rel.rsplit("/", 1)[0] == folder}
-        if rundir.SUMMARY in mine:
-            summary = json.loads(mine[rundir.SUMMARY])
-            mine[rundir.SUMMARY] = (json.dumps({**summary, "attempts": attempts}, indent=2) + "\n").encode()
-        rundir.replace(study / folder, mine)
-
-
 def _retryable(ray, e: Exception) -> bool:
     """A lost worker, node or object: worth another attempt (not an error of the task's
     own code, an environment that cannot be set up, or a request no node can meet)."""
@@ -168,79 +147,110 @@ def _retryable(ray, e: Exception) -> bool:
     return isinstance(e, x.RayError) and not isinstance(e, final)
 
 
-def run_units(ray, study: Path, units: list[Unit], data, teacher: dict | None, *, cpus: float, gpus: float,
-              retries: int, progress: bool, on_done=lambda: None) -> None:
+@dataclass(frozen=True)
+class Tasks:
+    """What each task asks for (`resources`), how often a lost one is resubmitted, and
+    whether the driver shows a bar and one line per finished, failed or retried run."""
+    cpus: float
+    gpus: float
+    retries: int = 3
+    progress: bool = True
+
+
+@dataclass
+class _Driver:
+    """The driver's state while its units train: the live tasks and every unit's attempts."""
+    ray: object
+    study: StudyDir
+    tasks: Tasks
+    task: object           # the remote function
+    refs: tuple            # (data, teacher) in the object store
+    on_done: object
+    live: dict = field(default_factory=dict)      # task -> (unit, attempt)
+    attempts: dict = field(default_factory=dict)  # unit label -> [{"node", "from_epoch"}]
+    say: object = None     # one line to the terminal
+    bar: object = None
+
+    def submit(self, unit: Unit, attempt: int) -> None:
+        """Start ``unit`` from the files its folders hold now (its last epoch back here)."""
+        first = unit.runs[0][1]
+        resumes = self.study.folder(unit.group or first).started
+        files = self.study.resumable_files(unit.folders)
+        self.attempts.setdefault(unit.label, []).append(
+            {"node": "", "from_epoch": len(self.study.folder(first).read_metrics()) if resumes else 0})
+        self.live[self.task.remote(unit, files, *self.refs, self.tasks.cpus)] = (unit, attempt)
+
+    def finish(self, unit: Unit) -> None:
+        self.bar.update(len(unit.runs))
+        self.on_done()
+
+    def failed(self, unit: Unit, line: str, detail: str = "") -> None:
+        for _, folder in unit.runs:
+            self.study.folder(folder).write_error(line, detail)
+        self.say(f"{unit.label}: failed: {line}")
+        self.finish(unit)
+
+    def lost(self, gen, e: Exception) -> None:
+        """A task that raised: resubmit it when Ray lost it and retries are left."""
+        unit, attempt = self.live.pop(gen)
+        if _retryable(self.ray, e) and attempt <= self.tasks.retries:
+            self.submit(unit, attempt + 1)
+            tried = self.attempts[unit.label]
+            self.say(f"{unit.label}: {type(e).__name__} on {tried[-2]['node'] or 'a node'}; attempt {attempt + 1} "
+                     f"of {self.tasks.retries + 1}, from epoch {tried[-1]['from_epoch']}")
+        else:
+            line = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            self.failed(unit, line + (f" (after {attempt} attempts)" if attempt > 1 else ""))
+
+    def take(self, gen, message) -> None:
+        """A message of a live task: write an epoch, a finished unit, or a failure."""
+        unit, _ = self.live[gen]
+        self.attempts[unit.label][-1]["node"] = message.node
+        if isinstance(message, Epoch):
+            self.study.write_epoch(unit.folders, message.files)
+            return
+        del self.live[gen]
+        if isinstance(message, Done):
+            self.study.write_done(unit.folders, message.files, attempts=self.attempts[unit.label])
+            for _, folder in unit.runs:
+                s = self.study.folder(folder).read_summary()
+                self.say(f"{self.study.folder(folder).name}  {message.node}  val {s['val_best_acc']:.4f}  "
+                         f"test {s['test_acc_at_val_best']:.4f}  {s['wall_s']:.0f}s")
+            self.finish(unit)
+        else:
+            self.failed(unit, message.line, message.detail)
+
+    def wait(self) -> None:
+        """Until every unit finished or failed: take each task's next message."""
+        while self.live:
+            ready, _ = self.ray.wait(list(self.live), num_returns=1, timeout=1.0)
+            for gen in ready:
+                try:
+                    message = self.ray.get(next(gen))
+                except StopIteration:
+                    message = _ENDED
+                except Exception as e:
+                    self.lost(gen, e)
+                    continue
+                self.take(gen, message)
+
+
+def run_units(ray, study: StudyDir, units: list[Unit], data, teacher: dict | None, tasks: Tasks,
+              on_done=lambda: None) -> None:
     """Train ``units`` as Ray tasks (see the module docstring); ``on_done()`` after each."""
     # A fresh worker per task; a task's yield waits until the driver has taken the message
     # before (so a task never runs ahead of what the driver holds by more than one epoch).
     task = ray.remote(max_calls=1, _generator_backpressure_num_objects=1)(run_unit).options(
-        num_cpus=cpus, num_gpus=gpus, max_retries=0)
-    data_ref = ray.put(data)
-    teacher_ref = ray.put(teacher) if teacher is not None else None
-    live, attempts = {}, {u.label: [] for u in units}
-
-    def submit(unit: Unit, attempt: int) -> None:
-        files = {}
-        for folder in unit.folders:
-            for name, blob in rundir.read_files(study / folder).items():
-                if name not in (rundir.SUMMARY, rundir.ERROR):
-                    files[f"{folder}/{name}"] = blob
-            (study / folder / rundir.ERROR).unlink(missing_ok=True)
-            remove_temps(study / folder)  # a driver killed mid-write left them
-        first = unit.runs[0][1]
-        resumes = f"{unit.group or first}/{rundir.CHECKPOINT}" in files
-        attempts[unit.label].append({"node": "", "from_epoch": len(rundir.read_metrics(study / first)) if resumes
-                                     else 0})
-        live[task.remote(unit, files, data_ref, teacher_ref, cpus, attempt)] = (unit, attempt)
-
-    def failed(unit: Unit, line: str, detail: str = "") -> None:
-        for _, folder in unit.runs:
-            rundir.write_error(study / folder, line, detail)
-        say(f"{unit.label}: failed: {line}")
-
+        num_cpus=tasks.cpus, num_gpus=tasks.gpus, max_retries=0)
+    refs = (ray.put(data), ray.put(teacher) if teacher is not None else None)
+    driver = _Driver(ray, study, tasks, task, refs, on_done)
+    driver.bar = tqdm(total=sum(len(u.runs) for u in units), desc="runs", unit="run", disable=not tasks.progress)
+    driver.say = driver.bar.write if tasks.progress else (lambda line: None)
     for unit in units:
-        submit(unit, 1)
-    bar = tqdm(total=sum(len(u.runs) for u in units), desc="runs", unit="run", disable=not progress)
-    say = bar.write if progress else (lambda line: None)  # one line per finished, failed or retried run
+        driver.submit(unit, 1)
     try:
-        while live:
-            ready, _ = ray.wait(list(live), num_returns=1, timeout=1.0)
-            for gen in ready:
-                unit, attempt = live[gen]
-                try:
-                    message = ray.get(next(gen))
-                except StopIteration:
-                    message = ("error", "RunError: the task ended without a result", "", "")
-                except Exception as e:
-                    del live[gen]
-                    line = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                    if _retryable(ray, e) and attempt <= retries:
-                        submit(unit, attempt + 1)
-                        say(f"{unit.label}: {type(e).__name__} on {attempts[unit.label][-2]['node'] or 'a node'}"
-                            f"; attempt {attempt + 1} of {retries + 1}, from epoch "
-                            f"{attempts[unit.label][-1]['from_epoch']}")
-                    else:
-                        failed(unit, line + (f" (after {attempt} attempts)" if attempt > 1 else ""))
-                        bar.update(len(unit.runs))
-                        on_done()
-                    continue
-                kind, node = message[0], message[-1]
-                attempts[unit.label][-1]["node"] = node
-                if kind == "epoch":
-                    _write_epoch(study, unit, message[1])
-                    continue
-                del live[gen]
-                if kind == "done":
-                    _write_done(study, unit, message[1], attempts[unit.label])
-                    for _, folder in unit.runs:
-                        s = rundir.read_summary(study / folder)
-                        say(f"{Path(folder).name}  {node}  val {s['val_best_acc']:.4f}  "
-                            f"test {s['test_acc_at_val_best']:.4f}  {s['wall_s']:.0f}s")
-                else:
-                    failed(unit, message[1], message[2])
-                bar.update(len(unit.runs))
-                on_done()
+        driver.wait()
     finally:
-        bar.close()
-        for gen in live:  # stopped early (Ctrl-C, a failing disk): stop the tasks too
+        driver.bar.close()
+        for gen in driver.live:  # stopped early (Ctrl-C, a failing disk): stop the tasks too
             ray.cancel(gen, force=True)

@@ -18,7 +18,7 @@ from scipy import special, stats
 
 from ..atomic import atomic_write_text
 from ..errors import RunError
-from ..training import rundir
+from .studydir import RESULTS, StudyDir
 from . import QUESTIONS
 
 COLUMNS = ["run", "question", "loss", "temperature", "c", "seed", "weight_bits", "act_bits",
@@ -92,19 +92,19 @@ def read_teacher_logits(path: Path) -> tuple[np.ndarray, list[str]] | None:
     return logits, names or [str(k) for k in range(logits.shape[1])]
 
 
-def write_results(study: Path, conds) -> list[dict]:
+def write_results(study: StudyDir, conds) -> list[dict]:
     """One row per condition of the grid from its run directory (ok, failed or pending),
     written to ``STUDY/results.csv``; returns the rows."""
     rows = []
     for cond in conds:
-        run = Path(study) / "runs" / cond.name
+        run = study.run(cond.name)
         row = {k: "" for k in COLUMNS}
         s = cond.cfg["student"]
         row.update(run=cond.name, question=cond.question, loss=cond.loss, temperature=cond.temperature,
                    c="" if cond.c is None else cond.c, seed=cond.seed, weight_bits=s["weight_bits"],
                    act_bits=s["act_bits"], grad_bits=s["grad_bits"], scheme=s["scheme"],
                    epochs=cond.cfg["train"]["epochs"])
-        summary, error = rundir.read_summary(run), rundir.read_error(run)
+        summary, error = run.read_summary(), run.read_error()
         if summary is not None:
             for key in ("val_best_acc", "test_acc_at_val_best", "test_acc_last", "teacher_agreement",
                         "kl_to_teacher", "wall_s", "img_per_s", "node"):
@@ -119,7 +119,7 @@ def write_results(study: Path, conds) -> list[dict]:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(Path(study) / "results.csv", buf.getvalue())
+    atomic_write_text(study.results, buf.getvalue())
     return rows
 
 
@@ -206,7 +206,7 @@ def conditions(rows, seeds=None) -> list[Condition]:
         key = (r["question"], r["temperature"], r["c"])
         cond = groups.setdefault(key, Condition(r["question"], r["loss"], r["temperature"], r["c"]))
         if any(x["seed"] == r["seed"] for x in cond.rows):
-            raise RunError(f"results.csv has two ok rows for {r['question']} T={r['temperature']:g} "
+            raise RunError(f"{RESULTS} has two ok rows for {r['question']} T={r['temperature']:g} "
                            f"seed {r['seed']} ({r['run']})")
         cond.rows.append(r)
     for cond in groups.values():

@@ -1,15 +1,5 @@
-"""Running a study: its folder, its teacher, and the executors that train its runs.
-
-Layout of ``STUDY/``:
-
-* ``study.toml``           the resolved config; a different config is refused without ``--force``
-* ``teacher/``             the teacher run (unless ``teacher.run`` names a run or a teacher file)
-* ``teacher.json``         the teacher's path, kind, file, sha256 and accuracies
-* ``teacher_test.npz``     the teacher's test logits, labels and class names (for the report)
-* ``teacher_logits.pt``    the teacher's logits cache (`TeacherTargets.cached`)
-* ``runs/<question>-<loss>-T<T>-s<seed>/``  one run directory per condition
-* ``groups/s<seed>/checkpoint.pt``  a fused group's checkpoint while it trains
-* ``results.csv``          one row per run (`qdistill.study.results`)
+"""Running a study: its teacher, and the executors that train its runs. The folder's
+layout and its rules belong to `studydir.StudyDir`.
 
 Runs train one by one in this process, as fused groups (one per seed, ``study.fused``:
 ``"auto"`` fuses on CUDA only), or as Ray tasks (``--ray [ADDRESS]``, ``--workers N``:
@@ -22,136 +12,165 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import config as configlib
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.registry import load
 from ..errors import ConfigError, RunError, UserError, WriteError
 from ..lock import locked
-from ..training import rundir
 from ..training.device import pick_device
 from ..training.loop import Run, train
-from ..training.targets import TeacherTargets
-from ..training.teachers import Preprocess
+from ..training.teacher import Teacher, open_teacher
+from ..training.teacher_files import Preprocess
 from . import cluster
 from .grid import Condition, expand, group_key, teacher_config
 from .results import write_results
+from .studydir import StudyDir
 from .worker import Unit
 
-LOGITS_CACHE = "teacher_logits.pt"
+
+@dataclass
+class Study:
+    """One call of `run_study`: the config, the folder, the data, and where runs train."""
+    cfg: dict
+    dir: StudyDir
+    data: object
+    device: torch.device                 # where this process computes (the teacher's logits)
+    given: Teacher | None                # ``teacher.run``, when the study does not train its own
+    progress: bool
+    ray: object = None                   # the ray module, connected, for a study on Ray
+    tasks: cluster.Tasks | None = None   # what each Ray task asks for
+
+    def results(self, conds: list[Condition]) -> list[dict]:
+        return write_results(self.dir, conds)
 
 
-def prepare(study: Path, cfg: dict, force: bool) -> None:
-    """Create ``study`` or check it holds the same config; with ``force``, drop what a
-    changed config made stale (runs and the teacher whose config differs, caches, and
-    unfinished groups)."""
-    text = configlib.dumps(cfg)
-    path = study / "study.toml"
-    if path.exists() and _what_runs(path.read_text()) != _what_runs(text):
-        if not force:
-            raise RunError(f"{study} holds a study with a different config; use --force to redo it "
-                           f"(runs whose own config is unchanged are kept)")
-        for name in (LOGITS_CACHE, "teacher_test.npz", "teacher.json", "results.csv"):
-            (study / name).unlink(missing_ok=True)
-        shutil.rmtree(study / "groups", ignore_errors=True)
-        wanted = {c.name: configlib.run_text(c.cfg) for c in expand(cfg)}
-        wanted["teacher"] = configlib.run_text(teacher_config(cfg))
-        for run in [study / "teacher", *sorted((study / "runs").glob("*"))]:
-            stored = run / rundir.CONFIG
-            if run.is_dir() and (not stored.exists() or wanted.get(run.name) != stored.read_text()):
-                shutil.rmtree(run)
-    study.mkdir(parents=True, exist_ok=True)
-    for folder in (study, study / "runs", study / "groups"):
-        rundir.recover(folder)  # a driver killed while it replaced a run directory
-    atomic_write_text(path, text)
+def run_study(cfg: dict, study: str | Path, *, force: bool = False, progress: bool = True) -> dict:
+    """Run every condition of the study (skipping finished runs, resuming unfinished
+    ones) and write ``results.csv``. Returns ``{"rows", "failed"}``. The study folder is
+    locked meanwhile; a teacher not clearly above chance stops it before any student
+    trains, unless ``study.allow_weak_teacher``. The runs train here or as Ray tasks
+    (`on_ray`)."""
+    study = StudyDir(study)
+    if not cfg["teacher"]["run"] and not Preprocess(cfg["teacher"]).is_default:
+        raise ConfigError("[teacher] input_range, mean, std, layout and input_size describe a teacher file given "
+                          "as teacher.run; the teacher a study trains takes the data as it is")
+    plan = _ray_plan(cfg) if on_ray(cfg) else None
+    if plan:
+        cluster.import_ray()
+    data = load(cfg["data"])
+    given = open_teacher(cfg, data, cache=study.logits_cache)  # a bad teacher stops the study here
+    s = Study(cfg, study, data, pick_device(cfg["train"]["device"]), given, progress)
+    with locked(study.path, "study"), (cluster.session(*plan[:2]) if plan else
+                                       _threads(cfg["study"]["cpus_per_run"])) as ray:
+        if ray:  # a request no node can meet stops the study before its folder is written
+            s.ray, s.tasks = ray, cluster.Tasks(*cluster.resources(ray, plan[2], cfg["study"]["gpus_per_run"]),
+                                                retries=cfg["study"]["retries"], progress=progress)
+        return _run_study(s, force)
 
 
-# How a study's runs are scheduled, not what they are: a study started one way resumes
-# another way (in this process, fused, on Ray) without --force.
-EXECUTION_KEYS = ("fused", "workers", "executor", "ray_address", "cpus_per_run", "gpus_per_run", "retries")
+def _run_study(s: Study, force: bool) -> dict:
+    s.dir.prepare(s.cfg, force)
+    teacher = study_teacher(s)
+    conds = expand(s.cfg)
+    s.results(conds)
+    todo = [c for c in conds if not s.dir.run(c.name).finished]
+    if todo:
+        _train_runs(s, conds, todo, teacher)
+    rows = s.results(conds)
+    return {"rows": rows, "failed": [r["run"] for r in rows if r["status"] != "ok"]}
 
 
-def _what_runs(text: str) -> str | None:
-    """A study config's text without the `EXECUTION_KEYS`, keys it lacks at their
-    defaults; ``None`` for a config that no longer reads."""
-    try:
-        cfg = configlib.merge(configlib.defaults(), configlib.tomllib.loads(text))
-    except (ConfigError, configlib.tomllib.TOMLDecodeError):
-        return None
-    for key in EXECUTION_KEYS:
-        cfg["study"].pop(key, None)
-    return configlib.dumps(cfg)
+# ---------------------------------------------------------------- the teacher
+
+def study_teacher(s: Study) -> Teacher:
+    """The study's teacher: ``teacher.run``, or the run ``STUDY/teacher`` trained (or
+    resumed) here or as a Ray task; its logits cached in the study, and its test logits
+    and description written for the report. A teacher the study trained is checked for
+    usefulness here (a given one was, before the study's folder was touched)."""
+    if s.given is None and not s.dir.teacher.finished:
+        _train_teacher(s)
+    teacher = s.given or Teacher.open(s.dir.teacher.path, s.data)
+    teacher.cached(s.dir.logits_cache, s.device)
+    _write_teacher_files(s, teacher)
+    if s.given is None:
+        teacher.check_useful(s.cfg["study"]["allow_weak_teacher"])
+    return teacher
 
 
-def ensure_teacher(study: Path, cfg: dict, data, progress: bool) -> Path:
-    """The teacher run: ``teacher.run`` if given, else trained (or resumed) in ``STUDY/teacher``."""
-    if cfg["teacher"]["run"]:
-        return Path(cfg["teacher"]["run"])
-    run = study / "teacher"
-    if rundir.read_summary(run) is None:
-        train([Run(teacher_config(cfg), run)], data, resume=True, progress=progress)
-    return run
+def _train_teacher(s: Study) -> None:
+    run = s.dir.teacher
+    if s.ray:
+        unit = Unit("teacher", ((teacher_config(s.cfg), run.name),))
+        cluster.run_units(s.ray, s.dir, [unit], s.data, None, s.tasks)
+        if not run.finished:
+            raise RunError(f"the study's teacher did not finish: {run.read_error()}")
+    else:
+        train([Run(teacher_config(s.cfg), run)], s.data, resume=True, progress=s.progress)
 
 
-def given_teacher(study: Path, cfg: dict, data, device) -> TeacherTargets:
-    """``teacher.run`` (a run or a teacher file), checked and its logits computed, or read
-    from the study's cache when it matches: a bad teacher stops the study before its
-    folder is touched."""
-    targets = TeacherTargets.from_path(cfg["teacher"]["run"], data, cfg["teacher"],
-                                       augment=cfg["data"]["augment"] != "none")
-    if not targets.read_cache(study / LOGITS_CACHE):
-        targets.evaluate(device)
-    return targets
-
-
-def study_targets(study: Path, run: Path, data, device, targets: TeacherTargets | None = None) -> TeacherTargets:
-    """The study's teacher targets (``targets``, or the run ``run``'s), their logits cached
-    in ``STUDY/teacher_logits.pt``; writes ``teacher_test.npz`` and ``teacher.json`` for
-    the report."""
-    targets = (TeacherTargets.from_path(run, data) if targets is None else targets).cached(study / LOGITS_CACHE,
-                                                                                           device)
-    test = targets.test_logits()
+def _write_teacher_files(s: Study, teacher: Teacher) -> None:
+    """``teacher_test.npz`` (its test logits, labels, class names) and ``teacher.json``."""
     buf = io.BytesIO()
-    np.savez(buf, logits=test.numpy(), labels=data.y_test.numpy(), class_names=np.array(data.class_names))
-    atomic_write_bytes(study / "teacher_test.npz", buf.getvalue())
-    summary = (rundir.read_summary(run) if targets.kind == "run" else None) or {}
-    atomic_write_text(study / "teacher.json", json.dumps({
-        "run": str(run), "model": getattr(targets.model, "arch", ""),
-        "val_best_acc": summary.get("val_best_acc"), **targets.describe(),
+    np.savez(buf, logits=teacher.test_logits().numpy(), labels=s.data.y_test.numpy(),
+             class_names=np.array(s.data.class_names))
+    atomic_write_bytes(s.dir.teacher_test, buf.getvalue())
+    atomic_write_text(s.dir.teacher_json, json.dumps({
+        "run": str(Path(teacher.source)), "model": teacher.arch, "val_best_acc": teacher.val_acc,
+        **teacher.describe(),
     }, indent=2) + "\n")
-    return targets
 
 
-def _train_recorded(conds: list[Condition], study: Path, data, targets, *, group_dir=None,
-                    progress: bool) -> None:
+# ---------------------------------------------------------------- the students
+
+def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher: Teacher) -> None:
+    """Train the unfinished runs: as Ray tasks, as fused groups, or one by one."""
+    where = torch.device("cuda" if s.tasks.gpus > 0 else "cpu") if s.ray else s.device  # the runs' device
+    grouped = fuses(s.cfg, where)
+    if s.ray:
+        units = ([Unit(folder, tuple((c.cfg, StudyDir.run_folder(c.name)) for c in members), folder)
+                  for members, folder in unfinished_groups(conds, s.dir)] if grouped else
+                 [Unit(c.name, ((c.cfg, StudyDir.run_folder(c.name)),)) for c in todo])
+        bundle = teacher.bundle(s.cfg["teacher"] if s.given else None, s.cfg["data"]["augment"] != "none")
+        cluster.run_units(s.ray, s.dir, units, s.data, bundle, s.tasks, on_done=lambda: s.results(conds))
+    elif grouped:
+        groups = unfinished_groups(conds, s.dir)
+        for i, (members, folder) in enumerate(groups):
+            if s.progress:
+                print(f"[group {i + 1}/{len(groups)}] seed {members[0].seed}: {len(members)} students fused",
+                      flush=True)
+            _train_recorded(s, members, teacher, group=folder)
+            s.results(conds)
+    else:
+        for i, cond in enumerate(todo):
+            if s.progress:
+                print(f"[{i + 1}/{len(todo)}] {cond.name}", flush=True)
+            s.dir.run(cond.name).clear_error()
+            _train_recorded(s, [cond], teacher)
+            s.results(conds)
+
+
+def _train_recorded(s: Study, conds: list[Condition], teacher: Teacher, group: str | None = None) -> None:
     """Train ``conds`` (one run, or one fused group); a failure is written to each run's
     ``error.txt`` and does not stop the study."""
-    runs = [Run(c.cfg, study / "runs" / c.name) for c in conds]
+    runs = [Run(c.cfg, s.dir.run(c.name)) for c in conds]
     try:
-        train(runs, data, targets, group_dir=group_dir, resume=True, progress=progress)
+        train(runs, s.data, teacher, group_dir=s.dir.folder(group).path if group else None, resume=True,
+              progress=s.progress)
     except (KeyboardInterrupt, WriteError):  # a failing disk stops the study
         raise
     except Exception as e:  # a failed run must not stop the others
         detail = "" if isinstance(e, UserError) else traceback.format_exc()
         for r in runs:
-            rundir.write_error(r.out, e, detail)
+            r.out.write_error(e, detail)
 
 
-def run_one(cond: Condition, study: Path, data, targets, progress: bool) -> None:
-    """Train (or resume) one condition unless it finished."""
-    out = study / "runs" / cond.name
-    if rundir.read_summary(out) is None:
-        (out / rundir.ERROR).unlink(missing_ok=True)
-        _train_recorded([cond], study, data, targets, progress=progress)
-
-
-def unfinished_groups(conds: list[Condition], study: Path) -> list[tuple[list[Condition], str]]:
+def unfinished_groups(conds: list[Condition], study: StudyDir) -> list[tuple[list[Condition], str]]:
     """The grid's fused groups (`group_key`: one per seed) with an unfinished member, each
     with its folder inside the study (``groups/s<seed>``). A group with any unfinished
     member trains as the whole group, so it always matches its checkpoint (a kill between
@@ -160,19 +179,9 @@ def unfinished_groups(conds: list[Condition], study: Path) -> list[tuple[list[Co
     for c in conds:
         groups.setdefault(group_key(c), []).append(c)
     one_per_seed = len(groups) == len({m[0].seed for m in groups.values()})
-    return [(members, f"groups/s{members[0].seed}" if one_per_seed else f"groups/s{members[0].seed}-{i}")
+    return [(members, StudyDir.group_folder(members[0].seed, None if one_per_seed else i))
             for i, members in enumerate(groups.values())
-            if any(rundir.read_summary(study / "runs" / c.name) is None for c in members)]
-
-
-def run_groups(conds: list[Condition], study: Path, data, targets, *, progress: bool, on_done) -> None:
-    """Train the grid's unfinished fused groups one after another in this process."""
-    todo = unfinished_groups(conds, study)
-    for i, (members, folder) in enumerate(todo):
-        if progress:
-            print(f"[group {i + 1}/{len(todo)}] seed {members[0].seed}: {len(members)} students fused", flush=True)
-        _train_recorded(members, study, data, targets, group_dir=study / folder, progress=progress)
-        on_done()
+            if any(not study.run(c.name).finished for c in members)]
 
 
 def fuses(cfg: dict, device: torch.device) -> bool:
@@ -182,6 +191,8 @@ def fuses(cfg: dict, device: torch.device) -> bool:
     fused = cfg["study"]["fused"]
     return device.type == "cuda" if fused == "auto" else fused
 
+
+# ---------------------------------------------------------------- where runs train
 
 def on_ray(cfg: dict) -> bool:
     """Whether the study's runs are Ray tasks: ``study.executor = "ray"`` (``--ray``) or
@@ -198,16 +209,6 @@ def _ray_plan(cfg: dict) -> tuple[str, int | None, int]:
     return address, (workers * cpus if workers > 1 and not address else None), cpus
 
 
-def _teacher_bundle(targets: TeacherTargets, cfg: dict, study: Path, given: bool) -> dict:
-    """The teacher as values for Ray workers: its files, how it was opened, its cache."""
-    path = Path(targets.source)
-    files = ({name: (path / name).read_bytes() for name in (rundir.CONFIG, rundir.BEST, rundir.SUMMARY)}
-             if path.is_dir() else {path.name: path.read_bytes()})
-    return {"files": files, "is_run": path.is_dir(), "name": path.name or "teacher",
-            "section": cfg["teacher"] if given else None, "augment": cfg["data"]["augment"] != "none",
-            "source": targets.source, "file": targets.file, "cache": (study / LOGITS_CACHE).read_bytes()}
-
-
 @contextlib.contextmanager
 def _threads(n: int):
     """torch's CPU threads for an in-process study: ``study.cpus_per_run``, as a Ray task
@@ -220,69 +221,3 @@ def _threads(n: int):
         yield None
     finally:
         torch.set_num_threads(before)
-
-
-def run_study(cfg: dict, study: str | Path, *, force: bool = False, workers: int | None = None,
-              fused: bool | None = None, progress: bool = True, allow_weak_teacher: bool = False) -> dict:
-    """Run every condition of the study (skipping finished runs, resuming unfinished
-    ones) and write ``results.csv``. Returns ``{"rows", "failed"}``. The study folder is
-    locked meanwhile; a teacher not clearly above chance stops it before any student
-    trains, unless ``allow_weak_teacher`` or ``study.allow_weak_teacher``. ``workers``
-    overrides ``study.workers``; the runs train here or as Ray tasks (`on_ray`)."""
-    study = Path(study)
-    if workers is not None:
-        cfg = {**cfg, "study": {**cfg["study"], "workers": workers}}
-    if not cfg["teacher"]["run"] and not Preprocess(cfg["teacher"]).is_default:
-        raise ConfigError("[teacher] input_range, mean, std, layout and input_size describe a teacher file given "
-                          "as teacher.run; the teacher a study trains takes the data as it is")
-    plan = _ray_plan(cfg) if on_ray(cfg) else None
-    if plan:
-        cluster.import_ray()
-    device = pick_device(cfg["train"]["device"])
-    data = load(cfg["data"])
-    given = given_teacher(study, cfg, data, device) if cfg["teacher"]["run"] else None
-    if given:
-        given.check_useful(allow_weak_teacher or cfg["study"]["allow_weak_teacher"])
-    threads = cfg["study"]["cpus_per_run"]
-    with locked(study, "study"), (cluster.session(*plan[:2]) if plan else _threads(threads)) as ray:
-        return _run_study(cfg, study, data, device, given, ray, plan, force=force, fused=fused,
-                          progress=progress, allow_weak_teacher=allow_weak_teacher)
-
-
-def _run_study(cfg: dict, study: Path, data, device, given, ray, plan, *, force, fused, progress,
-               allow_weak_teacher) -> dict:
-    if ray:  # a request no node can meet stops the study before its folder is written
-        cpus, gpus = cluster.resources(ray, plan[2], cfg["study"]["gpus_per_run"])
-        tasks = dict(cpus=cpus, gpus=gpus, retries=cfg["study"]["retries"], progress=progress)
-    prepare(study, cfg, force)
-    if ray and not cfg["teacher"]["run"] and rundir.read_summary(study / "teacher") is None:
-        cluster.run_units(ray, study, [Unit("teacher", ((teacher_config(cfg), "teacher"),))], data, None, **tasks)
-        if rundir.read_summary(study / "teacher") is None:
-            raise RunError(f"the study's teacher did not finish: {rundir.read_error(study / 'teacher')}")
-    teacher_run = ensure_teacher(study, cfg, data, progress)
-    targets = study_targets(study, teacher_run, data, device, given)
-    targets.check_useful(allow_weak_teacher or cfg["study"]["allow_weak_teacher"])
-    conds = expand(cfg)
-    (study / "runs").mkdir(exist_ok=True)
-    write_results(study, conds)
-
-    todo = [c for c in conds if rundir.read_summary(study / "runs" / c.name) is None]
-    where = torch.device("cuda" if tasks["gpus"] > 0 else "cpu") if ray else device  # the tasks' device
-    grouped = todo and (fuses(cfg, where) if fused is None else fused)
-    if todo and ray:
-        units = ([Unit(folder, tuple((c.cfg, f"runs/{c.name}") for c in members), folder)
-                  for members, folder in unfinished_groups(conds, study)] if grouped else
-                 [Unit(c.name, ((c.cfg, f"runs/{c.name}"),)) for c in todo])
-        cluster.run_units(ray, study, units, data, _teacher_bundle(targets, cfg, study, given is not None),
-                          on_done=lambda: write_results(study, conds), **tasks)
-    elif grouped:
-        run_groups(conds, study, data, targets, progress=progress, on_done=lambda: write_results(study, conds))
-    else:
-        for i, cond in enumerate(todo):
-            if progress:
-                print(f"[{i + 1}/{len(todo)}] {cond.name}", flush=True)
-            run_one(cond, study, data, targets, progress)
-            write_results(study, conds)
-
-    rows = write_results(study, conds)
-    return {"rows": rows, "failed": [r["run"] for r in rows if r["status"] != "ok"]}

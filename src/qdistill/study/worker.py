@@ -4,20 +4,14 @@ trained in a scratch folder on whichever node Ray picks.
 A worker shares no filesystem with the driver. It gets everything as values: the unit
 (configs and the run directories' paths inside the study), the files of those folders
 as the driver last saw them (so a retry resumes from the last epoch that came back),
-the dataset, and the teacher (its files and logits cache). It trains with the one loop
-(`training/loop.py: train`) in a background thread and yields, as a Ray streaming
-generator, one message after every epoch and one at the end:
-
-* ``("epoch", files, node)``: every file of the unit's folders, by path inside the study;
-* ``("done", files, node)``: the same once the runs finished (summaries included);
-* ``("error", line, detail, node)``: training failed (the line is ``Type: message``).
+the dataset, and the teacher (`Teacher.bundle`: its files and logits). It trains with
+the one loop (`training/loop.py: train`) in a background thread and yields, as a Ray
+streaming generator, one typed message after every epoch and one at the end: `Epoch`,
+then `Done` or `Failed`.
 
 Scratch folders live in ``$TMPDIR/qdistill-scratch/``, each held by a lock on a file
 beside it; a starting worker removes those whose lock is free (their worker was
-killed). Test hook: ``QDISTILL_TEST_EXIT="RUN:E"`` makes the first attempt of the unit
-that trains ``RUN`` call ``os._exit(1)`` as soon as the driver has taken the E-th epoch
-it sent (so the one before is written; the E-th is lost if the driver had not fetched it
-yet): its retry must resume from one of those two.
+killed).
 """
 from __future__ import annotations
 
@@ -33,17 +27,17 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..atomic import atomic_write_bytes
 from ..errors import UserError
-from ..training import rundir
-from ..training.loop import Run, train
-from ..training.targets import TeacherTargets
+from ..training.loop import Remote, Run, train
+from ..training.rundir import RunDir
+from ..training.teacher import Teacher
 
 SCRATCH = "qdistill-scratch"
-TEST_EXIT = "QDISTILL_TEST_EXIT"
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,26 @@ class Unit:
     def files(self, root: Path) -> dict[str, bytes]:
         """Every file of the unit's folders under ``root``, by path inside the study."""
         return {f"{folder}/{name}": data for folder in self.folders
-                for name, data in rundir.read_files(root / folder).items()}
+                for name, data in RunDir(root / folder).files().items()}
+
+
+class Epoch(NamedTuple):
+    """An epoch finished: every file of the unit's folders, by path inside the study."""
+    files: dict
+    node: str
+
+
+class Done(NamedTuple):
+    """The runs finished: their files, summaries included."""
+    files: dict
+    node: str
+
+
+class Failed(NamedTuple):
+    """Training raised: ``line`` is ``Type: message``, ``detail`` the traceback of a bug."""
+    line: str
+    detail: str
+    node: str
 
 
 def node_label() -> str:
@@ -104,56 +117,31 @@ def _write(root: Path, files: dict[str, bytes]) -> None:
         atomic_write_bytes(root / rel, data)
 
 
-def _teacher(root: Path, teacher: dict, data) -> TeacherTargets:
-    """The study's teacher rebuilt from its files, named as on the driver, its logits
-    read from the cache the driver computed."""
-    path = root / "teacher-in" / teacher["name"]
-    _write(path if teacher["is_run"] else path.parent, teacher["files"])
-    targets = TeacherTargets.from_path(path, data, teacher["section"], augment=teacher["augment"])
-    targets.source, targets.file = teacher["source"], teacher["file"]
-    cache = root / "teacher-in" / "teacher_logits.pt"
-    atomic_write_bytes(cache, teacher["cache"])
-    targets.read_cache(cache)
-    return targets
-
-
-def _exit_after(unit: Unit, attempt: int) -> int | None:
-    """The epoch after which `TEST_EXIT` stops this attempt, if it names this unit."""
-    run, _, epoch = os.environ.get(TEST_EXIT, "").rpartition(":")
-    names = {Path(folder).name for _, folder in unit.runs}
-    return int(epoch) if attempt == 1 and run in names else None
-
-
-def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, threads: int, attempt: int):
-    """The Ray task (a generator, see the module docstring)."""
+def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, threads: int):
+    """The Ray task (a generator of `Epoch`, then `Done` or `Failed`)."""
     torch.set_num_threads(max(1, int(threads)))
-    node, exit_after, sent = node_label(), _exit_after(unit, attempt), 0
+    node = node_label()
     with scratch() as root:
         _write(root, files)
-        targets = _teacher(root, teacher, data) if teacher else None
         messages: queue.Queue = queue.Queue()
-
-        def on_epoch():
-            messages.put(("epoch", unit.files(root), node))
+        remote = Remote(node, lambda: messages.put(Epoch(unit.files(root), node)))
 
         def work():
             try:
-                train([Run(cfg, root / folder) for cfg, folder in unit.runs], data, targets,
+                opened = Teacher.from_bundle(teacher, data, root) if teacher else None
+                train([Run(cfg, root / folder) for cfg, folder in unit.runs], data, opened,
                       group_dir=root / unit.group if unit.group else None, resume=True, progress=False,
-                      on_epoch=on_epoch, node=node)
-                messages.put(("done", unit.files(root), node))
+                      remote=remote)
+                messages.put(Done(unit.files(root), node))
             except Exception as e:  # recorded by the driver like any failed run
-                detail = "" if isinstance(e, UserError) else traceback.format_exc()
-                messages.put(("error", f"{type(e).__name__}: {e}", detail, node))
+                messages.put(Failed(f"{type(e).__name__}: {e}", "" if isinstance(e, UserError) else
+                                    traceback.format_exc(), node))
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         while True:
             message = messages.get()
             yield message  # returns once the driver has taken it (backpressure of one: `cluster.py`)
-            if message[0] != "epoch":
+            if not isinstance(message, Epoch):
                 break
-            sent += 1
-            if exit_after is not None and sent >= exit_after:
-                os._exit(1)
         thread.join()

@@ -13,3 +13,12 @@ ROLES = ("teacher", "student")
 TEACHER_KINDS = ("run", "torchscript", "export", "onnx", "logits")
 TEACHER_RANGES = ("0-1", "0-255")
 TEACHER_LAYOUTS = ("NCHW", "NHWC")
+
+# A model within 5 points of chance (1/K for K classes) learned nothing usable: a teacher
+# that close is refused, and the report lists the students that end there.
+CHANCE_MARGIN = 0.05
+
+
+def near_chance(accuracy: float, num_classes: int) -> bool:
+    """``accuracy <= 1/K + CHANCE_MARGIN``."""
+    return accuracy <= 1 / num_classes + CHANCE_MARGIN

@@ -24,7 +24,7 @@ import torch
 from ..atomic import atomic_write_bytes
 from ..errors import RunError
 from ..nn.models import build
-from . import rundir
+from .rundir import RunDir
 
 
 def save(obj, path: str | Path) -> None:
@@ -76,7 +76,7 @@ def load_model(run: str | Path, which: str = "best") -> tuple[torch.nn.Module, d
     ``checkpoint.pt`` (``which="last"``), and its meta."""
     if which not in ("best", "last"):
         raise RunError(f"checkpoint must be best or last, got {which!r}")
-    ckpt = load(Path(run) / (rundir.BEST if which == "best" else rundir.CHECKPOINT))
+    ckpt = load(RunDir(run).best if which == "best" else RunDir(run).checkpoint)
     meta = member_meta(ckpt)
     model = build_from_meta(meta)
     model.load_state_dict(ckpt["model"])

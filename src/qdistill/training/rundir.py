@@ -1,5 +1,6 @@
-"""A run directory, the unit every command exchanges: its layout, the rules for
-starting, resuming and overwriting it, and its torch-free readers and writers.
+"""`RunDir`: one run's folder, the unit every command exchanges. It owns the layout, the
+rules for starting, resuming and overwriting a run, and the torch-free readers and
+writers of its files; no other module spells a file name of it.
 
 Layout of ``RUN/``:
 
@@ -11,11 +12,12 @@ Layout of ``RUN/``:
 * ``error.txt``     why the run failed, when a study recorded a failure
 * ``events.out.tfevents.*``  with ``train.tensorboard``: the metrics as TensorBoard scalars (`scalars`)
 
-A run trained on another machine comes back as its files (`read_files`) and is written
-as a whole (`replace`: a staging folder, then a rename).
+A fused group's folder (``STUDY/groups/s<seed>/``) is a `RunDir` that holds only the
+group's ``checkpoint.pt``; its members' folders hold the same files as a run trained
+alone, so ``eval``, ``report`` and ``export`` cannot tell them apart.
 
-A run trained in a fused group has the same files, so ``eval``, ``report`` and
-``export`` cannot tell it from one trained alone. Every write is atomic. This module
+A run trained on another machine comes back as its files (`files`) and is written as a
+whole (`replace`: a staging folder, then a rename). Every write is atomic. This module
 imports no torch, so the report reads runs through it.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as configlib
@@ -32,67 +35,9 @@ from ..errors import RunError
 CONFIG, METRICS, CHECKPOINT, BEST, SUMMARY, ERROR = (
     "config.toml", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json", "error.txt")
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, BEST, SUMMARY)
-
-
-def prepare(out: str | Path, cfg: dict, *, resume: bool, force: bool) -> bool:
-    """Check ``out`` before a run trains into it; return whether to resume from its
-    checkpoint. A finished run is never overwritten without ``force`` (which deletes its
-    files); ``resume`` needs the same config. Writes nothing else: `start` does, once
-    the run's set-up has succeeded."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"output path {out} exists and is not a directory")
-    finished, started = (out / SUMMARY).exists(), (out / CHECKPOINT).exists()
-    text = configlib.run_text(cfg)
-    if force:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    elif resume and finished:
-        raise RunError(f"run {out} already finished; use --force to train it again")
-    elif resume and started:
-        stored = (out / CONFIG).read_text() if (out / CONFIG).exists() else ""
-        if stored != text:
-            raise RunError(f"run {out} was started with a different config; use --force to start over")
-        return True
-    elif not resume and (finished or started):
-        what = "a finished run" if finished else "an unfinished run (use --resume to continue it)"
-        raise RunError(f"{out} already holds {what}; use --force to overwrite")
-    return False
-
-
-def start(out: str | Path, cfg: dict, *, member: bool = False) -> None:
-    """Create ``out`` and write its ``config.toml``. A member of a fused group keeps its
-    place in the group's checkpoint, so its own checkpoint, summary and error are stale;
-    its ``best.pt`` and ``metrics.jsonl`` stay (a resumed group rewrites them)."""
-    out = Path(out)
-    if member:
-        for name in (CHECKPOINT, SUMMARY, ERROR):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG, configlib.run_text(cfg))
-
-
-def write_metrics(out: str | Path, metrics: list[dict]) -> None:
-    atomic_write_text(Path(out) / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
-
-
-def write_summary(out: str | Path, summary: dict) -> None:
-    atomic_write_text(Path(out) / SUMMARY, json.dumps(summary, indent=2) + "\n")
-
-
-def write_error(out: str | Path, error: BaseException | str, detail: str = "") -> None:
-    """Record why a run failed: ``error.txt``'s first line is ``Type: message`` (``error``
-    itself when it is that line already)."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    line = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    atomic_write_text(Path(out) / ERROR, f"{line}\n{detail}")
-
-
-def read_config(run: str | Path) -> dict:
-    path = Path(run) / CONFIG
-    if not path.is_file():
-        raise RunError(f"{run} is not a qdistill run (no config.toml)")
-    return configlib.read_toml(path)
+# The order a run's files are written in, so a kill between two writes leaves files that
+# agree (the loop writes best.pt, event files, checkpoint.pt, then metrics.jsonl).
+_ORDER = {CONFIG: 0, BEST: 1, CHECKPOINT: 3, METRICS: 4, SUMMARY: 5, ERROR: 6}
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -106,66 +51,192 @@ def read_json(path: str | Path) -> dict | None:
         raise RunError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_summary(run: str | Path) -> dict | None:
-    """``summary.json`` of a run, ``None`` while it has not finished."""
-    return read_json(Path(run) / SUMMARY)
-
-
-def read_metrics(run: str | Path) -> list[dict]:
-    """The epochs of ``metrics.jsonl`` (none when the run has not finished one)."""
-    path = Path(run) / METRICS
-    if not path.is_file():
-        return []
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON lines: {e}") from None
-
-
-def read_error(run: str | Path) -> str | None:
-    """The first line of ``error.txt``, ``None`` without one."""
-    path = Path(run) / ERROR
-    return path.read_text().splitlines()[0] if path.is_file() else None
-
-
-# ---------------------------------------------------------------- a run directory as bytes
-
-# The order a run directory's files are written in, so a kill between two writes leaves
-# files that agree (`loop.py`: best.pt, event files, checkpoint.pt, then metrics.jsonl).
-_ORDER = {CONFIG: 0, BEST: 1, CHECKPOINT: 3, METRICS: 4, SUMMARY: 5, ERROR: 6}
-
-
 def write_order(name: str) -> int:
+    """Where a file of a run goes in the order its files are written (others: between)."""
     return _ORDER.get(Path(name).name, 2)
 
 
-def read_files(folder: str | Path) -> dict[str, bytes]:
-    """The files of ``folder`` (no subfolders, no hidden files such as the lock) by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+@dataclass(frozen=True)
+class RunDir:
+    """The folder of one run (or of a fused group's checkpoint)."""
+    path: Path
 
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
 
-def replace(dest: str | Path, files: dict[str, bytes]) -> None:
-    """Make ``dest`` hold exactly ``files``: written into ``.NAME.staging`` beside it,
-    then renamed into place (the old folder is renamed ``.NAME.old`` first and removed
-    after). `recover` undoes what a kill between the two renames leaves."""
-    dest = Path(dest)
-    stage, old = dest.parent / f".{dest.name}.staging", dest.parent / f".{dest.name}.old"
-    shutil.rmtree(stage, ignore_errors=True)
-    for name in sorted(files, key=write_order):
-        atomic_write(stage / name, lambda f, data=files[name]: f.write(data))
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(stage, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:  # a path wherever one is taken
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).exists()
+
+    @property
+    def started(self) -> bool:
+        return (self.path / CHECKPOINT).exists()
+
+    # ------------------------------------------------------------ the rules
+
+    def prepare(self, cfg: dict, *, resume: bool, force: bool) -> bool:
+        """Check the folder before a run trains into it; return whether to resume from
+        its checkpoint. A finished run is never overwritten without ``force`` (which
+        deletes its files); ``resume`` needs the same config. Writes nothing else:
+        `start` does, once the run's set-up has succeeded."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"output path {self.path} exists and is not a directory")
+        if force:
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        elif resume and self.finished:
+            raise RunError(f"run {self.path} already finished; use --force to train it again")
+        elif resume and self.started:
+            if self.stored_config_text() != configlib.run_text(cfg):
+                raise RunError(f"run {self.path} was started with a different config; use --force to start over")
+            return True
+        elif not resume and (self.finished or self.started):
+            what = "a finished run" if self.finished else "an unfinished run (use --resume to continue it)"
+            raise RunError(f"{self.path} already holds {what}; use --force to overwrite")
+        return False
+
+    def group_resumes(self, members: list[tuple[str, str]]) -> bool:
+        """A fused group resumes from its checkpoint when that holds the same members
+        (name, config text), in order; otherwise it starts over."""
+        if not self.started:
+            return False
+        from .checkpoint import load  # torch: only for a group that has a checkpoint
+        return [(m["name"], m["config"]) for m in load(self.checkpoint)["members"]] == members
+
+    def start(self, cfg: dict, *, member: bool = False) -> None:
+        """Create the folder and write its ``config.toml``. A member of a fused group
+        keeps its place in the group's checkpoint, so its own checkpoint, summary and
+        error are stale; its ``best.pt`` and ``metrics.jsonl`` stay (a resumed group
+        rewrites them)."""
+        if member:
+            for name in (CHECKPOINT, SUMMARY, ERROR):
+                (self.path / name).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / CONFIG, configlib.run_text(cfg))
+
+    # ------------------------------------------------------------ writers
+
+    def write_metrics(self, metrics: list[dict]) -> None:
+        atomic_write_text(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    def write_error(self, error: BaseException | str, detail: str = "") -> None:
+        """Record why a run failed: ``error.txt``'s first line is ``Type: message``
+        (``error`` itself when it is that line already)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        line = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        atomic_write_text(self.path / ERROR, f"{line}\n{detail}")
+
+    def clear_error(self) -> None:
+        (self.path / ERROR).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ readers
+
+    def read_config(self) -> dict:
+        if not (self.path / CONFIG).is_file():
+            raise RunError(f"{self.path} is not a qdistill run (no {CONFIG})")
+        return configlib.read_toml(self.path / CONFIG)
+
+    def stored_config_text(self) -> str:
+        path = self.path / CONFIG
+        return path.read_text() if path.exists() else ""
+
+    def read_summary(self) -> dict | None:
+        """``summary.json``, ``None`` while the run has not finished."""
+        return read_json(self.path / SUMMARY)
+
+    def read_metrics(self) -> list[dict]:
+        """The epochs of ``metrics.jsonl`` (none when the run has not finished one)."""
+        path = self.path / METRICS
+        if not path.is_file():
+            return []
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{path} is not valid JSON lines: {e}") from None
+
+    def read_error(self) -> str | None:
+        """The first line of ``error.txt``, ``None`` without one."""
+        path = self.path / ERROR
+        return path.read_text().splitlines()[0] if path.is_file() else None
+
+    def require_finished(self, what: str = "run") -> None:
+        if not self.path.is_dir():
+            raise RunError(f"{what} not found: {self.path}")
+        if not self.finished:
+            raise RunError(f"{what} {self.path} has not finished (no {SUMMARY})")
+
+    # ------------------------------------------------------------ a run as bytes
+
+    def files(self, *, resumable: bool = False) -> dict[str, bytes]:
+        """The folder's files (no subfolders, no hidden files such as the lock) by name;
+        ``resumable``: only what a resumed run needs (no summary, no error)."""
+        if not self.path.is_dir():
+            return {}
+        skip = (SUMMARY, ERROR) if resumable else ()
+        return {p.name: p.read_bytes() for p in sorted(self.path.iterdir())
+                if p.is_file() and not p.name.startswith(".") and p.name not in skip}
+
+    def model_files(self) -> dict[str, bytes]:
+        """What opening the run's model elsewhere needs: its config, best weights and summary."""
+        return {name: (self.path / name).read_bytes() for name in (CONFIG, BEST, SUMMARY)}
+
+    def keep_only(self, names) -> None:
+        """Remove the files not in ``names`` (an epoch that came back from a Ray task
+        without them: a group's member drops its old summary)."""
+        for name in self.files():
+            if name not in names:
+                (self.path / name).unlink(missing_ok=True)
+
+    def with_summary(self, files: dict[str, bytes], **extra) -> dict[str, bytes]:
+        """``files`` with ``extra`` keys added to their ``summary.json``, if it has one."""
+        if SUMMARY not in files:
+            return files
+        summary = {**json.loads(files[SUMMARY]), **extra}
+        return {**files, SUMMARY: (json.dumps(summary, indent=2) + "\n").encode()}
+
+    def replace(self, files: dict[str, bytes]) -> None:
+        """Make the folder hold exactly ``files``: written into ``.NAME.staging`` beside
+        it, then renamed into place (the old folder is renamed ``.NAME.old`` first and
+        removed after). `recover` undoes what a kill between the two renames leaves."""
+        dest = self.path
+        stage, old = dest.parent / f".{dest.name}.staging", dest.parent / f".{dest.name}.old"
+        shutil.rmtree(stage, ignore_errors=True)
+        for name in sorted(files, key=write_order):
+            atomic_write(stage / name, lambda f, data=files[name]: f.write(data))
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(stage, dest)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def recover(parent: str | Path) -> None:
-    """Finish or undo the `replace` calls a killed process left under ``parent``: a
-    staging folder is dropped; an old folder whose new one is missing is put back."""
+    """Finish or undo the `RunDir.replace` calls a killed process left under ``parent``:
+    a staging folder is dropped; an old folder whose new one is missing is put back."""
     parent = Path(parent)
     if not parent.is_dir():
         return

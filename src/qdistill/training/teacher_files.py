@@ -2,7 +2,7 @@
 
 `detect` tells the kinds apart by what the path is (the zip members, not only the name):
 
-* a directory: a qdistill run (``training/targets.py: TeacherTargets.from_run``);
+* a directory: a qdistill run (``training/teacher.py: Teacher.open``);
 * a zip with ``code/`` and ``constants.pkl``: TorchScript (`torch.jit.save`), loaded with
   ``torch.jit.load(map_location="cpu")``;
 * a zip with ``archive_format``: a `torch.export` program (``.pt2``, `torch.export.save`);

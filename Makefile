@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # resolved from scratch would pull a multi-GB CUDA build, so pin it first.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-fast install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,8 +30,14 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(BIN)/qdistill study configs/demo.toml --out runs/demo
 
+# Two workers, one torch thread each (tests/conftest.py): the 2-core machine, fully used.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+test-fast: $(VENV)/.installed-dev  # the inner loop: everything but the tests marked slow
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

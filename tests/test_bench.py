@@ -27,11 +27,21 @@ def test_scaling_takes_the_median_and_divides_by_k1(monkeypatch):
 
 def test_scaling_runs_for_real_and_prints_a_table():
     r = bench.scaling(ks=(1, 2), batch=4, steps=2, repeats=1, log=lambda *a: None)
-    assert all(v > 0 for v in r["per_student_img_s"].values()) and r["vs_k1"]["1"] == 1.0
+    rate = r["per_student_img_s"]
+    assert r["vs_k1"] == {"1": 1.0, "2": rate["2"] / rate["1"]}
     table = bench.format_scaling(r)
     assert "vs K=1" in table and "GFLOP/s" in table and len(table.splitlines()) == 6
 
 
-def test_measure_step_rate_runs():
-    assert measure_step_rate(k=2, batch=4, steps=1, warmup=1) > 0
-    assert measure_step_rate(k=1, batch=4, steps=1, warmup=1, channels_last=False) > 0
+def test_measure_step_rate_is_student_images_over_the_timed_steps(monkeypatch):
+    """k * batch * steps / seconds, timing only the steps after the warm-up: a clock that
+    advances 0.5 s per reading makes every timed stretch 0.5 s long."""
+    clock, steps = itertools.count(0.0, 0.5), []
+    monkeypatch.setattr(step_rate.time, "perf_counter", lambda: next(clock))
+    real = step_rate.train_step
+    monkeypatch.setattr(step_rate, "train_step", lambda net, *a: steps.append(len(net.split())) or real(net, *a))
+    assert measure_step_rate(k=2, batch=4, steps=3, warmup=1) == 2 * 4 * 3 / 0.5
+    assert steps == [2] * 4  # warm-up and timed steps of a group of 2
+    steps.clear()
+    assert measure_step_rate(k=1, batch=4, steps=1, warmup=2, channels_last=False) == 1 * 4 * 1 / 0.5
+    assert steps == [1] * 3

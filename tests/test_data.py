@@ -544,3 +544,18 @@ def test_svhn_loads_when_its_cache_cannot_be_written(tmp_path, monkeypatch):
         ds = registry.load({"dataset": "svhn", "data_dir": str(tmp_path), "verify": False})
     assert torch.equal(ds.x_train, torch.from_numpy(Xtr).permute(3, 2, 0, 1))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_digits_are_read_as_load_digits_gives_them_with_or_without_importing_sklearn(monkeypatch):
+    """The CSV read straight from scikit-learn's data folder gives load_digits' exact
+    images and labels; without the file in its place, load_digits itself is used."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from qdistill.data import digits
+    want = load_digits()
+    images, labels = digits._bundled()
+    assert np.array_equal(images, want.images) and np.array_equal(labels, want.target)
+    monkeypatch.setattr(digits.importlib.util, "find_spec", lambda name: None)
+    images, labels = digits._bundled()
+    assert np.array_equal(images, want.images) and np.array_equal(labels, want.target)

@@ -55,6 +55,7 @@ def _refused(path, match):
 
 # ---------------------------------------------------------------- torch-free
 
+@pytest.mark.slow
 def test_deploy_runs_without_torch(exported):
     """A subprocess loads and runs the model through qdistill.deploy (and the predict
     helpers' module) and never imports torch."""
@@ -70,6 +71,7 @@ def test_deploy_runs_without_torch(exported):
     assert r.stdout.startswith("ok")
 
 
+@pytest.mark.slow
 def test_numpy_fallback_without_numba(exported):
     """With numba absent the engine imports and runs on the numpy kernels."""
     path, _ = exported

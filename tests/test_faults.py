@@ -33,6 +33,7 @@ teacher_epochs = 1
 allow_weak_teacher = true  # a 1-epoch teacher on 240 images is at chance; here that is fine
 """
 TIMING = ("wall_s", "img_per_s")
+pytestmark = pytest.mark.slow
 
 
 def study_config(tmp_path, extra=""):

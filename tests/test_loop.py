@@ -1,6 +1,5 @@
 """The one training loop: no host round-trip per step, divergence named to the step and
 member, and one checkpoint format for one model or a fused group."""
-import math
 import sys
 
 import pytest
@@ -109,4 +108,4 @@ def test_a_group_needs_configs_that_differ_only_in_the_loss(tmp_path):
     runs = [(cfg_for(), tmp_path / "a"), (cfg_for("train.lr=0.5"), tmp_path / "b")]
     with pytest.raises(ValueError, match="but the loss"):
         loop.train(runs, data(100), group_dir=tmp_path / "g", progress=False)
-    assert math.isfinite(cfg_for()["train"]["lr"])
+    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "g"))  # nothing written

@@ -107,6 +107,7 @@ def test_without_out_the_csv_goes_to_stdout(qdz, folder, tmp_path, capsys):
     assert capsys.readouterr().out == out.read_text()
 
 
+@pytest.mark.slow
 def test_the_folder_path_imports_no_torch(qdz, folder, tmp_path):
     out = tmp_path / "p.csv"
     code = ("import sys\nfrom qdistill import cli\n"

@@ -9,6 +9,8 @@ Metrics are compared with an in-process study that uses the same torch threads p
 """
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,14 +44,17 @@ cpus_per_run = 1
 allow_weak_teacher = true  # a 1-epoch teacher on 240 images is at chance; here that is fine
 """
 RUNS = ["q1-hard-T1-s0", "q2-soft-T4-s0"]
+pytestmark = pytest.mark.slow
 WHERE_AND_WHEN = ("wall_s", "img_per_s", "node")
 
 
 @pytest.fixture(scope="module")
-def ray_env(tmp_path_factory):
+def ray_env():
     """Ray's files in a temp folder (TMPDIR too: the workers' scratch folders), token
-    authentication off, loopback only; afterwards no process of it is left."""
-    tmp = tmp_path_factory.mktemp("ray")
+    authentication off, loopback only; afterwards no process of it is left. The folder
+    sits right under the system's temp folder: Ray's socket paths inside it must stay
+    under 108 bytes, which pytest's own temp folders (per xdist worker) can exceed."""
+    tmp = Path(tempfile.mkdtemp(prefix="qd-ray-"))
     env = {"RAY_TMPDIR": str(tmp), "TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {k: os.environ.get(k) for k in env}
@@ -69,6 +74,7 @@ def ray_env(tmp_path_factory):
         time.sleep(0.2)
     assert not left, f"Ray processes left running: {left}"
     assert not list((tmp / "qdistill-scratch").glob("*")), "scratch folders left"
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _processes_under(folder: Path) -> list[int]:

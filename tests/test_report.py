@@ -282,6 +282,7 @@ def test_study_whose_q1_has_not_finished(tmp_path):
     assert [p.name for p in out["chosen"]] == ["q2.toml"]
 
 
+@pytest.mark.slow
 def test_report_layer_does_not_import_torch():
     import subprocess
     import sys

@@ -1,9 +1,9 @@
 """Teachers that are not qdistill runs: TorchScript, torch.export, ONNX and a logits file,
 against the run-directory teacher they were made from.
 
-The teacher here trains 2 epochs on 200 images, so it is at or near chance and the
-weak-teacher check may refuse it: the tests of the machinery pass --allow-weak-teacher on
-purpose (`test_weak_teachers_of_every_kind_are_refused` tests the refusal itself)."""
+The run teacher here (the session's `small_teacher`) trains 2 epochs on 240 images, so
+it is at or near chance and the weak-teacher check may refuse it: the tests of the
+machinery pass --allow-weak-teacher on purpose (`test_weak_teachers_of_every_kind_are_refused` tests the refusal itself)."""
 from __future__ import annotations
 
 import json
@@ -38,18 +38,17 @@ def _onnx():
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(tmp_path_factory, small_teacher):
     """The run-directory teacher and every file made from its eval-mode model."""
     root = tmp_path_factory.mktemp("teachers")
-    assert cli.main(["teacher", *FLAGS, "--epochs", "2", "--out", str(root / "T")]) == 0
-    model, _ = checkpoint.load_model(root / "T", "best")
+    model, _ = checkpoint.load_model(small_teacher, "best")
     model.eval()
     example = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, example), str(root / "t.pt"))
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("n")},))
     torch.export.save(program, str(root / "t.pt2"))
-    paths = {"run": root / "T", "torchscript": root / "t.pt", "export": root / "t.pt2", "root": root}
+    paths = {"run": small_teacher, "torchscript": root / "t.pt", "export": root / "t.pt2", "root": root}
     try:
         import onnx  # noqa: F401
         export_onnx(model, root / "t.onnx")
@@ -57,7 +56,7 @@ def made(tmp_path_factory):
     except ImportError:
         pass
     data = load(DATA)
-    run = Teacher.open(root / "T", data).evaluate()
+    run = Teacher.open(small_teacher, data).evaluate()
     np.savez(root / "t.npz", train_logits=run.train_logits().numpy(), test_logits=run.test_logits().numpy(),
              data_fingerprint=data.fingerprint)
     paths["logits"] = root / "t.npz"

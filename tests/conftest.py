@@ -1,0 +1,50 @@
+"""What the tests share: the suite's settings, a small teacher, and study helpers.
+
+* ``make test`` runs the suite on two pytest-xdist workers. Each worker, and every
+  command it starts in a subprocess, gets one torch thread and one numba thread
+  (``OMP_NUM_THREADS``, ``NUMBA_NUM_THREADS``, read when they load; numba's must be set
+  too, since starting its OpenMP layer raises the thread count torch shares with it), so
+  two processes never oversubscribe the 2-core machine. Tests that compare two runs for
+  equality run both with the same threads either way.
+* ``slow`` marks the tests that start subprocesses or Ray, inject faults, or check the
+  engine over thousands of images; ``make test-fast`` skips them.
+"""
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from qdistill import cli  # noqa: E402
+
+# the small digits data every shared run uses: 240 training images, 80 test images
+SMALL = ["--dataset", "digits", "--max-train", "240", "--max-test", "80", "--batch-size", "64", "--quiet"]
+SMALL_DATA = {"dataset": "digits", "max_train": 240, "max_test": 80}
+
+
+# The longest files first: pytest-xdist hands files out in collection order, so the
+# longest ones start first and the short ones fill in around them (measured here: the
+# two workers then end within seconds of each other, not 25 s apart).
+LONGEST_FIRST = ("test_ray.py", "test_export.py", "test_faults.py", "test_study.py", "test_teachers.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
+@pytest.fixture(scope="session")
+def small_teacher(tmp_path_factory):
+    """A vgg7 teacher run, 2 epochs on `SMALL`, trained once per session (per worker).
+    Tests read it and must not write into it."""
+    out = tmp_path_factory.mktemp("small-teacher") / "teacher"
+    assert cli.main(["teacher", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def write_study(path, text: str, extra: str = ""):
+    """A study config at ``path``: ``text`` with ``extra`` lines appended to its last section."""
+    path.write_text(text + extra)
+    return path

@@ -6,8 +6,8 @@
   too, since starting its OpenMP layer raises the thread count torch shares with it), so
   two processes never oversubscribe the 2-core machine. Tests that compare two runs for
   equality run both with the same threads either way.
-* ``slow`` marks the tests that start subprocesses or Ray, inject faults, or check the
-  engine over thousands of images; ``make test-fast`` skips them.
+* ``slow`` marks the tests that start subprocesses or Ray, inject faults, run several
+  studies, or check the engine over thousands of images; ``make test-fast`` skips them.
 """
 import os
 

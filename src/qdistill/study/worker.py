@@ -84,11 +84,10 @@ def node_label() -> str:
     return f"{platform.node()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
-@contextlib.contextmanager
-def scratch():
-    """A fresh scratch folder, removed afterwards; first removes those of dead workers."""
-    root = Path(tempfile.gettempdir()) / SCRATCH
-    root.mkdir(parents=True, exist_ok=True)
+def remove_dead(root: Path) -> None:
+    """Remove the scratch folders under ``root`` whose lock is free: their worker died
+    (killed, or its node lost). A worker still dying holds its lock: the next start
+    removes its folder."""
     for lock in root.glob("*.lock"):
         fd = os.open(lock, os.O_RDWR)
         try:
@@ -99,6 +98,14 @@ def scratch():
             os.close(fd)
         shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
         lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch():
+    """A fresh scratch folder, removed afterwards; first removes those of dead workers."""
+    root = Path(tempfile.gettempdir()) / SCRATCH
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead(root)
     name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     fd = os.open(root / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held before the folder exists: no one removes it under us

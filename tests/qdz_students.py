@@ -13,7 +13,7 @@ from bounds import nhwc
 from qdistill.data import digits
 from qdistill.nn.models import build
 
-# (arch, weight_bits, act_bits, scheme): the configurations
+# (arch, weight_bits, act_bits, scheme): the exported configurations
 CONFIGS = [(arch, wb, ab, scheme) for arch in ("vgg7", "dorefa-svhn")
            for wb, ab, scheme in ((2, 1, "dorefa"), (1, 1, "dorefa"), (1, 2, "dorefa"),
                                   (2, 2, "dorefa"), (2, 1, "homework"))]

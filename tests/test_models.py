@@ -1,6 +1,6 @@
 """Tests of qdistill.nn.models: every registered model builds, trains a step and is
-quantized where (and only where) issue 2 says; the 32-bit models equal plain torch
-networks written here from the issue's topology; summary() matches a count by hand."""
+quantized where (and only where) the model docstrings say; the 32-bit models equal plain torch
+networks written here from the documented topology; summary() matches a count by hand."""
 import math
 
 import pytest
@@ -132,7 +132,7 @@ def test_homework_scheme_dorefa_svhn_runs():
 
 
 # ---------------------------------------------------------------------------
-# 32-bit models equal plain torch networks written from the issue's topology
+# 32-bit models equal plain torch networks written from the documented topology
 # ---------------------------------------------------------------------------
 def plain_vgg7(width):
     c1, c2, c3, c4 = 16 * width, 32 * width, 64 * width, 128 * width

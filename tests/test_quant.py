@@ -1,4 +1,4 @@
-"""Tests of qdistill.nn.quantizers and qdistill.nn.layers against the formulas of issue 2.
+"""Tests of qdistill.nn.quantizers and qdistill.nn.layers against the formulas in their docstrings.
 
 Expected values are either written out by hand or computed by a float64 numpy
 transcription of the formula (never by the function under test). Inputs are chosen
@@ -38,7 +38,7 @@ def assert_close(actual, expected, rtol=1e-6, atol=1e-7):
 
 
 # ---------------------------------------------------------------------------
-# float64 reference transcriptions of the issue's formulas
+# float64 reference transcriptions of the docstrings' formulas
 # ---------------------------------------------------------------------------
 def _ref_round(z):
     """round-half-to-even of ``z``, refusing inputs near a tie (float32 might differ)."""

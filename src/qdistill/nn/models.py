@@ -121,10 +121,6 @@ def dorefa_svhn(spec, num_classes=10, in_channels=3):
     )
 
 
-def _bits_of(module: nn.Module) -> int | None:
-    return getattr(module, "weight_bits", None)
-
-
 def summary(model: nn.Module) -> dict:
     """Parameter count, the bits of every layer, and the model's size in bytes with
     quantized weights stored at their bit-width (plus one fp32 scale per quantized

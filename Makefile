@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # resolved from scratch would pull a multi-GB CUDA build, so pin it first.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast install install-dev clean
+.PHONY: demo test test-fast gpu-check install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: $(VENV)/.installed-dev
 
 test-fast: $(VENV)/.installed-dev  # the inner loop: everything but the tests marked slow
 	$(PYTEST) -m "not slow"
+
+gpu-check: $(VENV)/.installed-dev  # one line per check; on a machine with a CUDA GPU (scripts/gpu-check.sh)
+	PYTHON=$(BIN)/python bash scripts/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) runs

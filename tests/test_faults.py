@@ -15,7 +15,7 @@ import torch
 from qdistill import atomic, cli
 from qdistill.lock import locked
 from qdistill.training.rundir import RunDir, recover
-from qdistill.training.optim import lr_factor
+from qdistill.training.schedule import lr_factor
 
 STUDY = """
 [data]

@@ -71,7 +71,7 @@ def test_divergence_names_the_epoch_step_and_member(tmp_path, monkeypatch):
             calls["n"] += 1
             out = fn(z, t, y)
             return out * float("nan") if calls["n"] >= 3 else out
-        wrapped.needs_teacher, wrapped.loss_name = fn.needs_teacher, fn.loss_name
+        wrapped.needs_teacher, wrapped.loss_name, wrapped.terms = fn.needs_teacher, fn.loss_name, fn.terms
         return wrapped
 
     monkeypatch.setattr(loop, "build_loss", nan_on_third_step_of_the_second_member)
@@ -89,7 +89,7 @@ def test_one_checkpoint_format_for_one_model_and_a_group(tmp_path):
     runs = [(cfg_for("student.loss=hard"), tmp_path / "m0"), (cfg_for("student.loss=hard+softgt"), tmp_path / "m1")]
     summaries = loop.train(runs, ds, group_dir=tmp_path / "g", progress=False)
     keys = {"epoch", "model", "optimizer", "scheduler", "rng", "members"}
-    member_keys = {"name", "config", "meta", "best", "metrics", "prints"}
+    member_keys = {"name", "config", "meta", "best", "metrics", "prints", "grad_init"}
     group = checkpoint.load(tmp_path / "g" / "checkpoint.pt")
     assert set(group) == keys and [m["name"] for m in group["members"]] == ["m0", "m1"]
     for run in ("one", "m0", "m1"):

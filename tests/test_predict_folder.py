@@ -51,8 +51,8 @@ def folder(tmp_path_factory):
 
 def read_csv(text: str) -> list[dict]:
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[0] == ["path", "label", "class", "confidence"]
-    return [{"path": p, "label": int(k), "class": c, "confidence": float(q)} for p, k, c, q in rows[1:]]
+    assert rows[0] == ["path", "index", "name", "probability"]  # the keys of predict --json
+    return [{"path": p, "index": int(k), "name": c, "probability": float(q)} for p, k, c, q in rows[1:]]
 
 
 def softmax64(logits):
@@ -72,7 +72,7 @@ def test_every_image_once_in_sorted_order_as_predict_image_says(qdz, folder, tmp
     batch = engine.predict(images)  # what the command computed: its rows are these, exactly
     for row, logits in zip(rows, batch):
         p = softmax64(logits)
-        assert (row["label"], row["class"], row["confidence"]) == (int(p.argmax()), CLASSES[int(p.argmax())],
+        assert (row["index"], row["name"], row["probability"]) == (int(p.argmax()), CLASSES[int(p.argmax())],
                                                                    p.max())
     # Against each image alone: the engine's stages are batch-independent but the last
     # linear layer (float32 BLAS), whose sums of F products and a bias may be rounded in
@@ -85,7 +85,7 @@ def test_every_image_once_in_sorted_order_as_predict_image_says(qdz, folder, tmp
     linear = engine.stages[-1]
     excused = 0
     for row, x in zip(rows, images):
-        label, probs = predict_image(qdz, folder / row["path"])
+        top, probs = predict_image(qdz, folder / row["path"])
         features = engine.trace(x[None])[-2][0].astype(np.float64)
         alone = engine.predict(x[None])[0].astype(np.float64)
         d = 2 * gamma(linear.w.shape[1] + 1) * (np.abs(linear.w) @ np.abs(features) + np.abs(linear.b))
@@ -93,9 +93,9 @@ def test_every_image_once_in_sorted_order_as_predict_image_says(qdz, folder, tmp
         if top2[1] - top2[0] <= 2 * d.max():
             excused += 1
         else:
-            assert (row["class"], row["label"]) == (label, int(probs.argmax()))
+            assert (row["name"], row["index"]) == (top["name"], int(probs.argmax()))
             r64 = gamma(20 + 2 * np.abs(alone - alone.max()).max(), U64)
-            within(row["confidence"], probs.max(), np.expm1(2 * d.max()) + 2 * r64, row["path"])
+            within(row["probability"], probs.max(), np.expm1(2 * d.max()) + 2 * r64, row["path"])
     assert excused <= 2
 
 
@@ -146,7 +146,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(qdz, folder, tmp_path, capsy
     out.unlink()
 
     refused(["predict", qdz, folder / NAMES[0], "--out", out], capsys, "--out", "not a folder")
-    refused(["predict", qdz, tmp_path / "absent", "--out", out], capsys, "not found")
+    refused(["predict", qdz, tmp_path / "absent", "--out", out], capsys, "no such image file or folder")
     refused(["predict", qdz, "--dataset", "digits", "--out", out], capsys, "--out", "FOLDER")
     refused(["predict", qdz, folder, "--json"], capsys, "--json")
     refused(["predict", qdz, folder, "--dataset", "digits"], capsys, "not both")

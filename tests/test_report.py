@@ -265,7 +265,7 @@ def test_bad_studies_are_user_errors(tmp_path):
     (tmp_path / "results.csv").write_text("run,question,seed\n")
     with pytest.raises(RunError, match="missing: loss, temperature"):
         report.write_report(tmp_path)
-    (tmp_path / "results.csv").write_text(",".join(results.COLUMNS) + "\n" + "r,q2,soft,x" + "," * (len(results.COLUMNS) - 4) + "\n")
+    (tmp_path / "results.csv").write_text(",".join(results.COLUMNS) + "\n" + "r,q2,soft,kl,x" + "," * (len(results.COLUMNS) - 5) + "\n")
     with pytest.raises(RunError, match="line 2: temperature must be a number"):
         report.write_report(tmp_path)
 

@@ -183,7 +183,7 @@ def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
 
     def crash_in_epoch_2(model, *a, **k):
         calls["n"] += isinstance(model, FusedStudents)  # the group's evaluations only
-        if calls["n"] == 3:  # epoch 1: val, test; epoch 2: val -> interrupted
+        if calls["n"] == 4:  # the gradient-ratio probe; epoch 1: val, test; epoch 2: val -> interrupted
             raise KeyboardInterrupt
         return real(model, *a, **k)
 

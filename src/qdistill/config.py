@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -52,6 +53,13 @@ DEFAULTS: dict[str, dict] = {
         "loss": "hard",               # hard, soft, hard+soft, hard+softgt
         "temperature": 4.0,
         # "c": absent means T**2
+        "omit_class": -1,             # K >= 0: leave class K out of the student's training (the unseen-class probe)
+        "kd": "kl",                   # the teacher term of Q2 and Q3: kl, dkd, ls, dist
+        "dkd_alpha": 1.0,             # dkd: weight of the target-class term
+        "dkd_beta": 8.0,              # dkd: weight of the non-target-class term
+        "dist_beta": 1.0,             # dist: weight of the within-image correlation term
+        "dist_gamma": 1.0,            # dist: weight of the within-class correlation term
+        "kd_warmup": 0,               # epochs over which the teacher term's weight ramps up linearly from 0
     },
     "train": {
         "epochs": 60,
@@ -63,12 +71,15 @@ DEFAULTS: dict[str, dict] = {
         "device": "auto",             # auto, cpu, cuda, cuda:N, mps
         "precision": "auto",          # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16
         "tensorboard": False,         # also write each epoch's scalars as TensorBoard event files
+        "threads": 0,                 # torch's intra-op CPU threads (0: torch's default, or the study's cpus_per_run)
+        "deterministic": True,        # CUDA: deterministic cuDNN and algorithms (CPU kernels are anyway)
     },
     "study": {
         "temperatures": [1.0, 2.0, 4.0, 8.0, 15.0],
         # "c": absent means T**2
         "seeds": [0, 1, 2],
         "questions": ["q1", "q2", "q3", "q4"],
+        "kd": ["kl"],                 # the teacher terms Q2 and Q3 sweep (each x T x seeds)
         "teacher_epochs": 0,          # 0: train.epochs
         "fused": "auto",              # auto (fused groups on CUDA, one run at a time elsewhere), true, false
         "workers": 0,                 # runs at once on a local Ray instance (0 or 1: one by one, in this process)
@@ -142,8 +153,9 @@ def _type_check(cfg: dict) -> None:
                     raise ConfigError(f'{where} must be true, false or "auto", got {value!r}')
             elif (section, key) == ("study", "gpus_per_run"):
                 if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                        or not 0 <= value < math.inf):
-                    raise ConfigError(f'{where} must be "auto" or a number >= 0, got {value!r}')
+                                        or not 0 <= value < math.inf or (value > 1 and value != int(value))):
+                    raise ConfigError(f'{where} must be "auto", a fraction of one GPU (0 to 1) or a whole number of '
+                                      f'GPUs, got {value!r}')
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -198,6 +210,8 @@ def check(cfg: dict) -> dict:
     if t["batch_size"] < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {t['batch_size']}")
     _positive_number(t["lr"], "train.lr")
+    if t["threads"] < 0:
+        raise ConfigError(f"train.threads must be >= 0 (0: torch's default), got {t['threads']}")
     if t["weight_decay"] < 0:
         raise ConfigError(f"train.weight_decay must be >= 0, got {t['weight_decay']}")
     s = cfg["student"]
@@ -206,6 +220,11 @@ def check(cfg: dict) -> dict:
         if isinstance(s["c"], bool) or not isinstance(s["c"], (int, float)) or not 0 <= s["c"] < math.inf:
             raise ConfigError(f"student.c must be a number >= 0, got {s['c']!r}")
         s["c"] = float(s["c"])
+    for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma", "kd_warmup"):
+        if not s[key] >= 0:
+            raise ConfigError(f"student.{key} must be >= 0, got {s[key]}")
+    if s["omit_class"] < -1:
+        raise ConfigError(f"student.omit_class must be -1 (none) or a class index >= 0, got {s['omit_class']}")
     if s["loss"] in ("hard+soft", "hard+softgt") and "c" not in s:
         s["c"] = s["temperature"] ** 2  # written out, so a run's config says what it used
     st = cfg["study"]
@@ -238,16 +257,44 @@ def _check_teacher_input(t: dict) -> None:
         raise ConfigError(f"teacher.input_size must be 0 (32) or 1..1024 pixels, got {t['input_size']}")
 
 
+PATH_KEYS = (("data", "data_dir"), ("data", "data_path"), ("teacher", "run"))
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """Every path key made absolute (``~`` expanded, against the current folder), so a
+    stored config means the same files from any folder; empty paths stay empty."""
+    for section, key in PATH_KEYS:
+        if cfg[section][key]:
+            cfg[section][key] = os.path.abspath(os.path.expanduser(cfg[section][key]))
+    return cfg
+
+
 def loss_c(student: dict) -> float:
     """The weight c of the soft term: ``student.c`` or ``T**2``."""
     return float(student["c"]) if "c" in student else float(student["temperature"]) ** 2
 
 
+def differences(old: dict, new: dict, limit: int = 3) -> list[str]:
+    """The keys whose values differ between two configs, each as ``section.key: old ->
+    new`` in schema order (a key one config lacks shows as ``(none)``); at most ``limit``,
+    then how many more."""
+    keys = [(sec, k) for sec in DEFAULTS for k in dict.fromkeys([*DEFAULTS[sec], *old.get(sec, {}), *new.get(sec, {})])]
+    missing = "(none)"
+    out = [f"{sec}.{k}: {_shown(old.get(sec, {}).get(k, missing))} -> {_shown(new.get(sec, {}).get(k, missing))}"
+           for sec, k in keys if old.get(sec, {}).get(k, missing) != new.get(sec, {}).get(k, missing)]
+    return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def _shown(v) -> str:
+    return v if v == "(none)" else _toml_value(v)
+
+
 def without_loss(cfg: dict) -> dict:
-    """A copy of ``cfg`` without ``student.loss``, ``temperature`` and ``c``: what the
-    members of one fused group share."""
+    """A copy of ``cfg`` without ``student.loss``, ``temperature``, ``c`` and the teacher
+    term's settings: what the members of one fused group share (each member has its own
+    loss)."""
     cfg = copy.deepcopy(cfg)
-    for key in ("loss", "temperature", "c"):
+    for key in ("loss", "temperature", "c", "kd", "dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma", "kd_warmup"):
         cfg["student"].pop(key, None)
     return cfg
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from . import config as configlib
 from .data import AUGMENTS, DATASETS
 from .errors import ConfigError
-from .nn import LOSSES, SCHEMES
+from .nn import KD_TERMS, LOSSES, SCHEMES, scheme_bits_error
 from .study import EXECUTORS, QUESTIONS
 from .training import PRECISIONS, ROLES, SCHEDULES, TEACHER_LAYOUTS, TEACHER_RANGES
 
 CHOICES = {("data", "dataset"): DATASETS, ("data", "augment"): AUGMENTS, ("student", "scheme"): SCHEMES,
            ("student", "loss"): LOSSES, ("train", "schedule"): SCHEDULES, ("train", "precision"): PRECISIONS,
-           ("run", "role"): ROLES, ("teacher", "input_range"): TEACHER_RANGES,
+           ("run", "role"): ROLES, ("student", "kd"): KD_TERMS, ("teacher", "input_range"): TEACHER_RANGES,
            ("teacher", "layout"): TEACHER_LAYOUTS, ("study", "executor"): EXECUTORS}
 
 
@@ -35,6 +35,13 @@ def validate(cfg: dict) -> dict:
     for q in cfg["study"]["questions"]:
         if q not in QUESTIONS:
             raise ConfigError(f"study.questions: unknown question {q!r}; known: {', '.join(QUESTIONS)}")
+    for kd in cfg["study"]["kd"]:
+        if kd not in KD_TERMS:
+            raise ConfigError(f"study.kd: unknown distillation term {kd!r}; known: {', '.join(KD_TERMS)}")
+    s = cfg["student"]
+    error = scheme_bits_error(s["scheme"], s["weight_bits"], s["act_bits"])
+    if error:
+        raise ConfigError(error)
     return cfg
 
 
@@ -54,4 +61,4 @@ def resolve(config_file=None, flags: dict | None = None, sets=(), *, base: dict 
         configlib.merge(cfg, configlib.parse_set(item), origin=f"--set {item}")
     if role:
         cfg["run"]["role"] = role
-    return validate(cfg) if check else cfg
+    return configlib.absolute_paths(validate(cfg)) if check else cfg

@@ -10,6 +10,7 @@ from .. import config as configlib
 from ..errors import ConfigError, DataError, RunError
 from ..resolve import flags_config, resolve
 from ..study.studydir import RESULTS, StudyDir
+from ..training import CHANCE_MARGIN, near_chance
 from ..training.rundir import CONFIG, ERROR, RunDir
 
 
@@ -46,61 +47,92 @@ def _check_tensorboard(cfg: dict) -> None:
 def _print_run(role: str, out, summary: dict) -> None:
     print(f"{role} {out}: val {summary['val_best_acc']:.4f} "
           f"test at best val {summary['test_acc_at_val_best']:.4f} ({summary['wall_s']:.0f} s)")
+    k, acc = len(summary["test_per_class_acc"]), summary["test_acc_at_val_best"]
+    if near_chance(acc, k):  # the run finished (exit 0), but learned nothing usable
+        print(f"qdistill: warning: {role} {out} ends at {100 * acc:.1f}% test accuracy, within "
+              f"{100 * CHANCE_MARGIN:g} points of chance ({100 / k:.1f}% for {k} classes): train it longer, "
+              f"on more data, or with another learning rate", file=sys.stderr)
+
+
+def _load(cfg: dict):
+    """The dataset of ``cfg``, saying in one line what ``data.skip_bad_images`` left out."""
+    from ..data.imagefolder import skipped_list
+    from ..data.registry import load
+    data = load(cfg["data"])
+    if getattr(data, "skipped", 0):
+        print(f"qdistill: skipped {data.skipped} unreadable image(s) (data.skip_bad_images); their list: "
+              f"{skipped_list(cfg['data']['data_dir'])}", file=sys.stderr)
+    return data
 
 
 # --- commands -------------------------------------------------------------------------------
 
+def _existing(args) -> str:
+    """What to do with a run already in ``--out`` (`RunDir.prepare`)."""
+    return "force" if args.force else "extend" if args.extend else "resume" if args.resume else "new"
+
+
+def _stored(args) -> dict | None:
+    """The config of the run being resumed or extended: the base its flags change."""
+    if _existing(args) in ("resume", "extend") and args.out and (RunDir(args.out) / CONFIG).is_file():
+        return RunDir(args.out).read_config()
+    return None
+
+
 def cmd_teacher(args) -> int:
-    from ..data.registry import load
     from ..training.loop import train
-    cfg = _config(args, role="teacher")
     _require_out(args)
+    stored = _stored(args)
+    cfg = _config(args, role="teacher", base=stored, base_origin=str(RunDir(args.out) / CONFIG))
     _check_tensorboard(cfg)
-    [summary] = train([(cfg, args.out)], load(cfg["data"]), resume=args.resume, force=args.force,
-                      progress=not args.quiet)
+    [summary] = train([(cfg, args.out)], _load(cfg), existing=_existing(args), progress=not args.quiet)
     _print_run("teacher", args.out, summary)
     return 0
 
 
 def cmd_student(args) -> int:
-    from ..data.registry import load
     from ..training.loop import train
     from ..training.teacher import open_teacher
-    first = _config(args, check=False)
-    cfg = _config(args, role="student", base=_data_of_teacher(first),
-                  base_origin=str(RunDir(first["teacher"]["run"]) / CONFIG))
     _require_out(args)
+    stored = _stored(args)
+    if stored is not None:
+        cfg = _config(args, role="student", base=stored, base_origin=str(RunDir(args.out) / CONFIG))
+    else:
+        first = _config(args, check=False)
+        cfg = _config(args, role="student", base=_data_of_teacher(first),
+                      base_origin=str(RunDir(first["teacher"]["run"]) / CONFIG))
     _check_tensorboard(cfg)
     if not cfg["teacher"]["run"] and cfg["student"]["loss"] != "hard":
         # hard+softgt trains without the teacher, but its run is compared with it
         # (agreement, KL) and takes its data from it, as every distillation question does.
         raise ConfigError(f"loss {cfg['student']['loss']} needs --teacher RUN (only --loss hard trains without one)")
-    data = load(cfg["data"])
+    data = _load(cfg)
     teacher = open_teacher(cfg, data)  # every problem with it shows here, before the run directory exists
-    [summary] = train([(cfg, args.out)], data, teacher, resume=args.resume, force=args.force,
-                      progress=not args.quiet)
+    [summary] = train([(cfg, args.out)], data, teacher, existing=_existing(args), progress=not args.quiet)
     _print_run("student", args.out, summary)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from ..data.registry import load
     from ..training.checkpoint import load_model
     from ..training.evaluate import evaluate
     # --config/--set/--data-dir may point the run at its data elsewhere (a moved SVHN folder).
     cfg = _config(args, base=RunDir(args.run).read_config(), base_origin=str(args.run))
     model, meta = load_model(args.run, args.checkpoint)
-    data = load(cfg["data"])
-    if meta["build"]["num_classes"] != data.num_classes:
-        raise RunError(f"run {args.run} has {meta['build']['num_classes']} classes, its data {data.num_classes}")
-    result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluate(model, data)}
+    data = _load(cfg)
+    if meta["class_names"] != list(data.class_names):
+        raise DataError(f"run {args.run} was trained on the classes {meta['class_names']}, but the data has "
+                        f"{list(data.class_names)}: give the data the run was trained on")
+    from ..training.device import threads
+    with threads(cfg["train"]["threads"]):
+        result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluate(model, data)}
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "n"}))
         return 0
     names = data.class_names
     print(f"{args.run} ({args.checkpoint}.pt): test accuracy {result['test_acc']:.4f} on {result['n']} images")
     print("per-class accuracy: " + "  ".join(f"{c}:{a:.3f}" for c, a in result["per_class_acc"].items()))
-    width = max(5, *(len(c) for c in names))
+    width = max(5, *(len(c) for c in names)) + 1  # a space between columns, however long a name
     print("confusion (rows: true, columns: predicted)")
     print(" " * width + "".join(f"{c:>{width}}" for c in names))
     for name, row in zip(names, result["confusion"]):
@@ -122,12 +154,15 @@ def cmd_datasets(args) -> int:
 
 def cmd_study(args) -> int:
     from ..report.report import write_report
+    from ..study.plan import announces, plan_lines
     from ..study.run import run_study
     if args.config_file and args.config:
         raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
     args.config = args.config_file or args.config
     cfg = _config(args)
     _check_tensorboard(cfg)
+    if announces(cfg, from_file=bool(args.config)):
+        print("\n".join(plan_lines(cfg)), flush=True)
     result = run_study(cfg, args.out, force=args.force, progress=not args.quiet)
     ok = len(result["rows"]) - len(result["failed"])
     print(f"study {args.out}: {ok}/{len(result['rows'])} runs finished")
@@ -146,40 +181,58 @@ def cmd_report(args) -> int:
     return 0
 
 
+EXPORT_FORMATS = {".qdz": "qdz", ".onnx": "onnx"}
+
+
 def cmd_export(args) -> int:
     from ..export.packed import export_run
-    export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=args.format)
+    fmt = args.format or EXPORT_FORMATS.get(Path(args.out).suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"--out {args.out}: the format comes from its extension, .qdz (packed) or .onnx; "
+                          f"name the file so, or give --format qdz or --format onnx")
+    export_run(args.run, args.out, checkpoint=args.checkpoint, fmt=fmt)
     size = Path(args.out).stat().st_size
-    print(f"exported {args.run} ({args.checkpoint}.pt) to {args.out} ({args.format}, {size:,} bytes)")
+    print(f"exported {args.run} ({args.checkpoint}.pt) to {args.out} ({fmt}, {size:,} bytes)")
     fp32 = (RunDir(args.run).read_summary() or {}).get("fp32_bytes")
-    if args.format == "qdz" and fp32:
+    if fmt == "qdz" and fp32:
         print(f"its fp32 weights: {fp32:,} bytes ({fp32 / size:.1f}x the packed file)")
     return 0
 
 
 def cmd_predict(args) -> int:
     from ..deploy.predict import predict_dataset, predict_image
+    _engine_threads(getattr(args, "train.threads"))
     if args.image:
-        if flags_config(args) or args.config or args.set:
+        if flags_config(args).get("data") or args.config or args.set:
             raise ConfigError("give either an image file (or folder) or dataset options, not both")
         if Path(args.image).is_dir():
             return _predict_folder(args)
+        if not Path(args.image).exists():
+            raise DataError(f"no such image file or folder: {args.image}")
         if args.out:
-            raise DataError(f"--out writes the predictions of a folder of images; {args.image} is not a folder"
-                            if Path(args.image).exists() else f"folder not found: {args.image}")
-        label, probs = predict_image(args.model, args.image)
-        print(json.dumps({"image": args.image, "label": label, "probability": float(probs.max())})
-              if args.json else f"{args.image}: {label} (p = {probs.max():.3f})")
+            raise DataError(f"--out writes the predictions of a folder of images; {args.image} is not a folder")
+        top, _ = predict_image(args.model, args.image)
+        print(json.dumps({"image": args.image, **top}) if args.json else
+              f"{args.image}: {top['name']} (class {top['index']}, p = {top['probability']:.3f})")
         return 0
     if args.out:
         raise ConfigError("--out writes the predictions of a FOLDER of images: give one")
-    if not flags_config(args) and not args.config and not args.set:
+    if not flags_config(args).get("data") and not args.config and not args.set:
         raise ConfigError("give an image file, a folder of images or --dataset (and its options) to predict on")
     result = predict_dataset(args.model, _config(args)["data"])
     print(json.dumps(result) if args.json else
           f"{args.model} on {result['dataset']} test: accuracy {result['accuracy']:.4f} "
           f"({result['correct']}/{result['total']}, {result['backend']} engine)")
     return 0
+
+
+def _engine_threads(n: int | None) -> None:
+    """``--threads N`` for the engine: numba's threads (the numpy kernels use one)."""
+    if not n:
+        return
+    from ..deploy.numba_kernels import HAVE_NUMBA, numba
+    if HAVE_NUMBA:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def _predict_folder(args) -> int:
@@ -189,7 +242,13 @@ def _predict_folder(args) -> int:
     from ..deploy.predict import predict_folder, predictions_csv
     if args.json:
         raise ConfigError("--json is for one image or --dataset; a folder's predictions are CSV")
-    rows = predict_folder(args.model, args.image)
+    rows, others = predict_folder(args.model, args.image, skip_bad_images=args.skip_bad_images)
+    if others:
+        print(f"qdistill: {others} file(s) under {args.image} are not images (png, jpg, jpeg, bmp, webp) and were "
+              f"left out", file=sys.stderr)
+    bad = sum(1 for r in rows if r.get("error"))
+    if bad:
+        print(f"qdistill: {bad} unreadable image(s), listed with their error in the CSV", file=sys.stderr)
     if not args.out:
         sys.stdout.write(predictions_csv(rows))
         return 0

@@ -13,7 +13,7 @@ import sys
 from .. import __version__
 from .. import config as configlib
 from ..data import AUGMENTS, DATASETS
-from ..nn import LOSSES, SCHEMES
+from ..nn import KD_TERMS, LOSSES, SCHEMES
 from ..training import PRECISIONS, SCHEDULES
 from . import commands
 
@@ -83,7 +83,13 @@ def _add_training(p: argparse.ArgumentParser, model_key: str) -> None:
     _key(g, "--tensorboard", key="train.tensorboard", action="store_const", const=True,
          help="also write each epoch's scalars as TensorBoard event files in the run directory "
               "(pip install 'qdistill[tensorboard]')")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    _threads_flag(g)
+    g.add_argument("--quiet", action="store_true", help="no progress bars (one line per finished run stays)")
+
+
+def _threads_flag(g) -> None:
+    _key(g, "--threads", key="train.threads", type=int,
+         help="torch's CPU threads (0: torch's default); on a shared machine, 1 per process avoids oversubscription")
 
 
 def _add_student(p: argparse.ArgumentParser) -> None:
@@ -91,11 +97,14 @@ def _add_student(p: argparse.ArgumentParser) -> None:
     _key(g, "--loss", key="student.loss", choices=LOSSES)
     _key(g, "--temperature", "-T", key="student.temperature", type=float)
     _key(g, "--c", key="student.c", type=float, help="weight of the soft term")
+    _key(g, "--kd", key="student.kd", choices=KD_TERMS, help="the teacher term of Q2 and Q3 (a study: study.kd)")
     _key(g, "--weight-bits", key="student.weight_bits", type=int)
     _key(g, "--act-bits", key="student.act_bits", type=int)
     _key(g, "--grad-bits", key="student.grad_bits", type=int)
     _key(g, "--scheme", key="student.scheme", choices=SCHEMES)
     _key(g, "--quantize-first-last", key="student.quantize_first_last", action="store_const", const=True)
+    _key(g, "--omit-class", key="student.omit_class", type=int,
+         help="leave class K out of the student's training (the unseen-class probe; -1: none)")
     _key(g, "--allow-weak-teacher", key="study.allow_weak_teacher", action="store_const", const=True,
          help="use a teacher whose validation accuracy is within 5 points of chance")
 
@@ -103,7 +112,11 @@ def _add_student(p: argparse.ArgumentParser) -> None:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The run directory of ``teacher`` and ``student``, and what to do with one that exists."""
     p.add_argument("--out", help="run directory to write")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its checkpoint, with its own config (flags given must agree)")
+    p.add_argument("--extend", action="store_true",
+                   help="with a larger --epochs: train a started or finished run on, where its schedule gives the "
+                        "epochs it trained the same rates")
     p.add_argument("--force", action="store_true", help="overwrite an existing run")
 
 
@@ -160,8 +173,10 @@ def _readers(sub) -> None:
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(e)
-    _key(e, "--data-dir", key="data.data_dir", help="where the run's dataset files (or image folder) are now")
+    _key(e, "--data-dir", key="data.data_dir", help="where the run's data is now: svhn, cifar10, cifar100: the folder "
+         "of the official files; imagefolder: ROOT with train/ and test/")
     _key(e, "--data-path", key="data.data_path", help="where the run's .npz file is now")
+    _threads_flag(e)
     e.set_defaults(func=commands.cmd_eval)
 
     r = sub.add_parser("report", help="(re)write the report of a study")
@@ -179,23 +194,27 @@ def _deployment(sub) -> None:
     x.add_argument("run")
     x.add_argument("--out", required=True, help="output file (student.qdz or student.onnx)")
     x.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    x.add_argument("--format", choices=("qdz", "onnx"), default="qdz")
+    x.add_argument("--format", choices=("qdz", "onnx"), help="qdz (packed) or onnx (default: from --out's extension)")
     x.set_defaults(func=commands.cmd_export)
 
     pr = sub.add_parser("predict", help="classify with an exported .qdz (integer engine, no torch)")
     pr.add_argument("model", metavar="MODEL.qdz")
     pr.add_argument("image", nargs="?", metavar="IMAGE|FOLDER",
                     help="an image file (PNG, JPEG, BMP, WebP), or a folder of them (searched recursively: "
-                         "a CSV path,label,class,confidence); else the test split of --dataset")
+                         "a CSV path,index,name,probability); else the test split of --dataset")
     pr.add_argument("--out", metavar="PREDICTIONS.csv",
                     help="with a FOLDER: write its CSV to this file (default: print it)")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.add_argument("--skip-bad-images", action="store_true",
+                    help="with a FOLDER: list unreadable images in the CSV with their error instead of stopping")
     _add_config_flags(pr)
     _key(pr, "--dataset", key="data.dataset", choices=DATASETS)
-    _key(pr, "--data-dir", key="data.data_dir")
-    _key(pr, "--data-path", key="data.data_path")
+    _key(pr, "--data-dir", key="data.data_dir", help="svhn, cifar10, cifar100: folder of the official files; "
+         "imagefolder: ROOT with train/ and test/")
+    _key(pr, "--data-path", key="data.data_path", help="the .npz file of the npz dataset")
     _key(pr, "--no-verify", key="data.verify", action="store_const", const=False)
     _key(pr, "--max-test", key="data.max_test", type=int)
+    _threads_flag(pr)
     pr.set_defaults(func=commands.cmd_predict)
 
 

@@ -11,6 +11,14 @@ BRIGHTNESS = 0.2   # brightness factor b ~ U[0.8, 1.2]
 CONTRAST = 0.2     # contrast factor c ~ U[0.8, 1.2]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without the host waiting for it: a CPU tensor goes to CUDA through
+    pinned memory (a copy from pageable memory blocks until it is done)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def augment_light(x: torch.Tensor, generator: torch.Generator | None = None, *, pad: int = PAD,
                   brightness: float = BRIGHTNESS, contrast: float = CONTRAST) -> torch.Tensor:
     """Random crop with ``pad``-pixel padding, then brightness and contrast jitter, per image.
@@ -32,8 +40,8 @@ def augment_light(x: torch.Tensor, generator: torch.Generator | None = None, *, 
     """
     b_, c_, h, w = x.shape
     gdev = generator.device if generator is not None else torch.device("cpu")
-    shifts = torch.randint(0, 2 * pad + 1, (2, b_), generator=generator, device=gdev).to(x.device)
-    u = torch.rand((2, b_), generator=generator, device=gdev, dtype=torch.float32).to(x.device)
+    shifts = to_device(torch.randint(0, 2 * pad + 1, (2, b_), generator=generator, device=gdev), x.device)
+    u = to_device(torch.rand((2, b_), generator=generator, device=gdev, dtype=torch.float32), x.device)
     if pad:
         # replicate padding is a clamp of the source coordinates: one gather, no padded copy
         rows = (torch.arange(h, device=x.device).view(1, h, 1) + (shifts[0] - pad).view(-1, 1, 1)).clamp_(0, h - 1)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_text
 from ..errors import DataError, WriteError
 from .dataset import Dataset, tensor_digest
 from .images import SIZE, resize_to_uint8
@@ -47,6 +47,7 @@ from .images import SIZE, resize_to_uint8
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = ("train", "test")
 CACHE_NAME = ".qdistill-imagefolder.npz"
+SKIPPED_NAME = ".qdistill-imagefolder-skipped.txt"
 CACHE_VERSION = 1
 PILLOW_HINT = "pip install 'qdistill[deploy]' (or pip install pillow)"
 DESCRIPTION = ("your own images (--data-dir ROOT): ROOT/train/<class>/*.png|jpg|bmp|webp and ROOT/test/<class>/*, "
@@ -230,6 +231,11 @@ def _write_cache(path: Path, meta: dict, arrays: dict) -> None:
         warnings.warn(f"cannot write the image cache {path} ({e}); the images are decoded on every load")
 
 
+def skipped_list(root: str | Path) -> Path:
+    """Where `load` lists the images ``skip_bad_images`` left out: one ``path: reason`` a line."""
+    return Path(root).expanduser() / SKIPPED_NAME
+
+
 def load(root: str | Path, *, skip_bad_images: bool = False) -> Dataset:
     """The image folder ``root`` as a `Dataset` named ``imagefolder``, from the cache when
     its key (see the module docstring) matches, else decoded and cached."""
@@ -257,9 +263,11 @@ def load(root: str | Path, *, skip_bad_images: bool = False) -> Dataset:
     if bad and not skip_bad_images:
         rel, reason = bad[0]
         raise DataError(_bad_line(root, rel, reason))
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root} (data.skip_bad_images), "
-                      f"first {root / bad[0][0]}")
+    if bad:  # the list the command's one line points to
+        try:
+            atomic_write_text(skipped_list(root), "".join(f"{rel}: {reason}\n" for rel, reason in bad))
+        except WriteError:
+            pass  # a read-only image folder: the line says the count
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     return Dataset.from_tensors("imagefolder", **tensors, class_names=classes,
                                 digests=meta.get("digests"), skipped=len(bad))

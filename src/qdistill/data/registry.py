@@ -42,6 +42,16 @@ def load(data: dict) -> Dataset:
     return limit(ds, int(data["max_train"]), int(data["max_test"]))
 
 
+def train_size(data: dict) -> int | None:
+    """How many images the training split (validation included) of the ``[data]`` section
+    holds, known without its files for the fixed datasets; ``None`` for the user's own."""
+    data = {**DEFAULTS["data"], **data}
+    sizes = {"svhn": svhn.SIZES["train"] + (svhn.SIZES["extra"] if data["extra"] else 0), "digits": 1438,
+             "fake": fake.N_TRAIN, **{name: cifar.SIZES["train"] for name in cifar.SPECS}}
+    n = sizes.get(data["dataset"])
+    return None if n is None else min(n, data["max_train"] or n)
+
+
 def _own_dir(data: dict) -> str | None:
     """``data_dir`` unless it is left empty or at its default, SVHN's folder."""
     d = data.get("data_dir")

@@ -14,7 +14,7 @@ from ..errors import DataError
 
 BATCH = 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-CSV_HEADER = ("path", "label", "class", "confidence")
+CSV_HEADER = ("path", "index", "name", "probability")  # the same keys as predict --json
 
 
 def predict_dataset(qdz_path: str | Path, data_section: dict) -> dict:
@@ -25,9 +25,9 @@ def predict_dataset(qdz_path: str | Path, data_section: dict) -> dict:
 
     engine = deploy.load(qdz_path)
     ds = load(data_section)
-    if ds.num_classes != len(engine.class_names):
-        raise DataError(f"dataset {ds.name} has {ds.num_classes} classes, the model "
-                        f"{len(engine.class_names)}")
+    if list(ds.class_names) != list(engine.class_names):
+        raise DataError(f"the model's classes {list(engine.class_names)} are not the {ds.name} dataset's "
+                        f"{list(ds.class_names)}: give the data the model was trained on")
     x, y = ds.x_test.numpy(), ds.y_test.numpy()
     correct = 0
     for s in range(0, len(y), BATCH):
@@ -46,7 +46,7 @@ def load_image(image_path: str | Path) -> np.ndarray:
         raise DataError("reading images needs Pillow: pip install 'qdistill[deploy]'") from None
     path = Path(image_path)
     if not path.is_file():
-        raise DataError(f"image not found: {path}")
+        raise DataError(f"image not found: {path}" if not path.exists() else f"not an image file: {path}")
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -58,11 +58,19 @@ def load_image(image_path: str | Path) -> np.ndarray:
     return (pixels.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255))
 
 
-def predict_image(qdz_path: str | Path, image_path: str | Path) -> tuple[str, np.ndarray]:
-    """``(label_name, probabilities)`` of one image file: softmax of the logits, float64."""
+def predict_image(qdz_path: str | Path, image_path: str | Path) -> tuple[dict, np.ndarray]:
+    """One image file: ``{"index", "name", "probability"}`` of its top class, and every
+    class's probability, the softmax of the logits in float64."""
     engine = deploy.load(qdz_path)
-    p = _softmax(engine.predict(load_image(image_path))[0])
-    return _class_name(engine, int(p.argmax())), p
+    logits = engine.predict(load_image(image_path))[0]
+    return _top(engine, logits), _softmax(logits)
+
+
+def _top(engine, logits: np.ndarray) -> dict:
+    p = _softmax(logits)
+    k = int(p.argmax())
+    return {"index": k, "name": engine.class_names[k] if k < len(engine.class_names) else str(k),
+            "probability": float(p[k])}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -73,54 +81,64 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return p
 
 
-def _class_name(engine, k: int) -> str:
-    return engine.class_names[k] if k < len(engine.class_names) else str(k)
-
-
-def image_files(folder: str | Path) -> list[Path]:
+def image_files(folder: str | Path) -> tuple[list[Path], int]:
     """The image files under ``folder``, recursively: by suffix (PNG, JPEG, BMP, WebP, any
     case), hidden files and folders skipped, links to folders not followed; sorted by their
-    path components relative to ``folder``, so the order is the same on every machine."""
+    path components relative to ``folder``, so the order is the same on every machine.
+    Also how many other (not hidden) files were left out."""
     folder = Path(folder)
-    found = []
+    found, others = [], 0
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root, f) for f in files
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
-    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+        visible = [f for f in files if not f.startswith(".")]
+        images = [f for f in visible if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+        found += [Path(root, f) for f in images]
+        others += len(visible) - len(images)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts), others
 
 
-def predict_folder(qdz_path: str | Path, folder: str | Path) -> list[dict]:
-    """One row per image under ``folder`` (`image_files`): ``{"path", "label", "class",
-    "confidence"}``, the path relative to ``folder`` with ``/``, the class index and name,
-    and the probability of that class as `predict_image` computes it. Images go through
-    the engine ``BATCH`` at a time; in a batch the last linear layer's float32 sums may
-    be rounded in another order than for one image alone (BLAS), so a confidence may differ
-    from `predict_image`'s by that rounding. Any unreadable image stops it (`DataError`
-    naming the file)."""
+def predict_folder(qdz_path: str | Path, folder: str | Path, skip_bad_images: bool = False) -> tuple[list[dict], int]:
+    """One row per image under ``folder`` (`image_files`): ``{"path", "index", "name",
+    "probability"}``, the path relative to ``folder`` with ``/``, as `predict_image`
+    computes them; and how many non-image files were left out. Images go through the
+    engine ``BATCH`` at a time; in a batch the last linear layer's float32 sums may be
+    rounded in another order than for one image alone (BLAS), so a probability may differ
+    from `predict_image`'s by that rounding. An unreadable image stops it (`DataError`
+    naming the file), or with ``skip_bad_images`` gets a row of its own with an
+    ``error`` and no prediction (every row then has ``error``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"folder not found: {folder}")
     engine = deploy.load(qdz_path)
-    paths = image_files(folder)
+    paths, others = image_files(folder)
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     rows = []
     for s in range(0, len(paths), BATCH):
-        chunk = paths[s:s + BATCH]
-        for path, logits in zip(chunk, engine.predict(np.concatenate([load_image(p) for p in chunk]))):
-            p = _softmax(logits)
-            k = int(p.argmax())
-            rows.append({"path": path.relative_to(folder).as_posix(), "label": k,
-                         "class": _class_name(engine, k), "confidence": float(p[k])})
-    return rows
+        chunk, images, errors = paths[s:s + BATCH], [], {}
+        for p in chunk:
+            try:
+                images.append(load_image(p))
+            except DataError as e:
+                if not skip_bad_images:
+                    raise
+                errors[p] = str(e)
+        logits = iter(engine.predict(np.concatenate(images)) if images else [])
+        for p in chunk:
+            row = {"path": p.relative_to(folder).as_posix()}
+            row.update({"index": "", "name": "", "probability": "", "error": errors[p]} if p in errors else
+                       {**_top(engine, next(logits)), **({"error": ""} if skip_bad_images else {})})
+            rows.append(row)
+    return rows, others
 
 
 def predictions_csv(rows: list[dict]) -> str:
-    """`predict_folder`'s rows as CSV text: header ``path,label,class,confidence``, the
-    confidence written in full (``repr``: it reads back as the same float64)."""
+    """`predict_folder`'s rows as CSV text: header ``path,index,name,probability`` (and
+    ``error`` when bad images were skipped), the probability written in full (``repr``:
+    it reads back as the same float64)."""
+    header = CSV_HEADER + (("error",) if rows and "error" in rows[0] else ())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    writer.writerows([row[key] for key in CSV_HEADER] for row in rows)
+    writer.writerow(header)
+    writer.writerows([row[key] for key in header] for row in rows)
     return buf.getvalue()

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import UserError
 
 FORMAT = "qdistill-qdz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads; 2 adds avgpool's in_step (see `format_version`)
 MANIFEST = "manifest.json"
 # dtypes an array may have; anything else in a manifest is refused, never interpreted.
 DTYPES = ("uint8", "int8", "int32", "float32", "float64")
@@ -43,9 +43,16 @@ def _le(a: np.ndarray) -> np.ndarray:
     return a.astype(a.dtype.newbyteorder("<"), copy=False)
 
 
+def format_version(layers) -> int:
+    """The oldest format version that runs ``layers``: 2 where an ``avgpool`` has
+    ``in_step`` (levels of an LSQ quantizer, which a version-1 reader would silently
+    scale as ``level / (2**a - 1)``), else 1, so older readers still run every other file."""
+    return 2 if any(isinstance(layer, dict) and "in_step" in layer for layer in layers) else 1
+
+
 def build(manifest: dict, arrays: dict[str, np.ndarray]) -> tuple[bytes, dict]:
     """The bytes of a ``.qdz`` file and its full manifest: ``manifest`` gains ``format``,
-    ``format_version`` and an ``arrays`` table (member, dtype, shape, sha256 of each
+    ``format_version`` (`format_version`) and an ``arrays`` table (member, dtype, shape, sha256 of each
     array's raw bytes). ``manifest`` must be JSON-serialisable."""
     table = {}
     members = []
@@ -58,7 +65,8 @@ def build(manifest: dict, arrays: dict[str, np.ndarray]) -> tuple[bytes, dict]:
         table[name] = {"file": member, "dtype": a.dtype.name, "shape": list(a.shape),
                        "sha256": sha256(raw)}
         members.append((member, raw))
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "arrays": table}
+    full = {"format": FORMAT, "format_version": format_version(manifest.get("layers", [])), **manifest,
+            "arrays": table}
     text = json.dumps(full, indent=1, sort_keys=True)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -80,6 +88,9 @@ def read(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     does not match the manifest.
     """
     path = Path(path)
+    if path.is_dir():
+        raise QdzError(f"{path} is a folder (a run directory?), not an exported model: run "
+                       f"`qdistill export {path} --out model.qdz` first")
     if not path.is_file():
         raise QdzError(f"model file not found: {path}")
     try:
@@ -87,6 +98,9 @@ def read(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     except (zipfile.BadZipFile, OSError) as e:
         raise QdzError(f"{path} is not a .qdz model file (bad zip: {e})") from None
     with zf:
+        if MANIFEST not in zf.namelist() and any(n.endswith("data.pkl") for n in zf.namelist()):
+            raise QdzError(f"{path} is a PyTorch checkpoint, not an exported model: run `qdistill export RUN "
+                           f"--out model.qdz` on its run directory first")
         manifest = _read_manifest(zf, path)
         arrays = {}
         table = manifest.get("arrays")

@@ -5,5 +5,19 @@ This file stays torch-free: it holds the enumerations this layer owns, so the co
 schema can check names without importing torch.
 """
 
-SCHEMES = ("dorefa", "homework")
+SCHEMES = ("dorefa", "homework", "lsq")
 LOSSES = ("hard", "soft", "hard+soft", "hard+softgt")
+KD_TERMS = ("kl", "dkd", "ls", "dist")
+"""The teacher terms of Q2 and Q3 (`qdistill.nn.losses`): ``kl`` Hinton et al. 2015,
+``dkd`` Zhao et al. CVPR 2022, ``ls`` Sun et al. CVPR 2024, ``dist`` Huang et al. NeurIPS 2022."""
+KD_DEFAULTS = {"dkd_alpha": 1.0, "dkd_beta": 8.0, "dist_beta": 1.0, "dist_gamma": 1.0}
+"""The weights inside the terms, as their papers set them (DKD's beta is 8 on CIFAR-100)."""
+
+
+def scheme_bits_error(scheme: str, weight_bits: int, act_bits: int) -> str | None:
+    """The config check's message when ``scheme`` cannot quantize to these bits, else
+    ``None``. LSQ's signed weight grid ``-2**(b-1) .. 2**(b-1) - 1`` is ``{-1, 0}`` at one
+    bit: no positive level (and ``Q_P = 0`` would divide its step's initialisation by 0)."""
+    if scheme == "lsq" and weight_bits < 2:
+        return f"student.scheme lsq needs weight_bits >= 2 (1 bit leaves no signed levels), got {weight_bits}"
+    return None

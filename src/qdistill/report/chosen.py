@@ -22,8 +22,9 @@ def config_diff(a: bytes, b: bytes, qa: str, qb: str, run_a: str, run_b: str) ->
 
 
 def write_chosen(study: StudyDir, chosen: dict, swept: list, notes: list) -> tuple[list, dict, dict]:
-    """chosen/qN.toml (byte copies of the chosen runs' configs) and chosen/qN.diff (against
-    q1.toml); removes deliverables of questions this study no longer has."""
+    """chosen/qN.toml (byte copies of the chosen runs' configs; ``qN-TERM.toml`` for a
+    teacher term other than kl) and chosen/qN.diff (against q1.toml); removes deliverables
+    of questions and terms this study no longer has."""
     chosen_dir = study.chosen
     paths, configs, diff_text = [], {}, {}
     for q, info in chosen.items():
@@ -40,9 +41,9 @@ def write_chosen(study: StudyDir, chosen: dict, swept: list, notes: list) -> tup
                                        chosen["q1"]["run"], chosen[q]["run"])
             atomic_write_text(chosen_dir / f"{q}.diff", diff_text[q])
             paths.append(chosen_dir / f"{q}.diff")
-    # A re-run after --force may have dropped a question: leave no stale deliverable behind.
-    for q in QUESTIONS:
-        for name, written in ((f"{q}.toml", q in configs), (f"{q}.diff", q in diff_text)):
-            if not written and (chosen_dir / name).exists():
-                (chosen_dir / name).unlink()
+    # A re-run after --force may have dropped a question or a term: leave no stale deliverable.
+    written = {p.name for p in paths}
+    for p in [*chosen_dir.glob("q*.toml"), *chosen_dir.glob("q*.diff")]:
+        if p.name not in written and p.name.split(".")[0].split("-")[0] in QUESTIONS:
+            p.unlink()
     return paths, configs, diff_text

@@ -46,7 +46,7 @@ def _figures(v: StudyView) -> dict:
     agree, kl = {}, {}
     for q in v.swept:
         for key, dest in (("teacher_agreement", agree), ("kl_to_teacher", kl)):
-            points = [(c.temperature, c.stat(key)[0]) for c in v.conds if c.question == q and c.stat(key)]
+            points = [(c.temperature, c.stat(key)[0]) for c in v.conds if c.arm == q and c.stat(key)]
             if points:
                 dest[TITLES[q]] = ([t for t, _ in points], [m for _, m in points])
     if agree or kl:
@@ -66,8 +66,8 @@ def _figures(v: StudyView) -> dict:
 
 def _accuracy_plot(v: StudyView) -> bytes:
     def col(q, key, i):
-        return [c.stat(key)[i] for c in v.conds if c.question == q]
-    series = {TITLES[q]: ([c.temperature for c in v.conds if c.question == q],
+        return [c.stat(key)[i] for c in v.conds if c.arm == q]
+    series = {TITLES[q]: ([c.temperature for c in v.conds if c.arm == q],
                           col(q, "test_acc_at_val_best", 0), col(q, "test_acc_at_val_best", 1))
               for q in v.swept}
     return plots.accuracy_vs_temperature(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..study.results import STATUSES, condition_key
 from ..training import CHANCE_MARGIN, near_chance
 from .formatting import ci_text, excludes_zero, mean_pm, num, pct, pts
+from . import temperature
 from .view import TITLES, StudyView
 
 
@@ -18,7 +19,7 @@ def blocks(v: StudyView, images: dict, configs: dict, diff_text: dict) -> list:
                     "then mean ± t(0.975, n-1)·sd/√n.")]
     if "accuracy" in images:
         b += [("h", 2, "Accuracy vs temperature"), ("img", "accuracy", "accuracy vs temperature")]
-    b += _what_changes(v, images)
+    b += _what_changes(v, images) + temperature.section(v)
     if "curves" in images:
         b += [("h", 2, "Training curves of the chosen configurations"), ("img", "curves", "training curves")]
     b += _deliverables(v, configs, diff_text) + _failures(v)
@@ -42,7 +43,15 @@ def _header(v: StudyView) -> list:
                          f"{n_status['pending']} pending. Accuracies are in percent."),
             ("p", "Every choice is made on validation accuracy (mean `val_best_acc` over seeds, "
                   "ties to the lower T); test accuracy (`test_acc_at_val_best`: the test accuracy at the "
-                  "epoch of best validation) is reported, never used to choose.")]
+                  "epoch of best validation) is reported, never used to choose." + _resolution(v))]
+
+
+def _resolution(v: StudyView) -> str:
+    """How fine the validation split that makes every choice is."""
+    if not v.val_images:
+        return ""
+    return (f" The validation split holds {v.val_images} images per run: one image is "
+            f"{100 / v.val_images:.2f} points of validation accuracy, so differences of a few images decide.")
 
 
 def _difference_words(d: dict | None) -> str:
@@ -65,7 +74,7 @@ def _difference_words(d: dict | None) -> str:
 
 def _agreement_words(v: StudyView, q: str) -> list[str]:
     agree = [(c.temperature, c.stat("teacher_agreement")[0]) for c in v.conds
-             if c.question == q and c.stat("teacher_agreement")]
+             if c.arm == q and c.stat("teacher_agreement")]
     if len(agree) < 2:
         return []
     hi, lo = max(agree, key=lambda x: x[1]), min(agree, key=lambda x: x[1])
@@ -113,9 +122,9 @@ def _teacher(v: StudyView) -> list:
 def _results(v: StudyView) -> list:
     table = []
     for c in v.conds:
-        info = v.chosen.get(c.question)
+        info = v.chosen.get(c.arm)
         agr, klv = c.stat("teacher_agreement"), c.stat("kl_to_teacher")
-        table.append([TITLES[c.question], c.loss, "–" if c.question == "q1" else num(c.temperature),
+        table.append([TITLES[c.arm], c.loss, "–" if c.question == "q1" else num(c.temperature),
                       "–" if c.c is None else num(c.c), len(c.rows), pct(c.stat("val_best_acc")[0]),
                       mean_pm(c.stat("test_acc_at_val_best")),
                       pct(c.stat("test_acc_last")[0]) if c.stat("test_acc_last") else "n/a",

@@ -16,8 +16,16 @@ from ..study.studydir import StudyDir
 from ..training.rundir import METRICS, SUMMARY, read_json
 from .formatting import num
 
-TITLES = {"q1": "Q1 hard labels", "q2": "Q2 soft (teacher)", "q3": "Q3 hard + soft (teacher)",
-          "q4": "Q4 hard + soft (ground truth)"}
+class _Titles(dict):
+    """A question's title; an arm of another teacher term (``q3-dkd``) adds it in brackets."""
+
+    def __missing__(self, arm: str) -> str:
+        question, _, kd = arm.partition("-")
+        return f"{self[question]} [{kd}]"
+
+
+TITLES = _Titles({"q1": "Q1 hard labels", "q2": "Q2 soft (teacher)", "q3": "Q3 hard + soft (teacher)",
+                  "q4": "Q4 hard + soft (ground truth)"})
 
 
 @dataclass
@@ -37,6 +45,7 @@ class StudyView:
     per_class: dict = field(default_factory=dict)  # question -> mean per-class test accuracy
     curves: dict = field(default_factory=dict)     # label -> (epochs, mean val accuracy)
     notes: list = field(default_factory=list)      # what the report could not show, and why
+    val_images: int | None = None                  # the validation split every choice is made on
 
     @property
     def class_names(self) -> list:
@@ -59,7 +68,7 @@ def read_view(study_dir) -> StudyView:
     v = StudyView(study, rows, meta, read_json(study.teacher_json) or {}, read_teacher_logits(study.teacher_test),
                   conditions(rows, seeds), chosen,
                   [q for q in QUESTIONS if q in st.get("questions", ()) or any(r["question"] == q for r in rows)],
-                  [q for q in ("q2", "q3", "q4") if q in chosen])
+                  [q for q in chosen if q != "q1"])
     q1 = chosen.get("q1")
     v.diffs = {q: paired_difference(chosen[q]["condition"].by_seed("test_acc_at_val_best"),
                                     q1["condition"].by_seed("test_acc_at_val_best")) if q1 else None
@@ -97,6 +106,7 @@ def _read_chosen_runs(v: StudyView) -> None:
         for name in info["runs"]:
             run = v.dir.run(name)
             s = run.read_summary()
+            v.val_images = v.val_images or (s or {}).get("val_images")
             if s and s.get("test_per_class_acc"):
                 summaries.append(np.asarray(s["test_per_class_acc"], dtype=np.float64))
             else:

@@ -17,7 +17,8 @@ from . import QUESTION_LOSS, QUESTIONS
 
 @dataclass
 class Condition:
-    """One run of the grid: its name, question, loss, temperature, c, seed and full config."""
+    """One run of the grid: its name, question, loss, teacher term, temperature, c, seed
+    and full config."""
     name: str
     question: str
     loss: str
@@ -25,31 +26,43 @@ class Condition:
     c: float | None
     seed: int
     cfg: dict
+    kd: str = "kl"
+
+
+def _terms(q: str, st: dict) -> list[str]:
+    """The teacher terms a question sweeps: ``study.kd`` for Q2 and Q3, which learn from
+    the teacher; Q1 and Q4 have none (their runs keep the default ``kl``)."""
+    return list(st["kd"]) if q in ("q2", "q3") else ["kl"]
 
 
 def expand(cfg: dict) -> list[Condition]:
-    """The study's runs, ordered by seed, then question, then temperature."""
+    """The study's runs, ordered by seed, then question, then teacher term, then
+    temperature. A run of a term other than ``kl`` has it in its name
+    (``q3-hard+soft-dkd-T4-s0``)."""
     st = cfg["study"]
     out = []
     for seed in st["seeds"]:
-        for q in QUESTIONS:
-            if q not in st["questions"]:
-                continue
-            loss = QUESTION_LOSS[q]
-            temps = [1.0] if q == "q1" else st["temperatures"]
-            for T in temps:
-                c = None if q in ("q1", "q2") else (float(st["c"]) if "c" in st else T * T)
-                run_cfg = copy.deepcopy(cfg)
-                del run_cfg["study"]
-                run_cfg["run"]["role"] = "student"
-                s = run_cfg["student"]
-                s["loss"], s["temperature"] = loss, float(T)
-                s.pop("c", None)
-                if c is not None:
-                    s["c"] = c
-                run_cfg["train"]["seed"] = seed
-                out.append(Condition(f"{q}-{loss}-T{T:g}-s{seed}", q, loss, float(T), c, seed, run_cfg))
+        for q in (q for q in QUESTIONS if q in st["questions"]):
+            for kd in _terms(q, st):
+                for T in [1.0] if q == "q1" else st["temperatures"]:
+                    out.append(_condition(cfg, q, kd, float(T), seed))
     return out
+
+
+def _condition(cfg: dict, q: str, kd: str, T: float, seed: int) -> Condition:
+    st, loss = cfg["study"], QUESTION_LOSS[q]
+    c = None if q in ("q1", "q2") else (float(st["c"]) if "c" in st else T * T)
+    run_cfg = copy.deepcopy(cfg)
+    del run_cfg["study"]
+    run_cfg["run"]["role"] = "student"
+    s = run_cfg["student"]
+    s["loss"], s["temperature"], s["kd"] = loss, T, kd
+    s.pop("c", None)
+    if c is not None:
+        s["c"] = c
+    run_cfg["train"]["seed"] = seed
+    name = f"{q}-{loss}" + (f"-{kd}" if kd != "kl" else "") + f"-T{T:g}-s{seed}"
+    return Condition(name, q, loss, T, c, seed, run_cfg, kd)
 
 
 def teacher_config(cfg: dict) -> dict:

@@ -17,19 +17,29 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from ..errors import RunError
-from .studydir import RESULTS, StudyDir
+from ..nn import KD_TERMS
 from . import QUESTIONS
+from .studydir import RESULTS, StudyDir
 
-COLUMNS = ["run", "question", "loss", "temperature", "c", "seed", "weight_bits", "act_bits",
+COLUMNS = ["run", "question", "loss", "kd", "temperature", "c", "seed", "weight_bits", "act_bits",
            "grad_bits", "scheme", "epochs", "val_best_acc", "test_acc_at_val_best",
            "test_acc_last", "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s", "node",
-           "status", "error"]
+           "test_ece", "test_nll", "grad_ratio_soft_hard", "grad_ratio_soft_hard_init", "omitted_class",
+           "omitted_class_acc", "omitted_class_rank", "omitted_class_acc_bias_corrected", "status", "error"]
+# the summary's fields each row copies (empty where a run has none)
+SUMMARY_COLUMNS = ("val_best_acc", "test_acc_at_val_best", "test_acc_last", "teacher_agreement", "kl_to_teacher",
+                   "wall_s", "img_per_s", "node", "test_ece", "test_nll", "grad_ratio_soft_hard",
+                   "grad_ratio_soft_hard_init", "omitted_class", "omitted_class_acc", "omitted_class_rank",
+                   "omitted_class_acc_bias_corrected")
 # columns a results.csv written before they existed may lack (read as empty)
-LATER_COLUMNS = ("node",)
+LATER_COLUMNS = ("kd", "node", "test_ece", "test_nll", "grad_ratio_soft_hard", "grad_ratio_soft_hard_init",
+                 "omitted_class", "omitted_class_acc", "omitted_class_rank", "omitted_class_acc_bias_corrected")
 STATUSES = ("ok", "failed", "pending")
 _FLOATS = ("temperature", "c", "val_best_acc", "test_acc_at_val_best", "test_acc_last",
-           "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s")
-_INTS = ("seed", "weight_bits", "act_bits", "grad_bits", "epochs")
+           "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s", "test_ece", "test_nll",
+           "grad_ratio_soft_hard", "grad_ratio_soft_hard_init", "omitted_class_acc", "omitted_class_rank",
+           "omitted_class_acc_bias_corrected")
+_INTS = ("seed", "weight_bits", "act_bits", "grad_bits", "epochs", "omitted_class")
 
 # ---------------------------------------------------------------- reading a study
 
@@ -49,6 +59,8 @@ def parse_row(raw: dict, where: str = "row") -> dict:
     if row.get("question") not in QUESTIONS:
         raise RunError(f"{where}: question must be one of {', '.join(QUESTIONS)}, "
                        f"got {row.get('question')!r}")
+    if (row.get("kd") or "kl") not in KD_TERMS:
+        raise RunError(f"{where}: kd must be one of {', '.join(KD_TERMS)}, got {row.get('kd')!r}")
     if row.get("status") not in STATUSES:
         raise RunError(f"{where}: status must be one of {', '.join(STATUSES)}, got {row.get('status')!r}")
     if row["temperature"] is None or row["seed"] is None:
@@ -66,9 +78,9 @@ def read_results(path: str | Path) -> list[dict]:
         raise RunError(f"not a study: {path} not found")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != COLUMNS and reader.fieldnames != [c for c in COLUMNS if c not in LATER_COLUMNS]:
-            got = reader.fieldnames or []
-            missing = [c for c in COLUMNS if c not in got]
+        got = reader.fieldnames or []
+        if got != [c for c in COLUMNS if c in got or c not in LATER_COLUMNS]:  # older files lack later columns
+            missing = [c for c in COLUMNS if c not in got and c not in LATER_COLUMNS]
             extra = [c for c in got if c not in COLUMNS]
             raise RunError(f"{path}: columns differ from the study format"
                            f" (missing: {', '.join(missing) or 'none'}; unknown: {', '.join(extra) or 'none'}"
@@ -99,14 +111,13 @@ def write_results(study: StudyDir, conds) -> list[dict]:
         run = study.run(cond.name)
         row = {k: "" for k in COLUMNS}
         s = cond.cfg["student"]
-        row.update(run=cond.name, question=cond.question, loss=cond.loss, temperature=cond.temperature,
+        row.update(run=cond.name, question=cond.question, loss=cond.loss, kd=cond.kd, temperature=cond.temperature,
                    c="" if cond.c is None else cond.c, seed=cond.seed, weight_bits=s["weight_bits"],
                    act_bits=s["act_bits"], grad_bits=s["grad_bits"], scheme=s["scheme"],
                    epochs=cond.cfg["train"]["epochs"])
         summary, error = run.read_summary(), run.read_error()
         if summary is not None:
-            for key in ("val_best_acc", "test_acc_at_val_best", "test_acc_last", "teacher_agreement",
-                        "kl_to_teacher", "wall_s", "img_per_s", "node"):
+            for key in SUMMARY_COLUMNS:
                 row[key] = summary.get(key, "")
             row["status"] = "ok"
         elif error is not None:
@@ -169,12 +180,19 @@ def soft_target_entropy(logits: np.ndarray, temperatures) -> np.ndarray:
 
 @dataclass
 class Condition:
-    """One cell of the grid: a question at one temperature (and c), over its ok seeds."""
+    """One cell of the grid: a question (with its teacher term) at one temperature (and
+    c), over its ok seeds."""
     question: str
     loss: str
     temperature: float
     c: float | None
     rows: list = field(default_factory=list)  # status ok, in the study's seed order
+    kd: str = "kl"
+
+    @property
+    def arm(self) -> str:
+        """What the report compares and chooses within: `arm`."""
+        return arm(self.question, self.kd)
 
     def by_seed(self, key: str) -> dict:
         return {r["seed"]: r[key] for r in self.rows if r[key] is not None}
@@ -184,8 +202,19 @@ class Condition:
         return mean_std(values) if values else None
 
 
+def arm(question: str, kd: str) -> str:
+    """A question with its teacher term: ``q3`` for Hinton's ``kl`` (the task's own
+    questions keep their names), ``q3-dkd`` for another term."""
+    return question if kd == "kl" else f"{question}-{kd}"
+
+
+def arms(conds) -> list[str]:
+    """The arms of ``conds`` in question, then term order."""
+    return list(dict.fromkeys(c.arm for c in conds))
+
+
 def condition_key(c: Condition) -> tuple:
-    return (c.question, c.temperature, c.c)
+    return (c.question, c.kd, c.temperature, c.c)
 
 
 def seed_order(rows, seeds) -> list:
@@ -204,20 +233,22 @@ def conditions(rows, seeds=None) -> list[Condition]:
     for r in rows:
         if r["status"] != "ok":
             continue
-        key = (r["question"], r["temperature"], r["c"])
-        cond = groups.setdefault(key, Condition(r["question"], r["loss"], r["temperature"], r["c"]))
+        kd = r.get("kd") or "kl"
+        key = (r["question"], kd, r["temperature"], r["c"])
+        cond = groups.setdefault(key, Condition(r["question"], r["loss"], r["temperature"], r["c"], kd=kd))
         if any(x["seed"] == r["seed"] for x in cond.rows):
             raise RunError(f"{RESULTS} has two ok rows for {r['question']} T={r['temperature']:g} "
                            f"seed {r['seed']} ({r['run']})")
         cond.rows.append(r)
     for cond in groups.values():
         cond.rows.sort(key=lambda r: order.index(r["seed"]))
-    return sorted(groups.values(), key=lambda c: (QUESTIONS.index(c.question), c.temperature,
-                                                  -1.0 if c.c is None else c.c))
+    return sorted(groups.values(), key=lambda c: (QUESTIONS.index(c.question), KD_TERMS.index(c.kd),
+                                                  c.temperature, -1.0 if c.c is None else c.c))
 
 
 def choose(rows, seeds=None) -> dict:
-    """Per question, the condition with the highest mean ``val_best_acc`` over its seeds;
+    """Per question (per `arm`: each teacher term apart), the condition with the highest
+    mean ``val_best_acc`` over its seeds;
     an exact tie goes to the lower T (then lower c). Test accuracy plays no part.
 
     Returns {question: info} with info keys: question, loss, temperature, c, n, seeds,
@@ -225,17 +256,15 @@ def choose(rows, seeds=None) -> dict:
     succeeded: its config is the deliverable), runs, condition, and test_best_temperature
     (the T that test accuracy would have picked, shown only to be transparent)."""
     chosen, every = {}, conditions(rows, seeds)
-    for q in QUESTIONS:
-        conds = [c for c in every if c.question == q]
-        if not conds:
-            continue
+    for q in arms(every):
+        conds = [c for c in every if c.arm == q]
         best = conds[0]  # sorted by T: a strict > keeps the lower T on a tie
         for cond in conds[1:]:
             if cond.stat("val_best_acc")[0] > best.stat("val_best_acc")[0]:
                 best = cond
         by_test = max(conds, key=lambda c: c.stat("test_acc_at_val_best")[0])
         test_mean, test_std = best.stat("test_acc_at_val_best")
-        chosen[q] = {"question": q, "loss": best.loss, "temperature": best.temperature,
+        chosen[q] = {"question": best.question, "kd": best.kd, "loss": best.loss, "temperature": best.temperature,
                      "c": best.c, "n": len(best.rows), "seeds": [r["seed"] for r in best.rows],
                      "val_mean": best.stat("val_best_acc")[0], "test_mean": test_mean,
                      "test_std": test_std, "run": best.rows[0]["run"],

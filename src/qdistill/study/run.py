@@ -8,7 +8,6 @@ same files, so a study started one way can be resumed the other.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -23,7 +22,7 @@ from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.registry import load
 from ..errors import ConfigError, RunError, UserError, WriteError
 from ..lock import locked
-from ..training.device import pick_device
+from ..training.device import pick_device, threads
 from ..training.loop import Run, train
 from ..training.teacher import Teacher, open_teacher
 from ..training.teacher_files import Preprocess
@@ -67,7 +66,7 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, progress: bo
     given = open_teacher(cfg, data, cache=study.logits_cache)  # a bad teacher stops the study here
     s = Study(cfg, study, data, pick_device(cfg["train"]["device"]), given, progress)
     with locked(study.path, "study"), (cluster.session(*plan[:2]) if plan else
-                                       _threads(cfg["study"]["cpus_per_run"])) as ray:
+                                       threads(cfg["study"]["cpus_per_run"])) as ray:
         if ray:  # a request no node can meet stops the study before its folder is written
             s.ray, s.tasks = ray, cluster.Tasks(*cluster.resources(ray, plan[2], cfg["study"]["gpus_per_run"]),
                                                 retries=cfg["study"]["retries"], progress=progress)
@@ -111,7 +110,7 @@ def _train_teacher(s: Study) -> None:
         if not run.finished:
             raise RunError(f"the study's teacher did not finish: {run.read_error()}")
     else:
-        train([Run(teacher_config(s.cfg), run)], s.data, resume=True, progress=s.progress)
+        train([Run(teacher_config(s.cfg), run)], s.data, existing="resume", progress=s.progress)
 
 
 def _write_teacher_files(s: Study, teacher: Teacher) -> None:
@@ -146,6 +145,8 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
                       flush=True)
             _train_recorded(s, members, teacher, group=folder)
             s.results(conds)
+            for c in members:
+                _say_done(s, c)
     else:
         for i, cond in enumerate(todo):
             if s.progress:
@@ -153,6 +154,15 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
             s.dir.run(cond.name).clear_error()
             _train_recorded(s, [cond], teacher)
             s.results(conds)
+            _say_done(s, cond)
+
+
+def _say_done(s: Study, cond: Condition) -> None:
+    """One line per finished or failed run, --quiet or not."""
+    run = s.dir.run(cond.name)
+    summary = run.read_summary()
+    print(f"{cond.name}: val {summary['val_best_acc']:.4f} test {summary['test_acc_at_val_best']:.4f} "
+          f"({summary['wall_s']:.0f} s)" if summary else f"{cond.name}: failed: {run.read_error()}", flush=True)
 
 
 def _train_recorded(s: Study, conds: list[Condition], teacher: Teacher, group: str | None = None) -> None:
@@ -160,7 +170,7 @@ def _train_recorded(s: Study, conds: list[Condition], teacher: Teacher, group: s
     ``error.txt`` and does not stop the study."""
     runs = [Run(c.cfg, s.dir.run(c.name)) for c in conds]
     try:
-        train(runs, s.data, teacher, group_dir=s.dir.folder(group).path if group else None, resume=True,
+        train(runs, s.data, teacher, group_dir=s.dir.folder(group).path if group else None, existing="resume",
               progress=s.progress)
     except (KeyboardInterrupt, WriteError):  # a failing disk stops the study
         raise
@@ -207,17 +217,3 @@ def _ray_plan(cfg: dict) -> tuple[str, int | None, int]:
     address, workers = cluster.check_address(st["ray_address"]), st["workers"]
     cpus = st["cpus_per_run"] or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 1)
     return address, (workers * cpus if workers > 1 and not address else None), cpus
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    """torch's CPU threads for an in-process study: ``study.cpus_per_run``, as a Ray task
-    gets (0: leave them). Sums split across threads round differently, so equal threads
-    are what makes a local study's metrics equal a Ray study's."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield None
-    finally:
-        torch.set_num_threads(before)

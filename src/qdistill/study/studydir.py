@@ -108,8 +108,10 @@ class StudyDir:
         text = configlib.dumps(cfg)
         if self.config_file.exists() and _what_runs(self.config_file.read_text()) != _what_runs(text):
             if not force:
-                raise RunError(f"{self.path} holds a study with a different config; use --force to redo it "
-                               f"(runs whose own config is unchanged are kept)")
+                old = configlib.tomllib.loads(_what_runs(self.config_file.read_text()) or "")
+                diff = configlib.differences(old, configlib.tomllib.loads(_what_runs(text)))
+                raise RunError(f"{self.path} holds a study with another config ({'; '.join(diff)}); use --force "
+                               f"to redo what that changes (runs whose own config is unchanged are kept)")
             self._drop_stale(cfg)
         self.path.mkdir(parents=True, exist_ok=True)
         for folder in (self.path, self.path / RUNS, self.path / GROUPS):

@@ -137,7 +137,7 @@ def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, th
             try:
                 opened = Teacher.from_bundle(teacher, data, root) if teacher else None
                 train([Run(cfg, root / folder) for cfg, folder in unit.runs], data, opened,
-                      group_dir=root / unit.group if unit.group else None, resume=True, progress=False,
+                      group_dir=root / unit.group if unit.group else None, existing="resume", progress=False,
                       remote=remote)
                 messages.put(Done(unit.files(root), node))
             except Exception as e:  # recorded by the driver like any failed run

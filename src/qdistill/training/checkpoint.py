@@ -28,11 +28,24 @@ from .rundir import RunDir
 
 
 def save(obj, path: str | Path) -> None:
-    """``torch.save`` through a temp file and a rename. Serialised in memory first, so a
-    failing disk surfaces as the OS error of a plain write (`WriteError`)."""
+    """``torch.save`` through a temp file and a rename, every tensor on the CPU (a plain
+    ``torch.load`` on a machine without the GPU it trained on reads it). Serialised in
+    memory first, so a failing disk surfaces as the OS error of a plain write
+    (`WriteError`)."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(on_cpu(obj), buf)
     atomic_write_bytes(path, buf.getbuffer())
+
+
+def on_cpu(obj):
+    """``obj`` with every tensor in it (in dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def load(path: str | Path) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -9,10 +10,11 @@ from ..errors import ConfigError
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA, then MPS, then the CPU; otherwise the device named."""
+    """``auto``: CUDA, then MPS, then the CPU; otherwise the device named, which must
+    exist (``cuda:N`` with N below the number of GPUs)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -20,20 +22,74 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"train.device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but no CUDA device is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {name!r} but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise ConfigError(f"train.device is {name!r} but this machine has {count} GPU(s): cuda:0"
+                              + (f" to cuda:{count - 1}" if count > 1 else ""))
     return device
 
 
+def precision_of(device: torch.device, precision: str = "auto") -> str:
+    """``bf16`` or ``fp32``: what ``precision`` means on ``device``. ``auto`` is bf16 on a
+    GPU that computes it natively (compute capability 8.0 or higher: A100, H100, RTX 30xx
+    and later; older ones such as T4 and V100 report bf16 as supported but emulate it) and
+    fp32 elsewhere. ``auto`` keeps fp32 on CPU, where the same config and seed must give
+    identical metrics and bf16 would change them."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "bf16"
+    return "fp32"
+
+
 def autocast_for(device: torch.device, precision: str = "auto"):
-    """The context the forward pass runs in: bfloat16 autocast for ``"bf16"``, and for
-    ``"auto"`` on CUDA; nothing (fp32) otherwise. ``"auto"`` keeps fp32 on CPU, where the
-    same config and seed must give identical metrics and bf16 would change them; on the
-    2-core CPU dev box bf16 autocast (AMX) trains the fused K=10 vgg7 about 1.7x faster
-    (``qdistill bench``, phase (d))."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """The context the forward pass runs in: bfloat16 autocast where `precision_of` says
+    bf16, nothing (fp32) otherwise. On the 2-core CPU dev box bf16 autocast (AMX) trains
+    the fused K=10 vgg7 about 1.7x faster (``qdistill bench``, phase (d))."""
+    if precision_of(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def deterministic(device: torch.device, on: bool) -> None:
+    """On CUDA with ``on`` (``train.deterministic``): cuDNN's deterministic kernels, no
+    benchmarking, deterministic algorithms where PyTorch has them (a warning where it has
+    none) and cuBLAS's deterministic workspace. Identical metrics on CUDA then need the
+    same GPU model and driver too (README). Nothing elsewhere: CPU kernels are."""
+    if device.type != "cuda" or not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state(device: torch.device) -> torch.Tensor | None:
+    """The RNG state of ``device`` itself (not of the current CUDA device), for a checkpoint."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_rng(state, device: torch.device) -> None:
+    if device.type == "cuda" and state is not None:
+        torch.cuda.set_rng_state(state, device)
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op CPU threads set to ``n`` meanwhile (0: left as they are). Sums
+    split across threads round differently, so a run records how many it had; and two
+    processes whose threads outnumber the cores slow each other far more than twice
+    (README, Performance)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield None
+    finally:
+        torch.set_num_threads(before)
 
 
 def sync(device: torch.device) -> None:

@@ -10,6 +10,7 @@ checkpoint and reaches exactly the metrics of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import platform
 import time
@@ -21,19 +22,21 @@ import torch
 from tqdm import tqdm
 
 from .. import config as configlib
-from ..data.batching import batches, split_val
+from ..data.batching import batches
 from ..errors import RunError
 from ..lock import locked
 from ..nn.fused import group
+from ..nn import KD_DEFAULTS
 from ..nn.losses import build_loss
-from ..nn.models import summary as model_summary
 from . import checkpoint
-from .device import autocast_for, pick_device, sync
-from .evaluate import accuracy, per_class_accuracy, predict, teacher_agreement
+from .device import autocast_for, deterministic, pick_device, restore_rng, rng_state, sync, threads
+from .evaluate import accuracy, predict
 from .optim import make_optimizer, make_scheduler
 from .rundir import RunDir
 from .scalars import Scalars
+from .probes import grad_ratio, probe_batch, split
 from .step import train_step
+from .summary import summarize
 from .teacher import Teacher
 
 
@@ -72,6 +75,7 @@ class Member:
     prints: dict                    # the pairing hashes: initial weights, split, batch order
     metrics: list = field(default_factory=list)  # one row per finished epoch
     best: dict = field(default_factory=lambda: {"val": -1.0, "epoch": 0, "test": float("nan")})
+    grad_init: float | None = None  # the gradient ratio at initialisation (`probes.grad_ratio`)
 
     @property
     def name(self) -> str:
@@ -80,7 +84,7 @@ class Member:
     def record(self) -> dict:
         """The member as its checkpoint stores it."""
         return {"name": self.name, "config": configlib.run_text(self.run.cfg), "meta": self.meta,
-                "best": self.best, "metrics": self.metrics, "prints": self.prints}
+                "best": self.best, "metrics": self.metrics, "prints": self.prints, "grad_init": self.grad_init}
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Session:
     teacher: Teacher | None
     teacher_for: Callable           # (idx, xb) -> the batch's teacher logits or None
     rng: dict                       # generators: "order" (batch order), "aug" (augmentation)
+    probe: tuple                    # (x, y, teacher logits or None): the gradient ratio's fixed batch
     board: Scalars | None = None
     progress: bool = True
     remote: Remote = Remote("", lambda: None)
@@ -113,12 +118,11 @@ class Session:
 
 
 def train(runs, data, teacher: Teacher | None = None, *, group_dir: str | Path | None = None,
-          resume: bool = False, force: bool = False, progress: bool = True,
-          remote: Remote | None = None) -> list[dict]:
+          existing: str = "new", progress: bool = True, remote: Remote | None = None) -> list[dict]:
     """Train ``runs`` (`Run` or ``(cfg, out)`` pairs) on ``data``; return their summaries.
 
-    One run keeps its checkpoint in its run directory, with the ``resume``/``force``
-    rules of `RunDir.prepare`. Several runs (configs equal but for the loss, T and c)
+    One run keeps its checkpoint in its run directory, with the rules of `RunDir.prepare`
+    for a run already there (``existing``: new, resume, extend, force). Several runs (configs equal but for the loss, T and c)
     train as one fused group whose checkpoint lives in ``group_dir`` and is resumed when
     it holds the same members and configs. Distillation targets come from ``teacher``.
     """
@@ -129,12 +133,12 @@ def train(runs, data, teacher: Teacher | None = None, *, group_dir: str | Path |
         for folder in [r.out.path for r in runs] + ([state.path] if len(runs) > 1 else []):
             held.enter_context(locked(folder, "run directory"))
         held.enter_context(board)
-        s = _set_up(runs, data, teacher, state, resume=resume, force=force)
+        held.enter_context(threads(runs[0].cfg["train"]["threads"]))
+        s = _set_up(runs, data, teacher, state, existing)
         s.board, s.progress, s.remote = board, progress, remote or Remote(platform.node(), lambda: None)
         start = _resume(s) if s.resumes else 0
         for m in s.members:  # set-up succeeded: now the run directories are written
-            if len(runs) > 1 or not s.resumes:
-                m.run.out.start(m.run.cfg, member=len(runs) > 1)
+            m.run.out.start(m.run.cfg, member=len(runs) > 1)
         wall0 = time.perf_counter() - sum(row["wall_s"] for row in s.members[0].metrics)
         for epoch in range(start, s.cfg["train"]["epochs"]):
             _epoch(s, epoch)
@@ -147,7 +151,14 @@ def _loss(cfg: dict):
     if cfg["run"]["role"] == "teacher":
         return build_loss("hard")  # a teacher trains with plain cross-entropy
     s = cfg["student"]
-    return build_loss(s["loss"], s["temperature"], configlib.loss_c(s))
+    return build_loss(s["loss"], s["temperature"], configlib.loss_c(s), kd=s["kd"], **{k: s[k] for k in KD_DEFAULTS})
+
+
+def _warmed(m: "Member", epoch: int):
+    """The member's loss at 0-based ``epoch``: with ``student.kd_warmup = W`` its soft term
+    weighs ``min(1, (epoch + 1) / W)`` (mdistiller's linear warm-up of DKD)."""
+    w = m.run.cfg["student"]["kd_warmup"] if m.run.cfg["run"]["role"] == "student" else 0
+    return m.loss if not w or epoch + 1 >= w else functools.partial(m.loss, soft_weight=(epoch + 1) / w)
 
 
 def _members(runs: list[Run], data, teacher: Teacher | None) -> list[Member]:
@@ -165,45 +176,49 @@ def _members(runs: list[Run], data, teacher: Teacher | None) -> list[Member]:
     return members
 
 
-def _set_up(runs: list[Run], data, teacher: Teacher | None, state: RunDir, *, resume: bool,
-            force: bool) -> Session:
+def _set_up(runs: list[Run], data, teacher: Teacher | None, state: RunDir, existing: str) -> Session:
     """Check the folders, build the models, put the data on the device, make the
     optimizer; nothing is written yet."""
     cfg, t = runs[0].cfg, runs[0].cfg["train"]
     members = _members(runs, data, teacher)
     device = pick_device(t["device"])
-    resumes = (state.prepare(cfg, resume=resume, force=force) if len(runs) == 1 else
+    deterministic(device, t["deterministic"])
+    resumes = (state.prepare(cfg, existing) if len(runs) == 1 else
                state.group_resumes([(r.name, configlib.run_text(r.cfg)) for r in runs]))
     models = []
     for m in members:
         torch.manual_seed(t["seed"])
         models.append(checkpoint.build_from_meta(m.meta))
-    train_idx, val_idx = split_val(len(data.x_train), cfg["data"]["val_fraction"], t["seed"])
+    train_idx, val_idx = split(data, cfg)
     # Recorded so a study can prove its pairing: same seed, same start, same split, same order.
     for m, model in zip(members, models):
         m.prints.update(init_sha256=checkpoint.state_sha256(model.state_dict()),
                         val_split_sha256=checkpoint.tensor_sha256(val_idx))
     # channels_last: faster convolutions on CPU (README, Performance) and on tensor cores.
     net = group(models).to(device).to_channels_last()
-    x_all = data.x_train.to(device)
-    splits = {"train": (x_all[train_idx.to(device)], data.y_train[train_idx].to(device)),
-              "val": (x_all[val_idx.to(device)], data.y_train[val_idx]),
+    # each split moved once, indexed on the CPU: no second copy of the training set on the device
+    splits = {"train": (data.x_train[train_idx].to(device), data.y_train[train_idx].to(device)),
+              "val": (data.x_train[val_idx].to(device), data.y_train[val_idx]),
               "test": (data.x_test.to(device), data.y_test)}
     autocast = autocast_for(device, t["precision"])
     opt = make_optimizer(net.parameters(), cfg)
+    probe = probe_batch(data, teacher, train_idx, device)
+    if not resumes:  # the gradient ratio at initialisation: an eval-mode pass draws no random numbers
+        x, y, targets = probe
+        for m, z in zip(members, predict(net, x, device)):
+            m.grad_init = grad_ratio(m.loss, z, targets, y)
     return Session(members, state, resumes, net, opt, make_scheduler(opt, cfg), data, splits, device, autocast,
-                   teacher, _teacher_for(members, teacher, train_idx, cfg, device, autocast),
+                   teacher, _teacher_for(members, teacher, train_idx, cfg, device),
                    {"order": torch.Generator().manual_seed(t["seed"] + 1),
-                    "aug": torch.Generator().manual_seed(t["seed"] + 2)})
+                    "aug": torch.Generator().manual_seed(t["seed"] + 2)}, probe)
 
 
-def _teacher_for(members, teacher, train_idx, cfg, device, autocast) -> Callable:
+def _teacher_for(members, teacher, train_idx, cfg, device) -> Callable:
     """``targets(idx, xb)``: the teacher's logits for a batch, or ``None`` when no
     member's loss needs them."""
     if not any(m.loss.needs_teacher for m in members):
         return lambda idx, xb: None
-    return teacher.batch_targets(train_idx, augment=cfg["data"]["augment"] != "none", device=device,
-                                 autocast=autocast)
+    return teacher.batch_targets(train_idx, augment=cfg["data"]["augment"] != "none", device=device)
 
 
 def _resume(s: Session) -> int:
@@ -213,12 +228,12 @@ def _resume(s: Session) -> int:
     s.opt.load_state_dict(ck["optimizer"])
     s.sched.load_state_dict(ck["scheduler"])
     torch.set_rng_state(ck["rng"]["torch"])
-    if s.device.type == "cuda" and ck["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    restore_rng(ck["rng"].get("cuda"), s.device)
     for key in ("order", "aug"):
         s.rng[key].set_state(ck["rng"][key])
     for m, stored in zip(s.members, ck["members"]):
         m.best, m.metrics, m.prints = stored["best"], stored["metrics"], stored["prints"]
+        m.grad_init = stored.get("grad_init")
     return ck["epoch"]
 
 
@@ -227,7 +242,7 @@ def _checkpoint(s: Session, model_state: dict, opt_state: dict, members: list[Me
             "scheduler": s.sched.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "order": s.rng["order"].get_state(),
                     "aug": s.rng["aug"].get_state(),
-                    "cuda": torch.cuda.get_rng_state() if s.device.type == "cuda" else None},
+                    "cuda": rng_state(s.device)},
             "members": [m.record() for m in members]}
 
 
@@ -260,15 +275,15 @@ def _train_epoch(s: Session, epoch: int) -> tuple[torch.Tensor, torch.Tensor, in
     bad_loss = torch.zeros(k, device=s.device)
     seen, first_order, t0 = 0, [], time.perf_counter()
     x, y = s.splits["train"]
+    losses = [_warmed(m, epoch) for m in s.members]
     bar = tqdm(batches(x, y, t["batch_size"], generator=s.rng["order"], augment=s.cfg["data"]["augment"],
                        aug_generator=s.rng["aug"], device=s.device),
                total=math.ceil(len(x) / t["batch_size"]), desc=f"{s.label} {epoch + 1}/{t['epochs']}",
-               disable=not s.progress, leave=False, unit="batch")
+               disable=None if s.progress else True, leave=False, unit="batch")  # None: a terminal only
     for step, (xb, yb, idx) in enumerate(bar):
         if epoch == 0:
             first_order.append(idx)
-        member_loss, z = train_step(s.net, s.opt, xb, yb, s.teacher_for(idx, xb), [m.loss for m in s.members],
-                                    s.autocast)
+        member_loss, z = train_step(s.net, s.opt, xb, yb, s.teacher_for(idx, xb), losses, s.autocast)
         new_bad = (bad_step < 0) & ~torch.isfinite(member_loss)
         bad_step = torch.where(new_bad, step, bad_step)
         bad_loss = torch.where(new_bad, member_loss, bad_loss)
@@ -348,30 +363,5 @@ def _finish(s: Session, wall_s: float) -> list[dict]:
         if k > 1:
             checkpoint.save(_checkpoint(s, model.state_dict(), s.net.split_optimizer_state(opt_state, j), [m]),
                             m.run.out.checkpoint)
-        summaries.append(_summarize(s, m, model, wall_s))
+        summaries.append(summarize(s, m, model, wall_s))
     return summaries
-
-
-def _summarize(s: Session, m: Member, model, wall_s: float) -> dict:
-    """Evaluate the best-validation weights once more and write ``summary.json`` last."""
-    model.load_state_dict(checkpoint.load(m.run.out.best)["model"])
-    data, metrics = s.data, m.metrics
-    logits = predict(model, data.x_test.to(s.device), s.device)
-    size = model_summary(model)
-    summary = {
-        "val_best_acc": m.best["val"], "best_epoch": m.best["epoch"], "test_acc_at_val_best": m.best["test"],
-        "test_acc_last": metrics[-1]["test_acc"], "epochs": len(metrics), "wall_s": wall_s,
-        "img_per_s": sum(r["img_per_s"] for r in metrics) / len(metrics),
-        "params": size["params"], "model_bytes_at_bits": size["bytes_at_bits"], "fp32_bytes": size["fp32_bytes"],
-        "test_per_class_acc": per_class_accuracy(logits, data.y_test, data.num_classes),
-    }
-    if m.meta["role"] == "student" and s.teacher is not None:
-        summary["teacher_agreement"], summary["kl_to_teacher"] = teacher_agreement(
-            logits, s.teacher.test_logits(s.device))
-        # which teacher, exactly: kind, file, sha256, and its own test accuracy
-        summary.update({f"teacher_{key}": v for key, v in s.teacher.describe().items()})
-    if getattr(data, "skipped", 0):
-        summary["skipped_images"] = data.skipped
-    summary.update({**m.prints, "node": s.remote.node, **({"fused_k": len(s.members)} if len(s.members) > 1 else {})})
-    m.run.out.write_summary(summary)
-    return summary

@@ -8,6 +8,7 @@ Layout of ``RUN/``:
 * ``metrics.jsonl`` one JSON object per finished epoch
 * ``checkpoint.pt`` everything exact resume needs (`qdistill.training.checkpoint`)
 * ``best.pt``       the best-validation weights, ``{"model": state_dict, "meta": meta}``
+* ``test_logits.npy`` the best-validation model's float32 logits on the test split, in order
 * ``summary.json``  written last: its presence means the run finished
 * ``error.txt``     why the run failed, when a study recorded a failure
 * ``events.out.tfevents.*``  with ``train.tensorboard``: the metrics as TensorBoard scalars (`scalars`)
@@ -22,22 +23,28 @@ imports no torch, so the report reads runs through it.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import config as configlib
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from ..errors import RunError
 
-CONFIG, METRICS, CHECKPOINT, BEST, SUMMARY, ERROR = (
-    "config.toml", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json", "error.txt")
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, BEST, SUMMARY)
+CONFIG, METRICS, CHECKPOINT, BEST, SUMMARY, ERROR, TEST_LOGITS = (
+    "config.toml", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json", "error.txt", "test_logits.npy")
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, BEST, TEST_LOGITS, SUMMARY)
+# what to do with a run already in the folder (`RunDir.prepare`): --resume, --extend, --force
+EXISTING = ("new", "resume", "extend", "force")
 # The order a run's files are written in, so a kill between two writes leaves files that
-# agree (the loop writes best.pt, event files, checkpoint.pt, then metrics.jsonl).
-_ORDER = {CONFIG: 0, BEST: 1, CHECKPOINT: 3, METRICS: 4, SUMMARY: 5, ERROR: 6}
+# agree (the loop writes best.pt, event files, checkpoint.pt, then metrics.jsonl; at the
+# end test_logits.npy, then summary.json).
+_ORDER = {CONFIG: 0, BEST: 1, CHECKPOINT: 3, METRICS: 4, TEST_LOGITS: 5, SUMMARY: 6, ERROR: 7}
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -95,26 +102,54 @@ class RunDir:
 
     # ------------------------------------------------------------ the rules
 
-    def prepare(self, cfg: dict, *, resume: bool, force: bool) -> bool:
-        """Check the folder before a run trains into it; return whether to resume from
-        its checkpoint. A finished run is never overwritten without ``force`` (which
-        deletes its files); ``resume`` needs the same config. Writes nothing else:
-        `start` does, once the run's set-up has succeeded."""
+    def prepare(self, cfg: dict, existing: str = "new") -> bool:
+        """Check the folder before a run trains into it; return whether to resume from its
+        checkpoint. ``existing`` says what to do with a run already there (`EXISTING`):
+        ``new`` refuses it, ``force`` deletes its files, ``resume`` continues a started
+        run of the same config, ``extend`` continues a started or finished run to more
+        epochs (`_extend`). A refusal names up to 3 keys that differ. Writes nothing but
+        those deletions: `start` does, once the run's set-up has succeeded."""
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"output path {self.path} exists and is not a directory")
-        if force:
+        if existing == "force":
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
-        elif resume and self.finished:
-            raise RunError(f"run {self.path} already finished; use --force to train it again")
-        elif resume and self.started:
-            if self.stored_config_text() != configlib.run_text(cfg):
-                raise RunError(f"run {self.path} was started with a different config; use --force to start over")
-            return True
-        elif not resume and (self.finished or self.started):
+            return False
+        if not (self.finished or self.started):
+            return False
+        if existing == "new":
             what = "a finished run" if self.finished else "an unfinished run (use --resume to continue it)"
             raise RunError(f"{self.path} already holds {what}; use --force to overwrite")
-        return False
+        stored = self.read_config() if (self.path / CONFIG).is_file() else {}
+        diff = configlib.differences(stored, configlib.tomllib.loads(configlib.run_text(cfg)))
+        if existing == "extend":
+            return self._extend(cfg, stored, diff)
+        if self.finished:
+            raise RunError(f"run {self.path} already finished; use --force to train it again, or --extend with a "
+                           f"larger --epochs to train it on")
+        if diff:
+            raise RunError(f"run {self.path} was started with another config ({'; '.join(diff)}): resume with "
+                           f"the same settings (--resume alone takes the run's own), or --force to start over")
+        return True
+
+    def _extend(self, cfg: dict, stored: dict, diff: list[str]) -> bool:
+        """A run trained on to more epochs is the run it would have been only if every
+        epoch it trained keeps its learning rate (`schedule.extends_exactly`)."""
+        from .schedule import extends_exactly
+        other = [d for d in diff if not d.startswith("train.epochs:")]
+        if other or not self.started:
+            raise RunError(f"--extend trains run {self.path} on to more epochs and changes nothing else"
+                           + (f", but these differ: {'; '.join(other)}" if other else ", but it has no checkpoint"))
+        old, new, schedule = stored["train"]["epochs"], cfg["train"]["epochs"], cfg["train"]["schedule"]
+        done = len(self.read_metrics())
+        if not extends_exactly(done, old, new, schedule):
+            raise RunError(f"run {self.path} cannot go from {old} to {new} epochs as if it had been started so: "
+                           + ("give a larger --epochs" if new <= old else f"the {schedule} schedule's rates for its "
+                              f"{done} epochs depend on the number of epochs (its drops fall at a fraction of them)")
+                           + f"; train a new run with --epochs {new}")
+        for name in (SUMMARY, TEST_LOGITS):
+            (self.path / name).unlink(missing_ok=True)
+        return True
 
     def group_resumes(self, members: list[tuple[str, str]]) -> bool:
         """A fused group resumes from its checkpoint when that holds the same members
@@ -130,7 +165,7 @@ class RunDir:
         error are stale; its ``best.pt`` and ``metrics.jsonl`` stay (a resumed group
         rewrites them)."""
         if member:
-            for name in (CHECKPOINT, SUMMARY, ERROR):
+            for name in (CHECKPOINT, TEST_LOGITS, SUMMARY, ERROR):
                 (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / CONFIG, configlib.run_text(cfg))
@@ -139,6 +174,21 @@ class RunDir:
 
     def write_metrics(self, metrics: list[dict]) -> None:
         atomic_write_text(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+
+    def write_test_logits(self, logits: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(logits, dtype=np.float32), allow_pickle=False)
+        atomic_write_bytes(self.path / TEST_LOGITS, buf.getvalue())
+
+    def read_test_logits(self) -> np.ndarray | None:
+        """``test_logits.npy`` as float32 (N, classes), ``None`` without one."""
+        path = self.path / TEST_LOGITS
+        if not path.is_file():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise RunError(f"cannot read {path}: {e}") from None
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")

@@ -76,6 +76,7 @@ class Teacher:
     preprocess: Preprocess
     val_acc: float | None = None  # the teacher's own validation accuracy, when known
     logits: dict = field(default_factory=dict)  # split -> (N, K) float32 on the CPU
+    device: object = None         # where it last ran: later logits are computed there too
 
     @classmethod
     def open(cls, path: str | Path, data, section: dict | None = None, *, augment: bool = False) -> "Teacher":
@@ -126,15 +127,27 @@ class Teacher:
             self.train_logits(device)
         return self
 
+    def train_rows(self, idx: torch.Tensor, device=None) -> torch.Tensor:
+        """Logits on the training images ``idx`` (float32, CPU): from the training split's
+        logits when they are at hand, else by running the teacher on those images only."""
+        if "train" in self.logits or self.model is None:
+            return self.train_logits(device)[idx]
+        x_u8 = self.data.x_train[idx]
+        return check_logits(self._run(x_u8, device), len(x_u8), self.data, self.source, "train")
+
     def _logits(self, split: str, device) -> torch.Tensor:
         if split not in self.logits:
             x_u8 = getattr(self.data, f"x_{split}")
-            if isinstance(self.model, torch.nn.Module):
-                out = predict(self.model.to(device), x_u8.to(device), device)
-            else:
-                out = self.model.predict(x_u8, device)
-            self.logits[split] = check_logits(out, len(x_u8), self.data, self.source, split)
+            self.logits[split] = check_logits(self._run(x_u8, device), len(x_u8), self.data, self.source, split)
         return self.logits[split]
+
+    def _run(self, x_u8: torch.Tensor, device) -> torch.Tensor:
+        """The teacher's logits on ``x_u8``, on ``device`` or, when none is given, where the
+        teacher last ran (its module may already live on a GPU: CPU batches would not fit)."""
+        device = self.device = device if device is not None else self.device
+        if isinstance(self.model, torch.nn.Module):
+            return predict(self.model.to(device), x_u8.to(device), device)
+        return self.model.predict(x_u8, device)
 
     def describe(self) -> dict:
         """What the teacher is and how it does: ``kind``, ``file``, ``sha256``, ``test_acc``."""
@@ -184,8 +197,8 @@ class Teacher:
 
     # ------------------------------------------------------------ per batch
 
-    def batch_targets(self, train_idx: torch.Tensor, *, augment: bool, device,
-                      autocast) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def batch_targets(self, train_idx: torch.Tensor, *, augment: bool,
+                      device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``targets(idx, xb)``: the teacher's logits for a training batch, where ``idx``
         are positions into ``data.x_train[train_idx]`` and ``xb`` the batch itself."""
         if not augment:
@@ -195,8 +208,8 @@ class Teacher:
             raise TeacherError(f"teacher {self.source} is a file of logits: it cannot run on augmented batches")
         teacher = self.model.to(device).eval() if isinstance(self.model, torch.nn.Module) else self.model.to(device)
 
-        def live(idx, xb):
-            with torch.no_grad(), autocast:
+        def live(idx, xb):  # in float32, as the cached logits are, whatever precision the student trains in
+            with torch.no_grad(), torch.autocast(xb.device.type, enabled=False):
                 return teacher(xb).float()
         return live
 

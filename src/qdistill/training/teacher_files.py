@@ -85,6 +85,15 @@ class Preprocess:
     def shape(self, n: int) -> tuple:
         return (n, self.size, self.size, 3) if self.layout == "NHWC" else (n, 3, self.size, self.size)
 
+    def _channels(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``mean`` or ``std`` as a (1, C, 1, 1) tensor on ``x``'s device and dtype, made once
+        per device and dtype, not per batch (a host-to-device copy each time)."""
+        key = (name, x.device, x.dtype)
+        cache = self.__dict__.setdefault("_tensors", {})
+        if key not in cache:
+            cache[key] = torch.tensor(getattr(self, name), dtype=x.dtype).view(1, -1, 1, 1).to(x.device)
+        return cache[key]
+
     def describe(self) -> str:
         return (f"{self.layout} {self.size}x{self.size}, range {self.input_range}"
                 + (f", mean {self.mean}" if self.mean else "") + (f", std {self.std}" if self.std else ""))
@@ -95,9 +104,9 @@ class Preprocess:
         if self.input_range == "0-255":
             x = x * 255.0
         if self.mean:
-            x = x - torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = x - self._channels("mean", x)
         if self.std:
-            x = x / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = x / self._channels("std", x)
         if self.layout == "NHWC":
             x = x.permute(0, 2, 3, 1).contiguous()
         return x

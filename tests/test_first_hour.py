@@ -1,0 +1,243 @@
+"""A new user's first hour, each item as a user would hit it: the command through
+``cli.main``, its exit code and the exact line."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qdistill import cli
+from qdistill.cli.parser import build_parser
+from qdistill.config import DEFAULTS
+from qdistill.resolve import resolve
+from qdistill.study import run as studylib
+from qdistill.training.rundir import RunDir
+
+from conftest import SMALL
+
+TINY = ["--epochs", "1", "--quiet"]
+
+
+def run(argv, capsys):
+    capsys.readouterr()  # what earlier commands printed
+    code = cli.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def named_folder(tmp_path_factory):
+    """An image folder whose classes are names ("eight", "five"), not digits."""
+    root = tmp_path_factory.mktemp("named") / "imgs"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for name in ("eight", "five"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def named_run(named_folder, tmp_path_factory):
+    """A W2A1 student of the named folder (ground truth only: it needs no teacher)."""
+    out = tmp_path_factory.mktemp("named-run") / "s"
+    assert cli.main(["student", "--loss", "hard", "--dataset", "imagefolder", "--data-dir", str(named_folder),
+                     "--batch-size", "8", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_student(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small-student") / "s"
+    assert cli.main(["student", *SMALL, "--loss", "hard", "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+# 1. no silent wrong answer
+def test_predict_and_eval_refuse_a_model_and_data_whose_classes_differ(named_run, tmp_path, capsys):
+    qdz = tmp_path / "m.qdz"
+    assert cli.main(["export", str(named_run), "--out", str(qdz)]) == 0
+    capsys.readouterr()
+    code, _, err = run(["predict", qdz, "--dataset", "digits"], capsys)
+    assert code == 2 and one_line(err) == (
+        "qdistill: error: the model's classes ['eight', 'five'] are not the digits dataset's "
+        "['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']: give the data the model was trained on")
+    code, _, err = run(["eval", named_run, "--set", "data.dataset=digits"], capsys)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: run {named_run} was trained on the classes ['eight', 'five'], but the data has "
+        f"['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']: give the data the run was trained on")
+
+
+# 2. a file is what its name says
+def test_export_takes_the_format_from_the_extension(small_student, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    assert cli.main(["export", str(small_student), "--out", str(tmp_path / "s.onnx")]) == 0
+    onnx.load(str(tmp_path / "s.onnx"))  # an ONNX model, not a .qdz named .onnx
+    code, _, err = run(["export", small_student, "--out", tmp_path / "s.bin"], capsys)
+    assert code == 2 and one_line(err).startswith(f"qdistill: error: --out {tmp_path / 's.bin'}: the format comes "
+                                                  "from its extension, .qdz (packed) or .onnx")
+    assert not (tmp_path / "s.bin").exists()
+
+
+# 3. threads under control
+def test_threads_is_a_key_and_every_run_records_its_threads(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["student", *SMALL, "--loss", "hard", *TINY, "--threads", "1", "--out", str(out)]) == 0
+    assert RunDir(out).read_summary()["threads"] == 1 and "threads = 1" in (out / "config.toml").read_text()
+    code, _, err = run(["student", *SMALL, "--loss", "hard", "--threads", "-1", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "train.threads must be >= 0" in one_line(err)
+
+
+# 4. refusals that say why; resume from the stored config; extend
+def test_a_resume_with_other_settings_names_the_keys_and_resume_alone_takes_the_runs_own(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["student", *SMALL, "--loss", "hard", "--epochs", "2", "--quiet"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    (out / "summary.json").unlink()  # as if killed before its end
+    code, _, err = run([*args, "-T", "2", "--lr", "0.02", "--resume", "--out", out], capsys)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: run {out} was started with another config (student.temperature: 4.0 -> 2.0; "
+        f"train.lr: 0.01 -> 0.02): resume with the same settings (--resume alone takes the run's own), or "
+        f"--force to start over")
+    assert cli.main(["student", "--resume", "--quiet", "--out", str(out)]) == 0  # nothing retyped
+    assert RunDir(out).read_summary()["epochs"] == 2
+
+
+def test_extend_trains_a_finished_run_on_exactly_when_its_schedule_allows(tmp_path, capsys):
+    args = ["student", *SMALL, "--loss", "hard", "--quiet"]
+    assert cli.main([*args, "--epochs", "3", "--out", str(tmp_path / "three")]) == 0
+    assert cli.main([*args, "--epochs", "2", "--out", str(tmp_path / "two")]) == 0
+    # course over 2 epochs: 1, 0.1; over 3: 1, 0.1, 0.05: the 2 epochs keep their rates
+    assert cli.main(["student", "--epochs", "3", "--extend", "--quiet", "--out", str(tmp_path / "two")]) == 0
+    timing = ("wall_s", "img_per_s")
+    rows = lambda r: [{k: v for k, v in m.items() if k not in timing} for m in RunDir(r).read_metrics()]
+    assert rows(tmp_path / "two") == rows(tmp_path / "three")
+    # over 4 epochs the second epoch's rate would be 1: refused, and the line says why
+    code, _, err = run(["student", "--epochs", "4", "--extend", "--quiet", "--out", tmp_path / "three"], capsys)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: run {tmp_path / 'three'} cannot go from 3 to 4 epochs as if it had been started so: "
+        f"the course schedule's rates for its 3 epochs depend on the number of epochs (its drops fall at a "
+        f"fraction of them); train a new run with --epochs 4")
+    code, _, err = run(["student", "--epochs", "5", "--resume", "--quiet", "--out", tmp_path / "three"], capsys)
+    assert code == 2 and "--extend" in one_line(err)
+
+
+def test_a_study_rerun_with_another_lr_names_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(studylib, "study_teacher", lambda s: pytest.fail("the changed study went on"))
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[data]\ndataset = "digits"\nmax_train = 100\n[study]\nseeds = [0]\nallow_weak_teacher = true\n')
+    s = tmp_path / "S"
+    studylib.StudyDir(s).prepare(resolve(cfg), force=False)  # the study as first run
+    code, _, err = run(["study", cfg, "--out", s, "--lr", "0.02", "--quiet"], capsys)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: {s} holds a study with another config (train.lr: 0.01 -> 0.02); use --force to redo "
+        f"what that changes (runs whose own config is unchanged are kept)")
+
+
+# 5. paths as typed
+def test_every_path_in_a_stored_config_is_absolute(named_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(named_folder.parent)
+    out = tmp_path / "r"
+    assert cli.main(["teacher", "--dataset", "imagefolder", "--data-dir", named_folder.name, "--batch-size", "8",
+                     *TINY, "--out", str(out)]) == 0
+    assert RunDir(out).read_config()["data"]["data_dir"] == str(named_folder)
+    monkeypatch.chdir(tmp_path)  # another folder: the run still finds its images
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] >= 0
+
+
+# 7. one plain line for what was left out
+def test_predict_on_a_folder_lists_bad_images_and_counts_other_files(small_student, tmp_path, capsys):
+    qdz = tmp_path / "m.qdz"
+    assert cli.main(["export", str(small_student), "--out", str(qdz)]) == 0
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG broken")
+    (folder / "notes.txt").write_text("not an image")
+    capsys.readouterr()
+    code, _, err = run(["predict", qdz, folder, "--out", tmp_path / "p.csv", "--skip-bad-images"], capsys)
+    assert code == 0 and err.splitlines() == [
+        f"qdistill: 1 file(s) under {folder} are not images (png, jpg, jpeg, bmp, webp) and were left out",
+        "qdistill: 1 unreadable image(s), listed with their error in the CSV"]
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "path,index,name,probability,error"
+    assert rows[1].startswith("a.png,") and rows[1].endswith(",")
+    assert rows[2].startswith("b.png,,,,") and "cannot read image" in rows[2]
+
+
+# 8. output details
+def test_output_details(named_run, small_teacher, tmp_path, capsys):
+    code, out, _ = run(["eval", named_run], capsys)
+    header = out.splitlines()[out.splitlines().index("confusion (rows: true, columns: predicted)") + 1]
+    assert code == 0 and header.split() == ["eight", "five"]  # padded: the names do not run together
+    code, _, err = run(["predict", small_teacher / "best.pt", tmp_path], capsys)
+    assert code == 2 and "is a PyTorch checkpoint, not an exported model: run `qdistill export" in one_line(err)
+    code, _, err = run(["predict", small_teacher, tmp_path], capsys)
+    assert code == 2 and "not an exported model" in one_line(err)
+    code, _, err = run(["predict", tmp_path / "m.qdz", tmp_path / "nope"], capsys)
+    assert code == 2 and one_line(err) == f"qdistill: error: no such image file or folder: {tmp_path / 'nope'}"
+    p = build_parser()
+    for command in ("eval", "predict"):
+        sub = p._subparsers._group_actions[0].choices[command]
+        data_dir = next(a for a in sub._actions if "--data-dir" in a.option_strings)
+        assert all(kind in data_dir.help for kind in ("svhn", "cifar10", "imagefolder")), (command, data_dir.help)
+
+
+# 9. scale shown up front
+def test_help_shows_every_default_from_the_schema():
+    sub = build_parser()._subparsers._group_actions[0].choices["study"]
+    for action in sub._actions:
+        if "." in (action.dest or ""):
+            section, key = action.dest.split(".")
+            default = DEFAULTS[section].get(key)
+            if default not in ("", [], None) and key != "c":
+                assert f"{action.dest}, default {default}" in action.help, action.help
+
+
+def test_a_study_without_a_config_or_of_many_runs_says_its_plan_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(studylib, "run_study", lambda cfg, out, **k: {"rows": [], "failed": []})
+    monkeypatch.setattr("qdistill.report.report.write_report", lambda study: {"html": "r.html"})
+    assert cli.main(["study", "--out", str(tmp_path / "S")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("plan: a vgg7 teacher of 60 epochs, then 48 student runs of 60 epochs (Q1 3, Q2 15, Q3 15, "
+                      "Q4 15; T in 1, 2, 4, 8, 15; seeds 0, 1, 2)")
+    assert out[1] == "      each on 1,366 training images: 3.9 million student images in all"  # digits
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("[study]\nseeds = [0]\ntemperatures = [4.0]\n")  # 4 runs: no plan
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S")]) == 0
+    assert not capsys.readouterr().out.startswith("plan:")
+
+
+def test_bars_only_on_a_terminal_and_quiet_keeps_one_line_per_run(tmp_path, capsys):
+    assert cli.main(["student", *[a for a in SMALL if a != "--quiet"], "--loss", "hard", "--epochs", "1",
+                     "--out", str(tmp_path / "r")]) == 0
+    cap = capsys.readouterr()
+    assert "\r" not in cap.err and "epoch 1/1" in cap.out  # no bar in a log, the epoch's line stays
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[data]\ndataset = "digits"\nmax_train = 120\nmax_test = 40\n[train]\nepochs = 1\n'
+                   '[study]\nseeds = [0]\ntemperatures = [4.0]\nquestions = ["q1", "q4"]\nteacher_epochs = 1\n'
+                   'allow_weak_teacher = true\n')
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S"), "--quiet"]) in (0, 1)
+    lines = capsys.readouterr().out.splitlines()
+    for name in ("q1-hard-T1-s0", "q4-hard+softgt-T4-s0"):
+        assert sum(line.startswith(f"{name}: val ") for line in lines) == 1, lines
+
+
+# 10. thin evidence announced
+def test_a_run_at_chance_ends_with_one_warning_and_exit_0(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, _, err = run(["student", *SMALL, "--loss", "hard", "--epochs", "1", "--lr", "1e-12", "--out", out], capsys)
+    acc = RunDir(out).read_summary()["test_acc_at_val_best"]
+    assert code == 0 and acc <= 0.15
+    assert one_line(err) == (f"qdistill: warning: student {out} ends at {100 * acc:.1f}% test accuracy, within 5 "
+                             f"points of chance (10.0% for 10 classes): train it longer, on more data, or with "
+                             f"another learning rate")

@@ -38,7 +38,18 @@ popcount accumulator is an exact integer, so a conv on levels only differs from 
 reference by how its float32 operands represent ``q / m`` and ``alpha (2c - n)``
 (activation 1, weight <= 2 roundings: 3); the first conv is float32 (``n``); BN, affine
 and thresholds are float64 (0); linear is float32 BLAS (``n``); average pooling is a
-float64 mean (levels: 1 for ``q / m``) cast to float32 (1).
+float64 mean (levels: 1 for ``q / m``) cast to float32 (1). A resize's bound is derived in
+`bounds_resize`.
+
+LSQ's ops (``student.scheme = "lsq"``) fit the same counts: its quantizer computes
+``x / s`` (1 rounding, like ``x * m``) then ``round(clamp(., 0, m)) * s``; a level's value
+``q * s`` is one float32 product (1, like ``q / m``), a weight ``c * s`` one (<= 2); the
+engine folds ``s`` into float64 scales and cuts, so its threshold is
+``((t - 0.5) s - Q) / P`` with ``|(t - 0.5) s| <= m |s|``: the ``+ 1`` above becomes
+``+ max(1, m |s|)`` in the segment that ends at an LSQ quantizer, and its level boundaries
+are ``u / s = t - 0.5`` (`Ref.near` measures the gap in levels: ``|bound / s|``); its
+average pool multiplies the float64 mean by ``s`` (one more float64 rounding: average
+pooling counts ``k*k + 1`` of them for every scheme).
 
 A bound is only as good as the assumption that an implementation does what it says in
 float32 (no bf16 / TF32 down-conversion: PyTorch's default
@@ -89,57 +100,6 @@ def within(got, ref, bound, what: str = "") -> float:
 
 
 RATIOS: dict[str, float] = {}  # largest |diff| / bound seen per comparison (for reports)
-
-
-# ---------------------------------------------------------------- bilinear resize
-
-def _resize_axis(n_in: int, size: int):
-    """Exact (float64) source coordinates of torch's ``align_corners=False`` resize and
-    the float32 error bound of a computed coordinate ``max(0, (d + 0.5) * scale - 0.5)``:
-    ``scale = fl(n_in / size)``, a product and a difference, <= 3 roundings on values
-    ``<= (d + 0.5) * scale + 0.5``."""
-    d = np.arange(size, dtype=np.float64)
-    raw = (d + 0.5) * (n_in / size) - 0.5
-    err = gamma(3, U32 + U64) * ((d + 0.5) * (n_in / size) + 0.5)
-    # Within err of the exact coordinate the interpolant must stay one linear piece: no
-    # integer (a cell edge) and not the clamp at 0 inside [raw - err, raw + err].
-    assert (np.abs(raw - np.round(raw)) > err).all(), "a source coordinate sits on a cell edge: extend the bound"
-    s = np.maximum(raw, 0.0)
-    err = np.where(raw < 0, 0.0, err)  # clamped: exactly 0 in every implementation
-    i0 = np.minimum(np.floor(s).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = s - i0
-    err = np.where(i0 == i1, 0.0, err)  # past the last pixel the value is constant
-    return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(lam), torch.from_numpy(err)
-
-
-def resize_reference(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(reference, bound)``: torch's bilinear resize in float64 and a bound on any float32
-    implementation of it. Per output, with ``x00..x11`` the four source pixels,
-    ``e_y, e_x`` the coordinate errors (`_resize_axis`) and the exact weights:
-
-        |y' - y| <= gamma_10 * max|x_ij|                      (rounding: 1 - l on each axis,
-                                                               <= 2 weight products, 4 products
-                                                               and 3 additions in any order)
-                  + e_y |dy| + e_x |dx| + e_y e_x |x11 - x10 - x01 + x00|
-
-    ``dy, dx`` the interpolant's slopes (the bilinear piece is exact in ``l``). The
-    float64 reference's own error is covered by computing gamma with ``u32 + u64``."""
-    x = x.double()
-    n, c, h, w = x.shape
-    y0, y1, ly, ey = _resize_axis(h, size)
-    x0, x1, lx, ex = _resize_axis(w, size)
-    ref = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    r0, r1 = x[:, :, y0], x[:, :, y1]
-    x00, x01, x10, x11 = r0[..., x0], r0[..., x1], r1[..., x0], r1[..., x1]
-    ly, ey = ly[:, None], ey[:, None]
-    top, bottom = x00 + (x01 - x00) * lx, x10 + (x11 - x10) * lx
-    dy = bottom - top
-    dx = (x01 - x00) * (1 - ly) + (x11 - x10) * ly
-    big = torch.stack([x00.abs(), x01.abs(), x10.abs(), x11.abs()]).amax(0)
-    bound = (float(gamma(10, U32 + U64)) * big + ey * dy.abs() + ex * dx.abs()
-             + ey * ex * (x11 - x10 - x01 + x00).abs())
-    return ref, bound
 
 
 # ---------------------------------------------------------------- the float64 reference
@@ -194,6 +154,8 @@ class Ref:
         self.u = None             # the quantizer's input, once one has run
         self.post_pools: list[int] = []
         self._first = True
+        self._cut = 1.0           # the largest threshold cut |(t - 0.5) d| of the open segment
+        self.lsq_step = None      # the quantizer's LSQ step, if it has one
 
     def run(self, modules) -> "Ref":
         with torch.no_grad():
@@ -220,13 +182,14 @@ class Ref:
             s.k64 += n if k64 is None else k64
 
     def _close(self):
-        """``p + g32 |a| + 2 g64 (|a| + 1)``, written ``(g32 + 2 g64) |a| + 2 g64 + p`` to
-        make one full-size temporary instead of five (the suite's hottest loop)."""
+        """``p + g32 |a| + 2 g64 (|a| + cut)``, written ``(g32 + 2 g64) |a| + 2 g64 cut + p`` to
+        make one full-size temporary instead of five (the suite's hottest loop); ``cut`` is 1
+        but before an LSQ quantizer (see the module docstring)."""
         x_abs = self.x.abs()
         for s in self.segs.values():
             g64 = 2 * float(gamma(s.k64 + 4, U64))
             e = s.a * (float(gamma(s.k32)) + g64)
-            e.add_(g64)
+            e.add_(g64 * self._cut)
             if s.p is not None:
                 e.add_(s.p)
             s.p, s.a, s.k32, s.k64 = e, x_abs + e, 0, 0
@@ -273,6 +236,7 @@ class Ref:
             return
         if isinstance(m, Resize):
             assert self._first, "resize must be the first op of a Ref"
+            from bounds_resize import resize_reference  # it imports this module
             self.x, bound = resize_reference(self.x, m.size)
             for s in self.segs.values():
                 s.p, s.a = bound, self.x.abs() + bound
@@ -317,10 +281,7 @@ class Ref:
                 self._per_channel(torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
                                   "tenth", 2, lambda t: t)
             if m.bits < FULL:
-                self._add("quant", k64=1)
-                self._close()
-                self.u, self.m = self.x, 2**m.bits - 1
-                self.x = torch.round(torch.clamp(self.x, 0, 1) * self.m) / self.m
+                self._quantize(m)
                 return
             self._monotone((lambda t: torch.clamp(t, 0, 1)) if m.scheme == "homework" else torch.relu)
         elif isinstance(m, Clip01):
@@ -340,6 +301,8 @@ class Ref:
         elif isinstance(m, nn.AvgPool2d):
             k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
             self._linear(lambda t: F.avg_pool2d(t, k), lambda t, mag: F.avg_pool2d(t, k), k * k, "avg")
+            for s in self.segs.values():  # the engine's float64 ``* s`` after an LSQ quantizer
+                s.k64 += 1
         elif isinstance(m, nn.Flatten):
             self.x = self.x.flatten(1)
             for s in self.segs.values():
@@ -347,6 +310,22 @@ class Ref:
                 s.p = None if s.p is None else s.p.flatten(1)
         else:
             raise TypeError(f"no error model for {type(m).__name__}")
+
+    def _quantize(self, m: QuantAct):
+        """Close the segment at a quantizer; keep its input ``u`` and how ``u`` maps to levels
+        (DoReFa, homework: ``u * m``; LSQ: ``u / s``)."""
+        self.m, s = 2**m.bits - 1, (float(m.step) if m.scheme == "lsq" else None)
+        self._add("quant", k64=1)
+        if s is not None:
+            self._cut = max(1.0, self.m * abs(s))
+        self._close()
+        self._cut, self.u, self.lsq_step = 1.0, self.x, s
+        self.x = (torch.round(torch.clamp(self.x, 0, 1) * self.m) / self.m if s is None
+                  else torch.round(torch.clamp(self.x / s, 0, self.m)) * s)
+
+    def _level_units(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the quantizer's input, or a bound on it) in levels."""
+        return t * self.m if self.lsq_step is None else t / self.lsq_step
 
     def cast32(self, kind: str) -> "Ref":
         """The implementation rounds its float64 result to float32 (``u32 * |value|``)."""
@@ -374,7 +353,8 @@ class Ref:
 
     def levels(self, spread: bool = True) -> np.ndarray:
         """The reference levels ``round(clamp(u, 0, 1) * m)``, channels last."""
-        q = torch.round(torch.clamp(self.u, 0, 1) * self.m)
+        q = (torch.round(torch.clamp(self.u, 0, 1) * self.m) if self.lsq_step is None
+             else torch.round(torch.clamp(self.u / self.lsq_step, 0, self.m)))
         return nhwc(self._spread(q, F.max_pool2d) if spread else q).astype(np.uint8)
 
     def near(self, kinds, spread: bool = True) -> np.ndarray:
@@ -382,9 +362,9 @@ class Ref:
         reference: the quantizer input ``u`` within the bound of a threshold
         ``(t - 0.5) / m``; after a max-pool, wherever any input of the window is."""
         if getattr(self, "_gap", None) is None:  # |s - nearest threshold|, s = u m + 0.5: once per Ref
-            s = self.u * self.m + 0.5                  # threshold t at s = t
+            s = self._level_units(self.u) + 0.5        # threshold t at s = t
             self._gap = s.sub_(torch.round(s).clamp_(1, self.m)).abs_()
-        near = self._gap <= self.bound_at_quantizer(kinds) * self.m
+        near = self._gap <= self._level_units(self.bound_at_quantizer(kinds)).abs()
         if spread:
             near = self._spread(near.float(), F.max_pool2d) > 0  # 0/1: exact in any float
         return nhwc(near)

@@ -11,12 +11,18 @@ import torch.nn.functional as F
 
 from bounds import nhwc
 from qdistill.data import digits
+from qdistill.nn.layers import QuantAct
 from qdistill.nn.models import build
 
-# (arch, weight_bits, act_bits, scheme): the exported configurations
+# (arch, weight_bits, act_bits, scheme): the exported configurations. LSQ: one vgg7 (its
+# average pool of LSQ levels is the engine's in_step) and three of the cheaper
+# dorefa-svhn, 2..4-bit weights; at lr 1e-2 some of their weight steps turn negative
+# within the four steps of `student`, so export's mirrored range is exercised too.
+LSQ_CONFIGS = [("vgg7", 2, 2, "lsq"), ("dorefa-svhn", 2, 1, "lsq"), ("dorefa-svhn", 3, 2, "lsq"),
+               ("dorefa-svhn", 4, 3, "lsq")]
 CONFIGS = [(arch, wb, ab, scheme) for arch in ("vgg7", "dorefa-svhn")
            for wb, ab, scheme in ((2, 1, "dorefa"), (1, 1, "dorefa"), (1, 2, "dorefa"),
-                                  (2, 2, "dorefa"), (2, 1, "homework"))]
+                                  (2, 2, "dorefa"), (2, 1, "homework"))] + LSQ_CONFIGS
 N_EVAL = {"vgg7": 1024, "dorefa-svhn": 100}  # dorefa-svhn costs ~4x vgg7 per image
 CLASSES = [str(i) for i in range(10)]
 
@@ -34,7 +40,7 @@ def digits_data() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def student(arch: str, wb: int, ab: int, scheme: str, steps: int = 4) -> nn.Module:
     """A student after ``steps`` Adam steps on 64 digits images, so weights and BN are not at
-    their init. Dorefa students get every third BN scale negated, so export's direction flag
+    their init. Every student gets every third BN scale negated, so export's direction flag
     (thresholds on -A) is exercised; running statistics are then re-estimated on the 64
     images (train-mode passes, cumulative average)."""
     torch.manual_seed(0)
@@ -81,6 +87,15 @@ def torch_trace(model: nn.Sequential, x: np.ndarray) -> tuple[dict, dict, np.nda
     return inputs, outputs, logits
 
 
-def levels(t: torch.Tensor, bits: int) -> np.ndarray:
-    """Torch activation values ``q / m`` as integer levels ``q``, channels last."""
-    return nhwc(torch.round(t * (2**bits - 1))).astype(np.uint8)
+def levels(t: torch.Tensor, act: QuantAct) -> np.ndarray:
+    """Torch activation values of the quantizer ``act`` as integer levels ``q``, channels
+    last: ``q / m`` (DoReFa, homework) or ``q * s`` (LSQ's step ``s``; both are one
+    correctly rounded operation, so the inverse rounds back to ``q``)."""
+    q = torch.round(t / act.step.detach()) if act.scheme == "lsq" else torch.round(t * (2**act.bits - 1))
+    return nhwc(q).astype(np.uint8)
+
+
+def act_before(model: nn.Sequential, i: int) -> QuantAct:
+    """The last activation quantizer at or before module ``i``: the one whose levels a
+    block's output (``i`` its last module) or a stage's input (``i`` = its first - 1) holds."""
+    return next(model[j] for j in range(i, -1, -1) if isinstance(model[j], QuantAct))

@@ -19,7 +19,8 @@ from qdistill.errors import DataError, UserError
 from qdistill.deploy.predict import load_image, predict_dataset, predict_image
 from qdistill.export.packed import export_model
 
-from bounds import U64, gamma, resize_reference, within
+from bounds import U64, gamma, within
+from bounds_resize import resize_reference
 from qdz_students import CLASSES, eval_images, student
 
 needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba not installed")
@@ -143,6 +144,7 @@ def test_newer_format_is_refused(exported, tmp_path):
     ("key", "bad or missing 'padding'"),
     ("classes", "10 outputs for 9 class names"),
     ("layers", "malformed layer list"),
+    ("in_step", "in_step must be a finite nonzero float"),
 ])
 def test_damaged_files_are_refused(damage, match, exported, tmp_path):
     path, manifest = exported
@@ -169,6 +171,8 @@ def test_damaged_files_are_refused(damage, match, exported, tmp_path):
             m["class_names"] = m["class_names"][:9]
         elif damage == "layers":
             m["layers"][-1]["weight"] = ["not", "a", "name"]
+        elif damage == "in_step":
+            next(spec for spec in m["layers"] if spec["op"] == "avgpool")["in_step"] = "0.1"
         else:
             m["layers"][2]["op"] = "conv_magic"
         members["manifest.json"] = json.dumps(m).encode()
@@ -246,7 +250,7 @@ def test_resize_matches_torch_bilinear(size):
 
 
 @needs_numba
-@pytest.mark.parametrize("cfg", [("vgg7", 2, 1, "dorefa"), ("dorefa-svhn", 1, 2, "homework")])
+@pytest.mark.parametrize("cfg", [("vgg7", 2, 1, "dorefa"), ("dorefa-svhn", 1, 2, "homework"), ("vgg7", 2, 2, "lsq")])
 def test_numpy_backend_gives_the_same_model_output(cfg, tmp_path):
     path = tmp_path / "m.qdz"
     export_model(student(*cfg), path, class_names=CLASSES)
@@ -267,11 +271,12 @@ def test_predict_image(exported, tmp_path):
     rng = np.random.default_rng(0)
     png = tmp_path / "digit.png"
     Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(png)
-    label, probs = predict_image(exported[0], png)
+    top, probs = predict_image(exported[0], png)
     x = load_image(png)
     assert x.shape == (1, 3, 32, 32) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
     logits = deploy.load(exported[0]).predict(x)[0]
-    assert label == CLASSES[int(logits.argmax())]
+    assert (top["index"], top["name"], top["probability"]) == (int(logits.argmax()), CLASSES[int(logits.argmax())],
+                                                               probs.max())
     # float64 sum of the normalised probabilities: the normaliser carries 9 roundings, each
     # quotient 1, their sum 9 more: |sum - 1| <= gamma_20(u64)
     assert probs.shape == (10,) and abs(probs.sum() - 1) <= gamma(20, U64)
@@ -291,12 +296,16 @@ def test_predict_image(exported, tmp_path):
         predict_image(exported[0], tmp_path / "absent.png")
 
 
-def test_predict_dataset_matches_torch(exported):
+@pytest.mark.parametrize("cfg", [("vgg7", 2, 1, "dorefa"), ("vgg7", 2, 2, "lsq")])
+def test_predict_dataset_matches_torch(cfg, exported, tmp_path):
     from qdistill.data.registry import load
-    out = predict_dataset(exported[0], {"dataset": "digits", "max_test": 120})
+    path = exported[0] if cfg == ("vgg7", 2, 1, "dorefa") else tmp_path / "m.qdz"
+    if cfg[3] == "lsq":
+        export_model(student(*cfg), path, class_names=CLASSES)
+    out = predict_dataset(path, {"dataset": "digits", "max_test": 120})
     ds = load({"dataset": "digits", "max_test": 120})
     with torch.no_grad():
-        labels = student("vgg7", 2, 1, "dorefa")(ds.x_test.float() / 255).argmax(1)
+        labels = student(*cfg)(ds.x_test.float() / 255).argmax(1)
     want = int((labels == ds.y_test).sum())
     assert out["total"] == 120 and abs(out["correct"] - want) <= 1  # one near-threshold image at most
     assert out["accuracy"] == out["correct"] / 120 and out["dataset"] == "digits"

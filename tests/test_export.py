@@ -15,12 +15,12 @@ from qdistill.deploy import kernels, qdz
 from qdistill.errors import ExportError, RunError
 from qdistill.export.packed import export_model, export_run
 from qdistill.export.plan import thresholds, weight_codes
-from qdistill.nn.layers import QuantConv2d
+from qdistill.nn.layers import QuantAct, QuantConv2d
 from qdistill.nn.models import build
 from qdistill.training.checkpoint import save as atomic_torch_save
 
 from bounds import U32, U64, Ref, block_ref, gamma, nhwc, within
-from qdz_students import CLASSES, CONFIGS, eval_images, levels, student, torch_trace
+from qdz_students import CLASSES, CONFIGS, act_before, eval_images, levels, student, torch_trace
 
 
 def _export(model, tmp_path, name="m.qdz"):
@@ -49,8 +49,8 @@ def test_engine_matches_torch(cfg, tmp_path):
 
 @pytest.mark.slow
 def test_near_threshold_images_under_0_1_percent(tmp_path):
-    """Over all the configurations' evaluation images (5 x 1024 vgg7, 5 x 100 dorefa-svhn),
-    fewer than 0.1% are flagged. Float32 rounding in PyTorch's first conv moves a
+    """Over all the configurations' evaluation images (6 x 1024 vgg7, 8 x 100 dorefa-svhn;
+    LSQ among them), fewer than 0.1% are flagged. Float32 rounding in PyTorch's first conv moves a
     pre-activation by ~1e-8, so an image occasionally lands on the other side of a
     threshold: a rate, meaningful only over many images."""
     for cfg in CONFIGS:
@@ -91,7 +91,7 @@ def _check_engine_against_torch(cfg, tmp_path) -> tuple[int, int]:
             r = block_ref(model, first, last, images, inputs, ("f32", "engine"), resize)
             refs[k] = {"levels": r.levels(), "engine": r.near(("engine",)), "f32": r.near(("f32",))}
             # near for either model: the bound is the larger of the two, pools are maxima
-            quantized[k] = (levels(outputs[last], spec["out_bits"]), refs[k]["engine"] | refs[k]["f32"])
+            quantized[k] = (levels(outputs[last], act_before(model, last)), refs[k]["engine"] | refs[k]["f32"])
 
     # 1. stage by stage, on PyTorch's input to the stage (the first 256 images), against
     #    the stage run in float64 by PyTorch on that input
@@ -100,7 +100,7 @@ def _check_engine_against_torch(cfg, tmp_path) -> tuple[int, int]:
         first, last = spec["modules"]
         ref_in = inputs[first][s]
         if spec["op"] in ("conv_packed", "avgpool"):
-            out = stage.run(levels(ref_in, spec["in_bits"]))
+            out = stage.run(levels(ref_in, act_before(model, first - 1)))
         elif spec["op"] == "flatten":
             out = stage.run(nhwc(ref_in))
         else:
@@ -125,7 +125,7 @@ def _check_engine_against_torch(cfg, tmp_path) -> tuple[int, int]:
             assert not ((out != want) & ~near).any(), f"stage {k} {spec['op']}: a level is off away from a threshold"
             assert near.mean() < 0.01
             # the premise: the float64 reference is PyTorch's computation
-            assert not ((levels(outputs[last][s], spec["out_bits"]) != want) & ~torch_near).any()
+            assert not ((levels(outputs[last][s], act_before(model, last)) != want) & ~torch_near).any()
         elif spec["op"] == "flatten":
             np.testing.assert_array_equal(out, outputs[last][s].numpy())  # a reordering: exact
         else:
@@ -189,7 +189,8 @@ def _check_engine_against_torch(cfg, tmp_path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("scheme,bits,act_bits", [("dorefa", 1, 1), ("dorefa", 2, 1), ("dorefa", 3, 2),
-                                                  ("dorefa", 4, 4), ("homework", 2, 1), ("homework", 3, 3)])
+                                                  ("dorefa", 4, 4), ("homework", 2, 1), ("homework", 3, 3),
+                                                  ("lsq", 2, 1), ("lsq", 3, 2), ("lsq", 4, 4)])
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
 def test_accumulator_is_the_float_conv_over_the_scales(scheme, bits, act_bits, backend):
     """On random weights and random levels q: the popcount accumulator A equals the
@@ -199,10 +200,14 @@ def test_accumulator_is_the_float_conv_over_the_scales(scheme, bits, act_bits, b
     fl(q / m) and fl(alpha (2c - n)) carry <= 3 roundings (activation 1, weight <= 2),
     the division by alpha / m is float64, so |out / (alpha / m) - A| <=
     gamma_(n+6)(u32 + u64) * sum q |2c - n| (checked to fail when one weight code is
-    changed: A moves by 2q)."""
+    changed: A moves by 2q). LSQ: ``w = s (c - 2**(k-1)) = (s / 2)(2c - 2**k)``, one float32
+    product (within the 2)."""
     torch.manual_seed(bits * 10 + act_bits)
     conv = QuantConv2d(24, 20, 3, padding=1, bias=False, weight_bits=bits, scheme=scheme)
     nn.init.normal_(conv.weight, std=0.5)
+    if scheme == "lsq":  # the grid spans +-2.5 std, so every code occurs (the paper's init clips less)
+        with torch.no_grad():
+            conv.step.fill_(1.25 / 2 ** (bits - 1))
     m = 2**act_bits - 1
     q = torch.randint(0, m + 1, (3, 24, 7, 6))
     codes, n, alpha = weight_codes(conv)
@@ -222,8 +227,9 @@ def test_accumulator_is_the_float_conv_over_the_scales(scheme, bits, act_bits, b
     assert np.abs(acc).max() > 10  # the data are not trivially small
 
 
+@pytest.mark.parametrize("step", [None, 0.037, -0.021], ids=["dorefa", "lsq", "lsq-negative"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_thresholds_count_the_quantizer_levels(bits):
+def test_thresholds_count_the_quantizer_levels(bits, step):
     """``#{t : sign * v >= thr[t]}`` equals ``round(clamp(p * v + q, 0, 1) * m)`` for every
     integer v, for positive, negative and zero slopes p, except at ties: where ``u = p v + q``
     is within float64 rounding of a cut ``(t - 0.5) / m``. Everything here is elementwise
@@ -233,22 +239,28 @@ def test_thresholds_count_the_quantizer_levels(bits):
     ``(cut - q) / p`` 3 (cut, difference, quotient) on ``|cut| + |q|`` with ``|cut| <= 1``,
     so ``|u - cut| <= gamma_8(u64) * (|p v| + 2|q| + 2)`` covers them (the exact ties,
     q = 0.3 and 0.9 at 4 bits, are at distance 0). Checked to fail with one threshold
-    off by one."""
+    off by one. With an LSQ step ``s`` the level is ``round(clamp(u / s, 0, m))`` and the
+    cuts ``(t - 0.5) s`` (1 rounding, on ``|cut| <= m |s|``; ``u / s`` 1): the margin's
+    ``2`` becomes ``2 max(1, m |s|)``; a negative step flips every direction flag."""
     rng = np.random.default_rng(bits)
-    p = np.concatenate([rng.uniform(0.001, 0.05, 20), -rng.uniform(0.001, 0.05, 20), [0.0, 0.0]])
-    q = np.concatenate([rng.uniform(-1, 2, 40), [0.3, 0.9]])
-    thr, sign = thresholds(p, q, bits, integer=True)
+    m = 2**bits - 1
+    top = 1.0 if step is None else m * abs(step)  # the range of u the levels span
+    p = np.concatenate([rng.uniform(0.001, 0.05, 20), -rng.uniform(0.001, 0.05, 20), [0.0, 0.0]]) * top
+    q = np.concatenate([rng.uniform(-1, 2, 40), [0.3, 0.9]]) * top
+    thr, sign = thresholds(p, q, bits, integer=True, step=step)
     v = np.arange(-3000, 3001)
     got = ((sign[:, None, None] * v[None, :, None]) >= thr[:, None, :]).sum(-1)
-    m = 2**bits - 1
     u = p[:, None] * v[None, :] + q[:, None]
-    want = np.round(np.clip(u, 0, 1) * m)
-    cuts = (np.arange(1, m + 1) - 0.5) / m
-    margin = gamma(8, U64) * (np.abs(p[:, None] * v[None, :]) + 2 * np.abs(q[:, None]) + 2)
+    if step is None:
+        want, cuts = np.round(np.clip(u, 0, 1) * m), (np.arange(1, m + 1) - 0.5) / m
+    else:
+        want, cuts = np.round(np.clip(u / step, 0, m)), (np.arange(1, m + 1) - 0.5) * step
+    margin = gamma(8, U64) * (np.abs(p[:, None] * v[None, :]) + 2 * np.abs(q[:, None]) + 2 * max(1.0, top))
     tie = (np.abs(u[..., None] - cuts) <= margin[..., None]).any(-1)
     assert (got == want)[~tie].all()
     assert len(np.unique(want)) == m + 1  # every level occurs
-    assert (sign[20:40] == -1).all() and (sign[:20] == 1).all()
+    flip = -1 if (step or 1) < 0 else 1
+    assert (sign[20:40] == -flip).all() and (sign[:20] == flip).all()
 
 
 def test_qdz_is_12x_smaller_than_fp32(tmp_path):
@@ -270,7 +282,7 @@ def test_export_is_deterministic(tmp_path):
 def test_manifest_describes_the_model(tmp_path):
     model = student("dorefa-svhn", 2, 1, "homework")
     _, manifest = _export(model, tmp_path)
-    assert manifest["format_version"] == qdz.FORMAT_VERSION
+    assert manifest["format_version"] == 1  # no version-2 feature: older readers run it
     assert manifest["arch"] == "dorefa-svhn" and manifest["class_names"] == CLASSES
     assert manifest["bits"] == {"weight_bits": [2], "act_bits": [1], "schemes": ["dorefa", "homework"]}
     ops = [s["op"] for s in manifest["layers"]]
@@ -282,8 +294,31 @@ def test_manifest_describes_the_model(tmp_path):
     assert planes["dtype"] == "uint8" and planes["shape"] == [2, 64, 3, 3, 6]  # 48 channels / 8
 
 
+def test_lsq_manifest_folds_the_steps(tmp_path, monkeypatch):
+    """An LSQ student: weight codes with offset 2**k and the weight step over 2 in each
+    packed conv's scale, times the step of its input levels; the last levels' step
+    ``in_step`` on the average pool, which makes the file format version 2 (a version-1
+    reader refuses it rather than misread it)."""
+    model = student("vgg7", 2, 2, "lsq")
+    path, manifest = _export(model, tmp_path)
+    assert manifest["format_version"] == 2 and manifest["bits"]["schemes"] == ["lsq"]
+    convs = [m for m in model if isinstance(m, QuantConv2d)]
+    acts = [m for m in model if isinstance(m, QuantAct)]
+    packed = [s for s in manifest["layers"] if s["op"] == "conv_packed"]
+    assert len(packed) == len(convs) - 1 == len(acts) - 1
+    for spec, conv, act in zip(packed, convs[1:], acts):
+        assert spec["code_offset"] == 4 and spec["scheme"] == "lsq"
+        assert spec["scale"] == (conv.step.item() / 2) * act.step.item()  # float64, as export computes it
+    pool = next(s for s in manifest["layers"] if s["op"] == "avgpool")
+    assert pool["in_step"] == acts[-1].step.item() and pool["in_bits"] == 2
+    monkeypatch.setattr(qdz, "FORMAT_VERSION", 1)
+    with pytest.raises(qdz.QdzError, match="newer"):
+        deploy.load(path)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), "full precision"),
+    (dict(weight_bits=2, act_bits=2, scheme="lsq"), "never initialised"),
     (dict(weight_bits=8, act_bits=8), "8-bit"),
     (dict(weight_bits=32, act_bits=2), "full precision"),
     (dict(weight_bits=2, act_bits=32), "32-bit activations"),
@@ -305,9 +340,12 @@ def test_unsupported_layer_and_bad_class_names(tmp_path):
         export_model(nn.Linear(3, 3), tmp_path / "m.qdz", class_names=CLASSES)
 
 
-def test_export_run(tmp_path):
-    model = student("vgg7", 1, 2, "dorefa")
-    build_kwargs = dict(weight_bits=1, act_bits=2, grad_bits=32, scheme="dorefa", quantize_first_last=False,
+@pytest.mark.parametrize("cfg", [("vgg7", 1, 2, "dorefa"), ("vgg7", 2, 2, "lsq")], ids=lambda c: c[3])
+def test_export_run(cfg, tmp_path):
+    """A run's checkpoint exports as the model itself (LSQ: its steps and the activation
+    steps' initialised flags come back from the state_dict)."""
+    model = student(*cfg)
+    build_kwargs = dict(weight_bits=cfg[1], act_bits=cfg[2], grad_bits=32, scheme=cfg[3], quantize_first_last=False,
                         num_classes=10, in_channels=3)
     meta = {"arch": "vgg7", "build": build_kwargs, "class_names": CLASSES, "role": "student"}
     run = tmp_path / "run"

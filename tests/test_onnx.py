@@ -49,12 +49,14 @@ def _check_segments(model, start, x, values, logits, what):
         start, x = i, v
 
 
-@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[1:] in ((2, 1, "dorefa"), (2, 1, "homework"), (1, 2, "dorefa"))],
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[1:] in ((2, 1, "dorefa"), (2, 1, "homework"), (1, 2, "dorefa"),
+                                                                (2, 2, "lsq"), (3, 2, "lsq"))],
                          ids=lambda c: f"{c[0]}-W{c[1]}A{c[2]}-{c[3]}")
 def test_onnx_matches_torch(cfg, tmp_path):
-    """The graph holds the quantized weights and the quantizers as Clip, Mul, Round, Div,
-    and computes PyTorch's function. Every quantizer's levels (the Round outputs) equal
-    PyTorch's, on an image until its first difference, except where the pre-activation
+    """The graph holds the quantized weights and the quantizers as Clip, Mul, Round, Div
+    (LSQ: Div, Clip, Round, Mul), and computes PyTorch's function. Every quantizer's
+    levels (the Round outputs) equal PyTorch's, on an image until its first difference,
+    except where the pre-activation
     is within the derived float32 bound (`bounds.Ref`, any float32 implementation: ONNX
     Runtime and PyTorch alike) of a threshold; such images are flagged. On the others
     (at least 90%) the float layers after the last quantizer are within the derived
@@ -82,7 +84,7 @@ def test_onnx_matches_torch(cfg, tmp_path):
     for (qi, _), lv in zip(acts, ort_levels):
         block = next(b for b in blocks if b.kind == "conv" and b.first <= qi <= b.last)
         near = block_ref(model, block.first, qi, images, inputs, ("f32",), resize).near(("f32",), spread=False)
-        diff = nhwc(torch.from_numpy(lv)) != levels(outputs[qi], model[qi].bits)
+        diff = nhwc(torch.from_numpy(lv)) != levels(outputs[qi], model[qi])
         wrong = diff.any(axis=(1, 2, 3))
         for i in np.flatnonzero(wrong & ~flagged):  # images whose levels first differ here
             assert not (diff[i] & ~near[i]).any(), f"layer {qi}, image {i}: a level differs away from any threshold"

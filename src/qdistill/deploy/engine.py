@@ -13,7 +13,8 @@ Stages, one per manifest layer:
 * ``conv_float``   float conv on the image -> levels (float thresholds) -> max-pool
 * ``conv_packed``  popcount conv on levels -> levels (integer thresholds) -> max-pool,
                    or, ``out == "float_clip"``: ``clip(A * mul + add, lo, hi)`` in float
-* ``avgpool``      levels (or floats) -> float mean over ``k x k`` windows
+* ``avgpool``      levels (or floats) -> float mean over ``k x k`` windows (levels worth
+                   ``level / (2**a - 1)``, or ``level * in_step`` after an LSQ quantizer)
 * ``flatten``      channels-last maps -> vectors in torch's (C, H, W) order
 * ``linear``       ``x @ W.T + b`` in float32
 """
@@ -121,19 +122,26 @@ class ConvPacked(_Stage):
 
 
 class AvgPool(_Stage):
-    """Mean over ``k x k`` windows of ``levels / (2**a - 1)`` (or of floats)."""
+    """Mean over ``k x k`` windows of ``levels / (2**a - 1)``, of ``levels * in_step`` (LSQ's
+    step, format version 2), or of floats."""
     name = "avgpool"
 
     def __init__(self, spec, arrays, backend):
         self.k = _int(spec, "kernel")
         self.in_bits = spec.get("in_bits")
+        self.in_step = spec.get("in_step")
+        if self.in_step is not None and not (isinstance(self.in_step, float) and np.isfinite(self.in_step)
+                                             and self.in_step != 0):
+            raise QdzError(f"layer avgpool: in_step must be a finite nonzero float, got {self.in_step!r}")
 
     def run(self, x):
         n, h, w, c = x.shape
         k = self.k
         win = x[:, :h // k * k, :w // k * k].reshape(n, h // k, k, w // k, k, c)
         mean = win.sum(axis=(2, 4), dtype=np.float64) / (k * k)
-        if self.in_bits is not None:
+        if self.in_step is not None:
+            mean = mean * self.in_step
+        elif self.in_bits is not None:
             mean = mean / (2**int(self.in_bits) - 1)
         return mean.astype(np.float32)
 

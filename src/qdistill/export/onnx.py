@@ -13,7 +13,7 @@ from ..deploy.engine import INPUT_SHAPE
 from ..errors import ExportError
 from ..nn.layers import AbsAffine, Clip01, QuantAct, Resize
 from ..nn.quantizers import FULL
-from .plan import f32, pool_size, weight_f32
+from .plan import act_step, f32, pool_size, weight_f32
 
 ONNX_OPSET = 17
 
@@ -36,8 +36,8 @@ class _Graph:
         self.nodes.append(self.helper.make_node(op, inputs, [f"t{k}"], name=f"{op}_{k}", **attrs))
         return f"t{k}"
 
-    def clip01(self, x: str, i: int) -> str:
-        return self.node("Clip", [x, self.const(i, "lo", 0.0), self.const(i, "hi", 1.0)])
+    def clip01(self, x: str, i: int, hi: float = 1.0) -> str:
+        return self.node("Clip", [x, self.const(i, "lo", 0.0), self.const(i, "hi", hi)])
 
     def quantize(self, x: str, i: int, bits: int) -> str:
         """``round(x * n) / n``, ``n = 2**bits - 1``."""
@@ -88,7 +88,13 @@ def _abs_affine(g: _Graph, m: AbsAffine, i: int, x: str) -> str:
 
 def _quant_act(g: _Graph, m: QuantAct, i: int, x: str) -> str:
     """``q(clamp(0.1 * x, 0, 1))`` (homework) or ``q(clamp(x, 0, 1))`` (dorefa), ``q`` the
-    rounding to ``bits`` bits; at 32 bits homework's clamp without ``q``, dorefa's ReLU."""
+    rounding to ``bits`` bits; LSQ's ``round(clamp(x / s, 0, 2**bits - 1)) * s`` (Div, Clip,
+    Round, Mul: torch's order); at 32 bits homework's clamp without ``q``, dorefa's and
+    LSQ's ReLU."""
+    if m.scheme == "lsq" and m.bits < FULL:
+        s = g.const(i, "step", act_step(m))
+        x = g.node("Round", [g.clip01(g.node("Div", [x, s]), i, float(2**m.bits - 1))])
+        return g.node("Mul", [x, s])
     if m.scheme == "homework":
         x = g.clip01(g.node("Mul", [x, g.const(i, "tenth", 0.1)]), i)
     elif m.bits < FULL:

@@ -23,7 +23,7 @@ from ..errors import ExportError
 from ..nn.layers import Clip01, QuantAct, QuantConv2d, QuantLinear
 from ..nn.quantizers import FULL
 from .onnx import export_onnx
-from .plan import Block, f32, fold, plan, thresholds, weight_codes, weight_f32
+from .plan import Block, act_step, f32, fold, plan, thresholds, weight_codes, weight_f32
 
 MAX_BITS = 4  # weight and activation bits the packed format supports: 1..MAX_BITS
 
@@ -52,12 +52,14 @@ def _act_bits(block: Block) -> int:
 class _Packing:
     """The engine's layers and arrays as they are built, block by block, and what flows into
     the next block: ``form`` is ``image`` (the float input), ``levels`` (quantized maps of
-    ``bits`` bits), ``float`` (float maps), ``vector`` (flat features) or ``logits``, with
+    ``bits`` bits, level ``q`` worth ``q / (2**bits - 1)``, or ``q * step`` after an LSQ
+    quantizer), ``float`` (float maps), ``vector`` (flat features) or ``logits``, with
     ``c`` channels (or features) of ``h x w``."""
     layers: list[dict] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     form: str = "image"
     bits: int | None = None
+    step: float | None = None
     c: int = INPUT_SHAPE[0]
     h: int = INPUT_SHAPE[1]
     w: int = INPUT_SHAPE[2]
@@ -107,6 +109,7 @@ def _conv(pk: _Packing, b: Block) -> dict:
     pk.c = conv.out_channels
     pk.h, pk.w = pk.h // b.pool, pk.w // b.pool
     pk.form, pk.bits = ("float", None) if isinstance(b.act, Clip01) else ("levels", b.act.bits)
+    pk.step = act_step(b.act)
     if pk.h < 1 or pk.w < 1:
         raise ExportError(f"{b.where}: the feature map vanishes ({pk.h}x{pk.w})")
     return spec
@@ -116,7 +119,7 @@ def _conv_float(pk: _Packing, b: Block) -> dict:
     """The first conv: float weights on the float image, thresholds on its float output."""
     out_bits = _act_bits(b)
     p, q = fold(b, np.ones(b.module.out_channels), np.zeros(b.module.out_channels))
-    thr, sign = thresholds(p, q, out_bits, integer=False)
+    thr, sign = thresholds(p, q, out_bits, integer=False, step=act_step(b.act))
     return {"op": "conv_float", **_weight_and_bias(pk, b), "out_bits": out_bits,
             "thresholds": pk.put(b, "thresholds", thr), "sign": pk.put(b, "sign", sign)}
 
@@ -130,7 +133,7 @@ def _conv_packed(pk: _Packing, b: Block) -> dict:
                           f"1..{MAX_BITS}-bit weights, this one is full precision")
     _check_bits(conv.weight_bits, "weights", b.where)
     codes, n, alpha = weight_codes(conv)
-    scale = alpha / (2**pk.bits - 1)
+    scale = alpha / (2**pk.bits - 1) if pk.step is None else alpha * pk.step
     spec = {"op": "conv_packed", "in_bits": pk.bits, "weight_bits": conv.weight_bits,
             "scheme": conv.scheme, "code_offset": n, "scale": scale,
             "planes": pk.put(b, "planes", qdz.pack_codes(codes, max(conv.weight_bits, 1)))}
@@ -140,7 +143,7 @@ def _conv_packed(pk: _Packing, b: Block) -> dict:
         spec.update(out="float_clip", mul=pk.put(b, "mul", p), add=pk.put(b, "add", q), clip=[0.0, 1.0])
     else:
         out_bits = _act_bits(b)
-        thr, sign = thresholds(p, q, out_bits, integer=True)
+        thr, sign = thresholds(p, q, out_bits, integer=True, step=act_step(b.act))
         spec.update(out="levels", out_bits=out_bits, thresholds=pk.put(b, "thresholds", thr),
                     sign=pk.put(b, "sign", sign))
     return spec
@@ -150,7 +153,9 @@ def _avgpool(pk: _Packing, b: Block) -> dict:
     if pk.form not in ("levels", "float"):
         raise ExportError(f"{b.where}: average pooling needs feature maps")
     spec = {"op": "avgpool", "kernel": b.pool, "in_bits": pk.bits}
-    pk.h, pk.w, pk.form, pk.bits = pk.h // b.pool, pk.w // b.pool, "float", None
+    if pk.step is not None:
+        spec["in_step"] = pk.step  # LSQ levels: q * step, not q / (2**bits - 1)
+    pk.h, pk.w, pk.form, pk.bits, pk.step = pk.h // b.pool, pk.w // b.pool, "float", None, None
     return spec
 
 

@@ -1,20 +1,25 @@
 """The layer plan of an export: weight codes, blocks of the Sequential, and threshold folding.
 
-Weights. Every quantized weight is affine in an integer code ``c`` in ``0..n``:
+Weights. Every quantized weight is affine in an integer code ``c`` in ``0..2**k - 1``:
 
 * dorefa, k >= 2: ``w = (2c - n) / n``,         ``n = 2**k - 1``, ``alpha = 1 / n``
 * dorefa, k = 1:  ``w = E * (2c - 1)``,          ``n = 1``,        ``alpha = E = mean|w|``
 * homework:       ``w = s * (2c - n) / (2n)``,   ``n = 2**k - 1``, ``alpha = s / (2n)``
+* lsq:            ``w = s * (c - 2**(k-1))``,    ``n = 2**k``,     ``alpha = s / 2``
+  (LSQ's signed integer ``c - 2**(k-1)`` in ``-2**(k-1) .. 2**(k-1) - 1``, step ``s``)
 
-so ``w = alpha * (2c - n)``. On input levels ``q`` (activation ``q / m``, ``m = 2**a - 1``)
-a conv gives ``conv = (alpha / m) * A + bias`` with the integer accumulator
-``A = sum q * (2c - n)`` (see `qdistill.deploy.kernels`).
+so ``w = alpha * (2c - n)``, ``n`` the code offset. On input levels ``q`` (activation
+``q * d``, ``d = 1 / m`` with ``m = 2**a - 1``, or the LSQ step ``d = s_a``) a conv gives
+``conv = alpha * d * A + bias`` with the integer accumulator ``A = sum q * (2c - n)`` (see
+`qdistill.deploy.kernels`): the steps are folded into the scale.
 
 Thresholds. What follows the conv up to the activation quantizer (bias, BatchNorm with
 running statistics, the homework block's ``(|a| + 1) * x + b`` and its ``0.1 *``) is affine
 per channel, ``u = P * A + Q``, and the quantizer outputs level
 ``round(clamp(u, 0, 1) * m')``, i.e. the number of ``t`` in ``1..m'`` with
-``u >= (t - 0.5) / m'``. For ``P > 0`` that is ``A >= ceil(((t - 0.5) / m' - Q) / P)``;
+``u >= (t - 0.5) / m'`` (LSQ: ``round(clamp(u / s, 0, m'))``, the number of ``t`` with
+``u >= (t - 0.5) * s``: its step is folded into the cuts). For ``P > 0`` that is
+``A >= ceil((cut_t - Q) / P)``;
 for ``P < 0`` the inequality flips (stored as ``-A >= ...``, the direction flag ``sign``);
 for ``P = 0`` the level is constant. Max-pooling commutes with the (monotone) quantizer,
 so it runs on the levels wherever it sits in the block.
@@ -42,7 +47,13 @@ def weight_codes(conv: nn.Module) -> tuple[np.ndarray, int, float]:
     bits, scheme = conv.weight_bits, conv.scheme
     with torch.no_grad():
         wq = conv.quantized_weight().detach().float().cpu()
-        if scheme == "dorefa" and bits == 1:
+        if scheme == "lsq":  # wq = (c - half) * s, one float32 product
+            s = _step(conv.step, "weight")
+            half, n = 2 ** (bits - 1), 2**bits
+            codes = torch.round(wq / s).to(torch.int64) + half
+            alpha = float(s) / 2
+            rebuilt = (codes - half).float() * s
+        elif scheme == "dorefa" and bits == 1:
             e = conv.weight.detach().float().abs().mean()
             codes = (conv.weight.detach() >= 0).to(torch.int64)
             n, alpha = 1, float(e)
@@ -61,6 +72,28 @@ def weight_codes(conv: nn.Module) -> tuple[np.ndarray, int, float]:
     if codes.min() < 0 or codes.max() > max(n, 1) or not torch.equal(rebuilt, wq):
         raise ExportError(f"internal: weight codes do not reproduce the {scheme} {bits}-bit weights")
     return codes.numpy(), n, alpha
+
+
+def _step(step: torch.Tensor, what: str) -> torch.Tensor:
+    """An LSQ step as a float32 ``(1,)`` tensor. Nothing keeps a learned step positive
+    (Adam moves a small one by about the learning rate per step), and a negative one is
+    still a quantizer: ``round(clamp(v / s, -Q_N, Q_P)) * s`` is LSQ with the range mirrored.
+    Zero or non-finite steps give no levels."""
+    s = step.detach().float().cpu().reshape(1)
+    if not (torch.isfinite(s).all() and float(s) != 0):
+        raise ExportError(f"the LSQ {what} step is {float(s)}: no levels to export")
+    return s
+
+
+def act_step(act: nn.Module | None) -> float | None:
+    """The value of one level of an LSQ activation quantizer, its step ``s`` (``None`` for
+    the other schemes, whose level ``q`` is ``q / m``). `ExportError` if the step was never
+    initialised (no training batch seen), is zero or is not finite."""
+    if not (isinstance(act, QuantAct) and act.scheme == "lsq" and act.step is not None):
+        return None
+    if not bool(act.initialized):
+        raise ExportError("an LSQ activation step was never initialised: train the model at least one step")
+    return float(_step(act.step, "activation"))
 
 
 # ---------------------------------------------------------------- the plan: blocks of the Sequential
@@ -197,14 +230,21 @@ def fold(block: Block, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.nda
     return p, q
 
 
-def thresholds(p: np.ndarray, q: np.ndarray, bits: int, integer: bool) -> tuple[np.ndarray, np.ndarray]:
+def thresholds(p: np.ndarray, q: np.ndarray, bits: int, integer: bool,
+               step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(thr, sign)`` with ``level = #{t : sign * v >= thr[t]}`` equal to
-    ``round(clamp(p * v + q, 0, 1) * m)``, ``m = 2**bits - 1``, per channel (rows).
+    ``round(clamp(p * v + q, 0, 1) * m)``, ``m = 2**bits - 1``, per channel (rows); with an
+    LSQ ``step`` ``s``: ``round(clamp((p * v + q) / s, 0, m))``.
 
-    ``T_t = ((t - 0.5) / m - q) / p``; ``p > 0``: ``v >= T_t``; ``p < 0``: ``-v >= -T_t``;
-    ``p = 0``: always or never. For integer ``v`` the bound becomes ``ceil``."""
+    ``T_t = (cut_t - q) / p`` with ``cut_t = (t - 0.5) / m`` (LSQ: ``(t - 0.5) * s``);
+    ``p > 0``: ``v >= T_t``; ``p < 0``: ``-v >= -T_t``; ``p = 0``: always or never. For
+    integer ``v`` the bound becomes ``ceil``. A negative LSQ step counts
+    ``(-u) / (-s) >= t - 0.5``: ``p``, ``q`` and ``s`` change sign."""
+    if step is not None and step < 0:
+        p, q, step = -p, -q, -step
     m = 2**bits - 1
-    cut = (np.arange(1, m + 1) - 0.5) / m                   # (m,)
+    t = np.arange(1, m + 1) - 0.5
+    cut = t / m if step is None else t * step                # (m,)
     sign = np.where(p < 0, -1, 1).astype(np.int8)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = (cut[None, :] - q[:, None]) / p[:, None]        # (channels, m)

@@ -73,6 +73,34 @@ class ClampRound(torch.autograd.Function):
         return mask_grad(g, inside), None
 
 
+class LsqRound(torch.autograd.Function):
+    """LSQ's quantizer node (Esser et al., "Learned Step Size Quantization", ICLR 2020,
+    eqs. 1-5): forward ``round(clamp(v / s, -qn, qp)) * s``, ``s`` broadcast to ``v``.
+    Backward, with ``r = v / s`` and ``inside = -qn < r < qp`` (the paper's strict bounds):
+    ``dL/dv = g`` inside, 0 outside (straight through the round); ``dL/ds = grad_scale *
+    sum(g * d)`` over the elements sharing ``s``, ``d = round(r) - r`` inside, ``-qn`` for
+    ``r <= -qn``, ``qp`` for ``r >= qp``. The level is ``code * s`` with ``code`` the exact
+    integer, one product (no ``x + (q - x).detach()`` whose sum can move it an ulp)."""
+
+    @staticmethod
+    def forward(ctx, v, s, qn, qp, grad_scale):
+        r = v / s
+        code = torch.clamp(r, -qn, qp).round_()
+        inside = (r > -qn) & (r < qp)
+        ctx.save_for_backward(inside, torch.where(inside, code - r, code))
+        ctx.grad_scale, ctx.s_shape, ctx.v_dtype, ctx.s_dtype = grad_scale, s.shape, v.dtype, s.dtype
+        return code.mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        inside, d = ctx.saved_tensors
+        gv = mask_grad(g, inside).to(ctx.v_dtype) if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = ((g * d).sum_to_size(ctx.s_shape) * ctx.grad_scale).to(ctx.s_dtype)
+        return gv, gs, None, None, None
+
+
 CHUNK = 1 << 18  # elements per product in `mask_grad`: 1 MiB of fp32, cache-sized
 
 

@@ -15,9 +15,11 @@ losses. `FusedStudents` turns K such members into one flat ``nn.Sequential``:
 Weight quantization is per member: DoReFa's ``max|tanh w|`` and ``mean|w|`` and the
 homework scheme's ``mean|tanh w|`` are statistics of one member's tensor, so the fused
 layers pass ``members=K`` to the quantizers of `qdistill.nn.quantizers`, which then
-reduce each member's block alone. Gradient quantization takes its per-sample max over
-one member's output channels, never over the fused ones. This module holds no formula
-of its own.
+reduce each member's block alone. LSQ's learned steps are per member too: a fused conv's
+``step`` is ``(K,)``, a fused linear's ``(K, 1)``, a fused activation quantizer's
+(`FusedQuantAct`) ``(K,)`` over its members' channel blocks. Gradient quantization takes
+its per-sample max over one member's output channels, never over the fused ones. This
+module holds no formula of its own.
 
 Every parameter holds the members' slices as contiguous blocks along its first
 dimension. Adam (with or without weight decay) is elementwise, so each member evolves
@@ -26,8 +28,12 @@ with one thread on the dev box; with several threads the grouped kernels split t
 reductions differently and training amplifies those last-bit differences). Two things
 never carry over bit for bit: random numbers (``Dropout`` masks and the noise of
 ``dorefa_gradient``) are drawn once for the fused tensor, so a fused member sees other
-draws than a separate run with the same seed; and anything that reduces over *all*
-parameters (a global gradient-norm clip) would couple the members.
+draws than a separate run with the same seed; anything that reduces over *all*
+parameters (a global gradient-norm clip) would couple the members; and a quantizer's
+input that lies exactly on one of its boundaries in exact arithmetic takes the side
+float rounding gives it, which can differ between grouped and plain kernels (quantized
+convolutions output a lattice, so a BatchNorm output equal to its shift is common: at a
+shift of 0, PyTorch's init, that is the activation quantizer's lower bound).
 """
 from __future__ import annotations
 
@@ -58,6 +64,9 @@ class FusedQuantConv2d(QuantConv2d):
         super().__init__(cin if shared_input else k * cin, k * cout, kernel_size, groups=groups, **kwargs)
         self.k = self.members = k
         self.shared_input = shared_input
+        if self.step is not None:  # one LSQ step per member: (K,)
+            self._init_quant(self.weight_bits, self.grad_bits, self.scheme)
+            self.init_step()
 
     def extra_repr(self):
         return super().extra_repr() + f", members={self.k}"
@@ -86,9 +95,12 @@ class FusedQuantLinear(_QuantWeight, nn.Module):
         super().__init__()
         self.k = self.members = k
         self.in_features, self.out_features = in_features, out_features
-        self._init_quant(weight_bits, grad_bits, scheme)
         self.weight = nn.Parameter(torch.empty(k, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(k, out_features)) if bias else None
+        self._init_quant(weight_bits, grad_bits, scheme)  # LSQ's step after them, as in QuantLinear
+
+    def _step_shape(self) -> tuple[int, ...]:
+        return (self.k, 1)  # the members' (1,) steps stacked, like the weight
 
     def forward(self, x):
         w = self.quantized_weight().transpose(1, 2)
@@ -99,6 +111,20 @@ class FusedQuantLinear(_QuantWeight, nn.Module):
     def extra_repr(self):
         return (f"members={self.k}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, " + self._bits_repr())
+
+
+class FusedQuantAct(QuantAct):
+    """K members' LSQ `QuantAct`: ``step`` ``(K,)``, member ``k``'s channels
+    ``[k*C, (k+1)*C)`` quantized with step ``k`` (and, on the first training batch,
+    initialised from those channels alone); ``initialized`` is one flag for the group."""
+
+    def __init__(self, bits: int, k: int):
+        super().__init__(bits, "lsq")
+        self.k = self.members = k
+        self.step = nn.Parameter(torch.ones(k))
+
+    def extra_repr(self):
+        return f"members={self.k}, " + super().extra_repr()
 
 
 def _cat(tensors, dim=0) -> torch.Tensor:
@@ -118,6 +144,8 @@ def _fuse_conv(group: list[QuantConv2d], k: int, shared_input: bool) -> FusedQua
     fused.weight = nn.Parameter(_cat(m.weight for m in group), ref.weight.requires_grad)
     if ref.bias is not None:
         fused.bias = nn.Parameter(_cat(m.bias for m in group), ref.bias.requires_grad)
+    if ref.step is not None:
+        fused.step = nn.Parameter(_cat(m.step for m in group), ref.step.requires_grad)
     return fused
 
 
@@ -128,6 +156,19 @@ def _fuse_linear(group: list[QuantLinear], k: int) -> FusedQuantLinear:
     fused.weight = nn.Parameter(torch.stack([m.weight.detach() for m in group]), ref.weight.requires_grad)
     if ref.bias is not None:
         fused.bias = nn.Parameter(torch.stack([m.bias.detach() for m in group]), ref.bias.requires_grad)
+    if ref.step is not None:
+        fused.step = nn.Parameter(torch.stack([m.step.detach() for m in group]), ref.step.requires_grad)
+    return fused
+
+
+def _fuse_act(group: list[QuantAct], k: int) -> FusedQuantAct:
+    """LSQ activation quantizers: their steps side by side; their flags must agree."""
+    ref = group[0]
+    if len({bool(m.initialized) for m in group}) > 1:
+        raise ValueError("fused members' LSQ activation steps are initialised in some members only")
+    fused = FusedQuantAct(ref.bits, k).to(ref.step.device)
+    fused.step = nn.Parameter(_cat(m.step for m in group), ref.step.requires_grad)
+    fused.initialized.copy_(ref.initialized)
     return fused
 
 
@@ -212,6 +253,10 @@ class FusedStudents(nn.Module):
                 layer, flattened = FusedFlatten(k), True
             elif isinstance(ref, QuantLinear) and flattened:
                 layer = _fuse_linear(group, k)
+            elif isinstance(ref, QuantAct) and ref.step is not None:
+                if not seen_conv or flattened:
+                    raise ValueError(f"{where}: an LSQ activation quantizer can be fused only between convolutions")
+                layer = _fuse_act(group, k)
             elif isinstance(ref, _SHAPE_FREE if flattened else _ELEMENTWISE):
                 layer = copy.deepcopy(ref)
             else:
@@ -270,7 +315,7 @@ class FusedStudents(nn.Module):
         return {"state": out, "param_groups": copy.deepcopy(state["param_groups"])}
 
 
-_SPLIT = (FusedQuantLinear, FusedQuantConv2d, nn.BatchNorm2d, AbsAffine)
+_SPLIT = (FusedQuantLinear, FusedQuantConv2d, nn.BatchNorm2d, AbsAffine, FusedQuantAct)
 
 
 def _member_block(fused: nn.Module, t: torch.Tensor, i: int, k: int) -> torch.Tensor:
@@ -278,7 +323,7 @@ def _member_block(fused: nn.Module, t: torch.Tensor, i: int, k: int) -> torch.Te
     optimizer state of a parameter's shape."""
     if isinstance(fused, FusedQuantLinear):
         return t[i]
-    if t.dim() == 0:  # num_batches_tracked: one count shared by every member
+    if t.dim() == 0:  # num_batches_tracked, LSQ's initialized: one value shared by every member
         return t
     c = t.shape[0] // k
     return t[i * c:(i + 1) * c]

@@ -1,5 +1,6 @@
 """The layers models are built from: quantized convolution, linear and activation
-layers (the quantizer is named by ``scheme`` and applied with the layer's bits), the
+layers (the quantizer is named by ``scheme`` and applied with the layer's bits; LSQ's
+learned steps are their parameters ``step``), the
 course block's learned affine, and a max-pool that saves less for backward.
 
 A quantized layer's ``members`` is ``None`` for an ordinary model; a fused group of K
@@ -12,14 +13,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import scheme_bits_error
 from .autograd import MaxPoolInt32
 from .quantizers import (ACTIVATION_QUANTIZERS, FULL, WEIGHT_QUANTIZERS, check_bits, check_scheme,
-                         dorefa_gradient)
+                         dorefa_gradient, lsq_activation, lsq_activation_init, lsq_weight, lsq_weight_init)
 
 
 class _QuantWeight:
     """What `QuantConv2d` and `QuantLinear` share: the scheme's weight quantizer on the
-    weight, `dorefa_gradient` (DoReFa's ``fg``) on the output's gradient."""
+    weight, `dorefa_gradient` (DoReFa's ``fg``) on the output's gradient.
+
+    LSQ below 32 bits: the learned step is the parameter ``step``, ``(1,)`` (``(K,)`` or
+    ``(K, 1)`` in a fused group), registered after ``weight`` and ``bias`` and
+    initialised from the weight (`init_step`); otherwise ``step`` is ``None``."""
 
     members: int | None = None
 
@@ -27,8 +33,24 @@ class _QuantWeight:
         self.weight_bits = check_bits(weight_bits)
         self.grad_bits = check_bits(grad_bits)
         self.scheme = check_scheme(scheme)
+        learned = scheme == "lsq" and weight_bits < FULL
+        if learned and scheme_bits_error(scheme, weight_bits, FULL):
+            raise ValueError(scheme_bits_error(scheme, weight_bits, FULL))
+        w = self.weight
+        self.register_parameter("step", nn.Parameter(torch.ones(self._step_shape(), dtype=w.dtype, device=w.device))
+                                if learned else None)
+
+    def _step_shape(self) -> tuple[int, ...]:
+        return (1,) if self.members is None else (self.members,)
+
+    @torch.no_grad()
+    def init_step(self) -> None:
+        """LSQ: ``step = 2 * mean(|w|) / sqrt(Q_P)`` of the current weight (per member)."""
+        self.step.copy_(lsq_weight_init(self.weight, self.weight_bits, self.members).view(self._step_shape()))
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.scheme == "lsq":
+            return lsq_weight(self.weight, self.step, self.weight_bits, self.members)
         return WEIGHT_QUANTIZERS[self.scheme](self.weight, self.weight_bits, self.members)
 
     def _bits_repr(self) -> str:
@@ -42,6 +64,8 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
     def __init__(self, *args, weight_bits: int = FULL, grad_bits: int = FULL, scheme: str = "dorefa", **kwargs):
         super().__init__(*args, **kwargs)
         self._init_quant(weight_bits, grad_bits, scheme)
+        if self.step is not None:
+            self.init_step()
 
     def forward(self, x):
         out = self._conv_forward(x, self.quantized_weight(), self.bias)
@@ -58,6 +82,8 @@ class QuantLinear(_QuantWeight, nn.Linear):
     def __init__(self, *args, weight_bits: int = FULL, grad_bits: int = FULL, scheme: str = "dorefa", **kwargs):
         super().__init__(*args, **kwargs)
         self._init_quant(weight_bits, grad_bits, scheme)
+        if self.step is not None:
+            self.init_step()
 
     def forward(self, x):
         return dorefa_gradient(F.linear(x, self.quantized_weight(), self.bias), self.grad_bits)
@@ -67,16 +93,45 @@ class QuantLinear(_QuantWeight, nn.Linear):
 
 
 class QuantAct(nn.Module):
-    """The scheme's activation quantizer as a module (``dorefa_activation`` or
-    ``homework_activation``)."""
+    """The scheme's activation quantizer as a module (``dorefa_activation``,
+    ``homework_activation`` or ``lsq_activation``).
+
+    LSQ below 32 bits: the learned step is the parameter ``step`` ``(1,)`` (``(K,)`` in a
+    fused group) and the bool buffer ``initialized`` records that the first batch seen in
+    training mode set it (``step = 2 * mean(|x|) / sqrt(Q_P)`` over that batch); both are
+    in the ``state_dict``, so a resumed run does not initialise again and export can refuse
+    a step never set. Until then (an untrained model in eval mode) the step is 1."""
+
+    members: int | None = None
 
     def __init__(self, bits: int = FULL, scheme: str = "dorefa"):
         super().__init__()
         self.bits = check_bits(bits)
         self.scheme = check_scheme(scheme)
+        learned = scheme == "lsq" and bits < FULL
+        self.register_parameter("step", nn.Parameter(torch.ones(1)) if learned else None)
+        self.register_buffer("initialized", torch.tensor(False) if learned else None)
+        # The flag as Python sees it without a device round-trip each step: True only once
+        # the buffer was seen True (or set); a loaded state clears it, to be read again.
+        self._ready = False
 
     def forward(self, x):
-        return ACTIVATION_QUANTIZERS[self.scheme](x, self.bits)
+        if self.scheme != "lsq":
+            return ACTIVATION_QUANTIZERS[self.scheme](x, self.bits)
+        if self.step is not None and self.training and not self._ready:
+            self._init_step(x)
+        return lsq_activation(x, self.step, self.bits, self.members)
+
+    @torch.no_grad()
+    def _init_step(self, x: torch.Tensor) -> None:
+        if not bool(self.initialized):  # one read of the flag, until it is set
+            self.step.copy_(lsq_activation_init(x, self.bits, self.members, self.step.dtype))
+            self.initialized.fill_(True)
+        self._ready = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False
 
     def extra_repr(self):
         return f"bits={self.bits}, scheme={self.scheme}"

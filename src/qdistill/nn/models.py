@@ -5,7 +5,8 @@ and fused training) walks it layer by layer. Inputs are 32x32 images in [0, 1].
 
 Quantized models follow the DoReFa convention: the first and the last layer keep
 full-precision weights unless ``quantize_first_last=True``; the ``"homework"`` scheme
-quantizes the first convolution, as the course baseline did. ``grad_bits`` applies to
+quantizes the first convolution, as the course baseline did. The ``"lsq"`` scheme puts
+LSQ's quantizers wherever DoReFa's are (weights of 2..8 bits, activations 1..8). ``grad_bits`` applies to
 the hidden convolutions, where the reference applies ``fg``.
 """
 from __future__ import annotations
@@ -49,6 +50,8 @@ class _Spec:
     def __init__(self, weight_bits, act_bits, grad_bits, scheme, quantize_first_last):
         self.weight_bits, self.act_bits, self.grad_bits = weight_bits, act_bits, grad_bits
         self.scheme = scheme
+        # DoReFa's activation quantizer in the plain [BN, act] pairs; LSQ's own there
+        self.act_scheme = "lsq" if scheme == "lsq" else "dorefa"
         self.edge_bits = weight_bits if quantize_first_last else FULL
 
     def conv(self, cin, cout, k, padding, *, first=False, bias=False):
@@ -66,7 +69,7 @@ class _Spec:
         if self.scheme == "homework":
             return [nn.BatchNorm2d(channels, affine=False), AbsAffine(channels),
                     QuantAct(self.act_bits, "homework")]
-        return [nn.BatchNorm2d(channels), QuantAct(self.act_bits, "dorefa")]
+        return [nn.BatchNorm2d(channels), QuantAct(self.act_bits, self.act_scheme)]
 
 
 def _vgg7(spec: _Spec, num_classes: int, in_channels: int, width: int) -> nn.Sequential:
@@ -104,12 +107,12 @@ def dorefa_svhn(spec, num_classes=10, in_channels=3):
         act = lambda c: [nn.BatchNorm2d(c, affine=False), AbsAffine(c), QuantAct(spec.act_bits, "homework")]
         bn = lambda c: [nn.BatchNorm2d(c, affine=False), AbsAffine(c)]
     else:
-        act = lambda c: [nn.BatchNorm2d(c), QuantAct(spec.act_bits, "dorefa")]
+        act = lambda c: [nn.BatchNorm2d(c), QuantAct(spec.act_bits, spec.act_scheme)]
         bn = lambda c: [nn.BatchNorm2d(c)]
     return nn.Sequential(
         Resize(40),
         spec.conv(in_channels, 48, 5, 0, first=True, bias=True), MaxPool2d(2),
-        QuantAct(spec.act_bits, "dorefa"),
+        QuantAct(spec.act_bits, spec.act_scheme),
         spec.conv(48, 64, 3, 1), *act(64),
         spec.conv(64, 64, 3, 1), *bn(64), MaxPool2d(2), QuantAct(spec.act_bits, spec.scheme),
         spec.conv(64, 128, 3, 0), *act(128),

@@ -1,4 +1,4 @@
-"""DoReFa-Net quantizers and the course baseline's, each formula written once.
+"""DoReFa-Net quantizers, the course baseline's and LSQ's, each formula written once.
 
 Notation: ``q_k(x) = round(x * n) / n`` with ``n = 2**k - 1``; its backward is the
 identity (the straight-through estimator, STE). ``round`` is round-half-to-even, as
@@ -10,15 +10,18 @@ Member axis: a fused group of K students (`qdistill.nn.fused`) stores member ``k
 tensor as block ``k`` along the first dimension. With ``members=K`` each statistic
 (``max|tanh w|``, ``mean|w|``, the per-sample gradient maximum) is taken per member,
 so the group quantizes exactly as K separate models; ``members=None`` takes it over the
-whole tensor.
+whole tensor. LSQ's learned steps hold one value per member there (`lsq_weight`,
+`lsq_activation`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from . import SCHEMES
-from .autograd import ClampRound, QuantizeBackward, Round, SignScaled
+from . import SCHEMES, scheme_bits_error
+from .autograd import ClampRound, LsqRound, QuantizeBackward, Round, SignScaled
 
 FULL = 32  # bits at and above which a quantizer is the identity
 
@@ -148,6 +151,86 @@ def dorefa_gradient(x: torch.Tensor, bits: int, members: int | None = None) -> t
         return x
     n = _n(bits)
     return QuantizeBackward.apply(x, lambda g: quantize_gradient(g, n, members))
+
+
+# ---------------------------------------------------------------- LSQ (Esser et al., ICLR 2020)
+
+def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(Q_N, Q_P)``: ``(2**(b-1), 2**(b-1) - 1)`` signed (weights), ``(0, 2**b - 1)``
+    unsigned (activations after a ReLU-like layer)."""
+    if signed and check_bits(bits) < 2:
+        raise ValueError(scheme_bits_error("lsq", bits, bits))
+    return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** check_bits(bits) - 1)
+
+
+def lsq(v: torch.Tensor, s: torch.Tensor, bits: int, signed: bool, grad_scale: float) -> torch.Tensor:
+    """LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020, eqs. 1-5):
+    ``v_hat = round(clamp(v / s, -Q_N, Q_P)) * s`` (`lsq_range`), ``s`` broadcast to ``v``.
+
+    Gradients (the paper's, strict bounds): ``dv_hat/dv = 1`` if ``-Q_N < v/s < Q_P``
+    else 0 (straight through the round); ``dv_hat/ds = -v/s + round(v/s)`` inside,
+    ``-Q_N`` if ``v/s <= -Q_N``, ``Q_P`` if ``v/s >= Q_P``; the step's gradient is
+    multiplied by ``grad_scale`` (the paper's ``g = 1 / sqrt(N Q_P)``, section 2.2) and
+    summed over the elements sharing a step. The autograd node is `LsqRound`."""
+    qn, qp = lsq_range(bits, signed)
+    return LsqRound.apply(v, s, float(qn), float(qp), float(grad_scale))
+
+
+def lsq_init(mean_abs: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """The paper's initial step: ``s = 2 * mean(|v|) / sqrt(Q_P)``."""
+    return 2 * mean_abs / math.sqrt(lsq_range(bits, signed)[1])
+
+
+def _member_view(x: torch.Tensor, members: int | None) -> tuple[torch.Tensor, tuple, int]:
+    """Activations ``(N, K*C, ...)`` as ``(N, K, C, ...)`` (a view in NCHW and NHWC), the
+    shape a step of ``K`` values takes to broadcast over it, and ``N``, the activations
+    per image of one member; ``members=None``: ``x`` itself, shape ``(1,)``."""
+    if members is None:
+        return x, (1,), x[0].numel()
+    xm = x.unflatten(1, (members, -1))
+    return xm, (1, members) + (1,) * (xm.dim() - 2), xm[0, 0].numel()
+
+
+def lsq_weight(w: torch.Tensor, s: torch.Tensor, bits: int, members: int | None = None) -> torch.Tensor:
+    """LSQ weight quantizer: `lsq` signed, one step per layer (per member: ``s`` holds K
+    values, member ``k``'s block its own), ``grad_scale = 1 / sqrt(N Q_P)`` with ``N``
+    the number of weights of the layer (of one member). ``bits >= 32``: ``w``."""
+    check_bits(bits)
+    if bits >= FULL:
+        return w
+    rows = _rows(w, members)
+    n = rows.numel() if members is None else rows.shape[1]
+    step = s if members is None else s.reshape(members, 1)
+    out = lsq(rows, step, bits, True, 1 / math.sqrt(n * lsq_range(bits, True)[1]))
+    return out if members is None else out.view_as(w)
+
+
+def lsq_activation(x: torch.Tensor, s: torch.Tensor, bits: int, members: int | None = None) -> torch.Tensor:
+    """LSQ activation quantizer: `lsq` unsigned, ``grad_scale = 1 / sqrt(N Q_P)`` with
+    ``N`` the number of activations per image (of one member: ``s`` holds K values, member
+    ``k`` owns channels ``[k*C, (k+1)*C)``). ``bits >= 32``: ``relu(x)``, as DoReFa's."""
+    check_bits(bits)
+    if bits >= FULL:
+        return F.relu(x)
+    xm, shape, n = _member_view(x, members)
+    out = lsq(xm, s.reshape(shape), bits, False, 1 / math.sqrt(n * lsq_range(bits, False)[1]))
+    return out if members is None else out.flatten(1, 2)
+
+
+@torch.no_grad()
+def lsq_weight_init(w: torch.Tensor, bits: int, members: int | None = None) -> torch.Tensor:
+    """`lsq_init` of a weight: ``(1,)``, or ``(K,)`` per member."""
+    return lsq_init(_mean_abs(_rows(w, members), members).reshape(-1), bits, True)
+
+
+@torch.no_grad()
+def lsq_activation_init(x: torch.Tensor, bits: int, members: int | None = None,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`lsq_init` of activations, the mean taken over the batch (per member): ``(1,)`` or
+    ``(K,)``, accumulated in ``dtype`` (the step's: bf16 activations give a float32 step)."""
+    xm, _, _ = _member_view(x, members)
+    dims = tuple(d for d in range(xm.dim()) if members is None or d != 1)
+    return lsq_init(torch.mean(xm.abs(), dim=dims, dtype=dtype or x.dtype).reshape(-1), bits, False)
 
 
 WEIGHT_QUANTIZERS = {"dorefa": dorefa_weight, "homework": homework_weight}

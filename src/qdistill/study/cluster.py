@@ -16,7 +16,9 @@ writes them into the study, so
 Up to ``study.retries`` resubmissions per unit; then its runs are recorded as failed
 (``error.txt``), like a run whose training raised, and the study goes on. Each
 finished summary gets ``attempts``: the node and starting epoch of every attempt.
-Ray's own log lines stay out of the terminal unless ``QDISTILL_RAY_LOGS=1``.
+Ray's own log lines stay out of the terminal unless ``QDISTILL_RAY_LOGS=1``; an address
+that leads to no cluster, or to one that refuses this driver's token, is one line
+within seconds (`_probe`), before ``ray.init`` writes any.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -38,6 +41,8 @@ from .worker import Done, Epoch, Failed, Unit, run_unit
 EXTRA = "pip install 'qdistill[ray]'"
 LOGS = "QDISTILL_RAY_LOGS"
 _ENDED = Failed("RunError: the task ended without a result", "", "")
+AUTH_MODE = "RAY_AUTH_MODE"  # token | disabled (Ray 2.52+)
+CONNECT_S, ANSWER_S = 3.0, 5.0   # a cluster's TCP port, then its first answer to the driver
 _ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -61,15 +66,92 @@ def check_address(address: str) -> str:
     return address
 
 
-def _reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, with one line, when nothing listens at ``HOST:PORT`` (Ray itself would
-    retry for minutes)."""
+def _probe(address: str) -> None:
+    """Fail fast, with one line, unless a Ray cluster answers at ``address`` and accepts
+    this driver: a TCP connection, then one call to the head's GCS (``GetClusterId``, with
+    the token Ray's own clients would send) that must answer within ``ANSWER_S``. Ray's
+    own client, in ``ray.init``, would retry for minutes and write its log lines to the
+    terminal's file descriptor: an address it would fail on never reaches it."""
     host, port = address.removeprefix("ray://").rsplit(":", 1)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
     except OSError as e:
-        raise RunError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}; start it with "
-                       f"`ray start --head` or check the address") from None
+        raise RunError(f"nothing answers at the Ray address {address} ({e.strerror or e}); start the cluster "
+                       f"with `ray start --head` or check the address") from None
+    code, details = _ask_gcs(f"{host}:{port}")
+    if code == "UNAUTHENTICATED":
+        raise RunError(_refusal(address))
+    client = address.startswith("ray://")  # a Ray Client server: it answers, but has no GCS calls
+    port_hint = ("give the head's Ray Client port (10001 by default)" if client else
+                 "give the head's GCS port (6379 unless `ray start --port` set another)")
+    if code == "DEADLINE_EXCEEDED":
+        raise RunError(f"no Ray cluster answers at {address}: the port takes connections but sent no reply "
+                       f"within {ANSWER_S:g} s; {port_hint}")
+    if code not in ({"OK", "UNIMPLEMENTED"} if client else {"OK"}):
+        raise RunError(f"no Ray cluster answers at {address} ({code}: {' '.join(details.split())[:200]}); {port_hint}")
+
+
+def _ask_gcs(target: str) -> tuple[str, str]:
+    """The status (``OK``, ``UNAUTHENTICATED``, ...) and message of one ``GetClusterId``
+    call to the GCS at ``target`` over a channel as Ray's Python clients open it (TLS,
+    and the token when ``RAY_AUTH_MODE=token``: ``UNAUTHENTICATED`` too when this
+    driver's token cannot be read); ``("OK", "")`` where this Ray has no such channel."""
+    try:
+        import grpc
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return "OK", ""
+    channel = init_grpc_channel(target)
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=ANSWER_S)
+        return "OK", ""
+    except grpc.RpcError as e:
+        return e.code().name, e.details() or ""
+    except AuthenticationError as e:  # raised here, before any call: no token to send
+        return "UNAUTHENTICATED", e.message
+    finally:
+        channel.close()
+
+
+def _refusal(address: str) -> str:
+    """The line for a cluster that refused this driver's token, or its lack of one.
+    Ray reads the token from ``RAY_AUTH_TOKEN``, else from the file ``RAY_AUTH_TOKEN_PATH``
+    names, else from ``~/.ray/auth_token``; only with ``RAY_AUTH_MODE=token`` does a
+    driver given an address send it."""
+    fix = "RAY_AUTH_TOKEN_PATH to a file that holds the cluster's token"
+    if os.environ.get(AUTH_MODE, "").lower() != "token":
+        return f"the Ray cluster at {address} requires a token: set {AUTH_MODE}=token and {fix}"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return f"the Ray cluster at {address} refused the token in RAY_AUTH_TOKEN: unset it and set {fix}"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not (path.is_file() and path.read_text(errors="replace").strip()):
+        return f"this driver has no token for the Ray cluster at {address} ({path} holds none): set {fix}"
+    return f"the Ray cluster at {address} refused the token in {path}: set {fix}"
+
+
+def _find(address: str, verbose: bool) -> str:
+    """``address``, or for ``auto`` the cluster ``ray.init`` would join (``RAY_ADDRESS``,
+    else the last one ``ray start`` started here), with token authentication turned on
+    as ``ray.init`` turns it on for ``auto`` (a token exists, ``RAY_AUTH_MODE`` unset)."""
+    if address != "auto":
+        return address
+    from ray._private import services
+    from ray._private.authentication import authentication_token_setup as auth
+    try:
+        found = services.canonicalize_bootstrap_address_or_die("auto")
+    except (ConnectionError, ValueError) as e:  # none found; a malformed RAY_ADDRESS
+        raise RunError(f"found no Ray cluster for --ray auto ({' '.join(str(e).split())[:200]})") from None
+    logger = logging.getLogger(auth.__name__)
+    level = logger.level
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)  # as ray.init's logging_level would
+    try:
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        logger.setLevel(level)
+    return found
 
 
 @contextlib.contextmanager
@@ -89,10 +171,10 @@ def session(address: str, num_cpus: int | None = None):
     common = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     # ray.init makes SIGTERM a bare sys.exit; the CLI's handler says how to continue
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if address:
+        _probe(_find(address, verbose))
     try:
         if address:
-            if address != "auto":
-                _reachable(address)
             ray.init(address=address, **common)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, **common)

@@ -36,8 +36,8 @@ TIMING = ("wall_s", "img_per_s", "node")
 
 def _cfg(device: torch.device, *sets, role: str = "student") -> dict:
     """A small digits run on ``device`` (the whole of digits on a GPU)."""
-    n = ["data.max_train=256", "data.max_test=64"] if device.type != "cuda" else []
-    return resolve(None, None, [*n, "train.batch_size=64", "train.epochs=2", f"train.device={device}", *sets],
+    n = ["data.max_train=128", "data.max_test=32"] if device.type != "cuda" else []
+    return resolve(None, None, [*n, "train.batch_size=32", "train.epochs=2", f"train.device={device}", *sets],
                    role=role)
 
 
@@ -82,19 +82,19 @@ def _counting_syncs(device: torch.device):
 
 
 def check_syncs(tmp: Path, device: torch.device) -> str:
-    """Syncs of a 1-epoch run of 4 and of 16 steps must be equal: none per step."""
+    """Syncs of a 1-epoch run of 2 and of 8 steps must be equal: none per step."""
     out = []
     for augment in ("none", "light"):
         counts = []
-        for n in (4, 16):
-            cfg = _cfg(device, f"data.max_train={n * 64 + 64}", "data.max_test=64", "train.epochs=1",
+        for n in (2, 8):
+            cfg = _cfg(device, f"data.max_train={n * 32 + 32}", "data.max_test=32", "train.epochs=1",
                        f"data.augment={augment}")
             data = load(cfg["data"])
             with _counting_syncs(device) as c:
                 loop.train([(cfg, tmp / f"sync-{augment}-{n}")], data, progress=False)
             counts.append(c["n"])
-        assert counts[0] == counts[1], f"augment {augment}: {counts[0]} syncs at 4 steps, {counts[1]} at 16"
-        out.append(f"augment {augment}: {counts[0]} per epoch at 4 and at 16 steps")
+        assert counts[0] == counts[1], f"augment {augment}: {counts[0]} syncs at 2 steps, {counts[1]} at 8"
+        out.append(f"augment {augment}: {counts[0]} per epoch at 2 and at 8 steps")
     return "; ".join(out)
 
 
@@ -134,8 +134,8 @@ def check_torchscript_teacher(tmp: Path, device: torch.device) -> str:
     model, _ = load_model(tmp / "teacher")
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, torch.rand(2, 3, 32, 32)), str(tmp / "t.pt"))
-    _cli(device, "student", "--teacher", tmp / "t.pt", "--dataset", "digits", "--max-train", "256", "--max-test",
-         "64", "--augment", "light", "--loss", "hard+soft", "--epochs", "1", "--device", device,
+    _cli(device, "student", "--teacher", tmp / "t.pt", "--dataset", "digits", "--max-train", "128", "--max-test",
+         "32", "--augment", "light", "--loss", "hard+soft", "--epochs", "1", "--device", device,
          "--allow-weak-teacher", "--quiet", "--out", tmp / "ts-student")
     return f"TorchScript teacher, augment light: student on {RunDir(tmp / 'ts-student').read_summary()['device']}"
 
@@ -145,8 +145,9 @@ def check_study_and_export(tmp: Path, device: torch.device) -> str:
     small = device.type != "cuda"
     args = ["study", "configs/demo.toml", "--out", tmp / "study", "--quiet", "--device", device]
     if small:
-        args += ["--max-train", "256", "--max-test", "64", "--epochs", "1", "--set", "study.seeds=[0]",
-                 "--set", "study.temperatures=[4.0]", "--set", "study.teacher_epochs=1", "--allow-weak-teacher"]
+        args += ["--max-train", "128", "--max-test", "32", "--epochs", "1", "--set", "study.seeds=[0]",
+                 "--set", "study.temperatures=[4.0]", "--set", "study.teacher_epochs=1",
+                 "--set", "study.questions=['q3']", "--allow-weak-teacher"]
     t0 = time.perf_counter()
     _cli(device, *args)
     _cli(device, "export", tmp / "study" / "runs" / "q3-hard+soft-T4-s0", "--out", tmp / "s.qdz")

@@ -13,6 +13,7 @@ memory; the tests marked ``gpu``.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -41,10 +42,14 @@ def _cfg(device: torch.device, *sets, role: str = "student") -> dict:
                    role=role)
 
 
-def _cli(device: torch.device, *args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "qdistill.cli", *map(str, args)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr.strip()[-300:]
-    return proc
+def _cli(device: torch.device, *args) -> str:
+    """``qdistill ARGS`` in this process (as a user types it); its output."""
+    from .main import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    assert code == 0, f"exit {code}: {err.getvalue().strip()[-300:]}"
+    return out.getvalue()
 
 
 def _metrics(run) -> list[dict]:
@@ -156,7 +161,7 @@ def check_study_and_export(tmp: Path, device: torch.device) -> str:
 
 def check_bench(tmp: Path, device: torch.device) -> str:
     """``qdistill bench --json`` at K = 16: its figures, GPU memory included."""
-    r = json.loads(_cli(device, "bench", "--json", "--k", "16", "--device", device).stdout.strip().splitlines()[-1])
+    r = json.loads(_cli(device, "bench", "--json", "--k", "16", "--device", device).strip().splitlines()[-1])
     return json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str))})
 
 

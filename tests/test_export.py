@@ -49,7 +49,7 @@ def test_engine_matches_torch(cfg, tmp_path):
 
 @pytest.mark.slow
 def test_near_threshold_images_under_0_1_percent(tmp_path):
-    """Over all the configurations' evaluation images (6 x 1024 vgg7, 8 x 100 dorefa-svhn;
+    """Over all the configurations' evaluation images (6 x 768 vgg7, 8 x 100 dorefa-svhn;
     LSQ among them), fewer than 0.1% are flagged. Float32 rounding in PyTorch's first conv moves a
     pre-activation by ~1e-8, so an image occasionally lands on the other side of a
     threshold: a rate, meaningful only over many images."""

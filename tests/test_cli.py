@@ -60,13 +60,16 @@ def test_student_q3_inherits_teacher_data(teacher, tmp_path, capsys):
 
 
 def test_schedule_factors():
-    assert [schedule.lr_factor(e, 60, "course") for e in (0, 14, 15, 39, 40, 59)] == [1, 1, 0.1, 0.1, 0.05, 0.05]
-    assert schedule.lr_factor(0, 10, "cosine") == 1.0
-    assert schedule.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
+    assert [schedule.lr_factor(e, 1, 60, "course") for e in (0, 14, 15, 39, 40, 59)] == [1, 1, 0.1, 0.1, 0.05, 0.05]
+    assert schedule.lr_factor(0, 1, 10, "cosine") == 1.0
+    assert schedule.lr_factor(5, 1, 10, "cosine") == pytest.approx(0.5)
 
 
-def test_same_seed_same_metrics_and_resume_matches(tmp_path, monkeypatch):
-    args = ["student", *SMALL, "--loss", "hard", "--epochs", "3", "--lr", "0.005"]
+@pytest.mark.parametrize("recipe", [[], ["--recipe", "fast", "--set", "train.ema=0.9"]], ids=["course", "fast+ema"])
+def test_same_seed_same_metrics_and_resume_matches(tmp_path, monkeypatch, recipe):
+    """Also with the per-step linear schedule and the weight average, both resumed from
+    the checkpoint."""
+    args = ["student", *SMALL, "--loss", "hard", "--epochs", "3", "--lr", "0.005", *recipe]
     assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
     assert cli.main([*args, "--out", str(tmp_path / "b")]) == 0
 

@@ -276,14 +276,14 @@ def test_without_a_validation_split_the_teachers_training_accuracy_decides(tmp_p
 
 def test_course_schedule_never_decays_before_the_second_epoch():
     for epochs in range(1, 80):
-        factors = [lr_factor(e, epochs, "course") for e in range(epochs)]
+        factors = [lr_factor(e, 1, epochs, "course") for e in range(epochs)]
         assert factors[0] == 1.0, epochs
         if epochs >= 2:
             assert factors[1] == 0.1 or epochs >= 6, (epochs, factors)  # short runs drop at epoch 2
         assert factors == sorted(factors, reverse=True)
-    assert [lr_factor(e, 2, "course") for e in range(2)] == [1.0, 0.1]
-    assert [lr_factor(e, 3, "course") for e in range(3)] == [1.0, 0.1, 0.05]
-    f60 = [lr_factor(e, 60, "course") for e in range(60)]
+    assert [lr_factor(e, 1, 2, "course") for e in range(2)] == [1.0, 0.1]
+    assert [lr_factor(e, 1, 3, "course") for e in range(3)] == [1.0, 0.1, 0.05]
+    f60 = [lr_factor(e, 1, 60, "course") for e in range(60)]
     assert f60.index(0.1) == 15 and f60.index(0.05) == 40  # the homework config is unchanged
 
 

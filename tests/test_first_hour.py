@@ -230,6 +230,10 @@ def test_bars_only_on_a_terminal_and_quiet_keeps_one_line_per_run(tmp_path, caps
     lines = capsys.readouterr().out.splitlines()
     for name in ("q1-hard-T1-s0", "q4-hard+softgt-T4-s0"):
         assert sum(line.startswith(f"{name}: val ") for line in lines) == 1, lines
+    # the study's first line is its estimate; each run's line says the runs done and the time left
+    assert lines[0].startswith("estimate: ") and "img/s measured, eager steps" in lines[0], lines
+    runs = [line for line in lines if ": val " in line]
+    assert "s; 1/2 runs, about " in runs[0] and runs[0].endswith(" left)") and runs[1].endswith("s; 2/2 runs)"), runs
 
 
 # 10. thin evidence announced

@@ -88,7 +88,7 @@ def test_one_checkpoint_format_for_one_model_and_a_group(tmp_path):
     [single] = loop.train([(cfg_for("student.loss=hard"), tmp_path / "one")], ds, progress=False)
     runs = [(cfg_for("student.loss=hard"), tmp_path / "m0"), (cfg_for("student.loss=hard+softgt"), tmp_path / "m1")]
     summaries = loop.train(runs, ds, group_dir=tmp_path / "g", progress=False)
-    keys = {"epoch", "model", "optimizer", "scheduler", "rng", "members"}
+    keys = {"epoch", "model", "optimizer", "average", "rng", "members"}
     member_keys = {"name", "config", "meta", "best", "metrics", "prints", "grad_init"}
     group = checkpoint.load(tmp_path / "g" / "checkpoint.pt")
     assert set(group) == keys and [m["name"] for m in group["members"]] == ["m0", "m1"]

@@ -62,11 +62,16 @@ DEFAULTS: dict[str, dict] = {
         "kd_warmup": 0,               # epochs over which the teacher term's weight ramps up linearly from 0
     },
     "train": {
+        "recipe": "fast",             # fast, course: a bundle of the keys below, which override it (`training.recipes`)
         "epochs": 60,
-        "batch_size": 256,
-        "lr": 0.01,
-        "schedule": "course",         # course (x0.1 at 25%, x0.05 at 67%, never in epoch 1), cosine
-        "weight_decay": 0.0,
+        "batch_size": 64,             # the recipe's
+        "optimizer": "adam",          # the recipe's: adam, sgd (Nesterov, momentum 0.9)
+        "lr": 0.01,                   # the recipe's peak learning rate
+        "schedule": "linear",         # the recipe's: course (x0.1 at 25%, x0.05 at 67%, never in epoch 1), cosine, linear
+        "warmup": 0.23,               # the recipe's; linear: the fraction of the steps that ramp up to the peak
+        "weight_decay": 0.0,          # the recipe's
+        "ema": 0.0,                   # the recipe's: decay of the weight average that is evaluated and kept (0: none)
+        "compile": "auto",            # torch.compile the training step: auto (long runs), true, false
         "seed": 0,
         "device": "auto",             # auto, cpu, cuda, cuda:N, mps
         "precision": "auto",          # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16
@@ -151,6 +156,9 @@ def _type_check(cfg: dict) -> None:
             if (section, key) == ("study", "fused"):
                 if not (isinstance(value, bool) or value == "auto"):
                     raise ConfigError(f'{where} must be true, false or "auto", got {value!r}')
+            elif (section, key) == ("train", "compile"):
+                if not (isinstance(value, bool) or value == "auto"):
+                    raise ConfigError(f'{where} must be true, false or "auto", got {value!r}')
             elif (section, key) == ("study", "gpus_per_run"):
                 if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                         or not 0 <= value < math.inf or (value > 1 and value != int(value))):
@@ -214,6 +222,9 @@ def check(cfg: dict) -> dict:
         raise ConfigError(f"train.threads must be >= 0 (0: torch's default), got {t['threads']}")
     if t["weight_decay"] < 0:
         raise ConfigError(f"train.weight_decay must be >= 0, got {t['weight_decay']}")
+    for key in ("warmup", "ema"):
+        if not 0 <= t[key] < 1:
+            raise ConfigError(f"train.{key} must be in [0, 1), got {t[key]}")
     s = cfg["student"]
     s["temperature"] = _positive_number(s["temperature"], "student.temperature")
     if "c" in s:

@@ -8,12 +8,13 @@ from .data import AUGMENTS, DATASETS
 from .errors import ConfigError
 from .nn import KD_TERMS, LOSSES, SCHEMES, scheme_bits_error
 from .study import EXECUTORS, QUESTIONS
-from .training import PRECISIONS, ROLES, SCHEDULES, TEACHER_LAYOUTS, TEACHER_RANGES
+from .training import OPTIMIZERS, PRECISIONS, RECIPES, ROLES, SCHEDULES, TEACHER_LAYOUTS, TEACHER_RANGES
 
 CHOICES = {("data", "dataset"): DATASETS, ("data", "augment"): AUGMENTS, ("student", "scheme"): SCHEMES,
            ("student", "loss"): LOSSES, ("train", "schedule"): SCHEDULES, ("train", "precision"): PRECISIONS,
            ("run", "role"): ROLES, ("student", "kd"): KD_TERMS, ("teacher", "input_range"): TEACHER_RANGES,
-           ("teacher", "layout"): TEACHER_LAYOUTS, ("study", "executor"): EXECUTORS}
+           ("teacher", "layout"): TEACHER_LAYOUTS, ("study", "executor"): EXECUTORS, ("train", "recipe"): RECIPES,
+           ("train", "optimizer"): OPTIMIZERS}
 
 
 def flags_config(args) -> dict:
@@ -49,16 +50,22 @@ def resolve(config_file=None, flags: dict | None = None, sets=(), *, base: dict 
             base_origin: str = "base config", role: str | None = None, check: bool = True) -> dict:
     """The config: defaults, then ``base``, the file, ``flags`` and the ``--set`` items,
     each overriding the last; ``role`` sets ``run.role``; validated unless ``check`` is
-    false (a first look, e.g. for the teacher whose data a student inherits)."""
-    cfg = configlib.defaults()
-    if base:
-        configlib.merge(cfg, base, origin=base_origin)
+    false (a first look, e.g. for the teacher whose data a student inherits). The recipe
+    that the last layer names lies between the defaults and the layers."""
+    layers = [(base, base_origin)] if base else []
     if config_file:
-        configlib.merge(cfg, configlib.read_toml(config_file), origin=str(config_file))
+        layers.append((configlib.read_toml(config_file), str(config_file)))
     if flags:
-        configlib.merge(cfg, flags, origin="command line")
-    for item in sets:
-        configlib.merge(cfg, configlib.parse_set(item), origin=f"--set {item}")
+        layers.append((flags, "command line"))
+    layers += [(configlib.parse_set(item), f"--set {item}") for item in sets]
+    cfg = configlib.defaults()
+    for layer, origin in layers:  # first find the recipe: the last layer that names one
+        configlib.merge(cfg, layer, origin=origin)
+    if not isinstance(cfg["train"]["recipe"], str) or cfg["train"]["recipe"] not in RECIPES:
+        raise ConfigError(f"train.recipe must be one of {', '.join(RECIPES)}, got {cfg['train']['recipe']!r}")
+    cfg = configlib.merge(configlib.defaults(), {"train": RECIPES[cfg["train"]["recipe"]]}, origin="recipe")
+    for layer, origin in layers:
+        configlib.merge(cfg, layer, origin=origin)
     if role:
         cfg["run"]["role"] = role
     return configlib.absolute_paths(validate(cfg)) if check else cfg

@@ -10,7 +10,10 @@ fixed number of timed steps after warm-up. It measures student images per second
     student at a time;
 (b) ``single``: qdistill's path for one student: the dataset as one uint8 tensor on the
     device, batches sliced from a permutation, the teacher's logits computed once
-    (augmentation off; the one-off pass is timed and reported as ``teacher_cache_s``);
+    (augmentation off; the one-off pass is timed and reported as ``teacher_cache_s``),
+    the step compiled where ``train.compile = "auto"`` compiles a long run
+    (`qdistill.training.compiled`; ``compile_s``, the first step's extra time);
+    ``single_eager_img_s`` is the same step eager, in its own process;
 (c) ``fused``: the same with K students trained as one `FusedStudents` network;
 (d) ``fused_bf16``: (c) under bfloat16 autocast (``train.precision = "bf16"``). Not like
     for like: (a) to (c) are fp32, so (d) is reported beside the targets, not as one.
@@ -41,6 +44,8 @@ from ..nn.losses import build_loss
 from ..nn.models import build
 from ..training.device import autocast_for, pick_device, sync
 from ..training.evaluate import predict
+from ..training import compiled
+from ..training.compiled import CompiledStep
 from ..training.step import train_step
 from . import step_rate
 from .machine import device_name
@@ -90,26 +95,31 @@ def bench_reference(ds, teacher, device, warmup: int, steps: int, workers: int =
 
 
 def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, channels_last: bool,
-                   precision: str = "fp32") -> float:
-    """Student images per second of the training loop's own step (`train_step` on the
-    `qdistill.nn.fused.group` of ``k`` students) on batches sliced from the on-device
-    uint8 set, with the cached teacher logits of each batch's indices."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+                   mode: str = "fp32") -> tuple[float, float]:
+    """``(student images per second, compile seconds)`` of the training loop's own step
+    on the `qdistill.nn.fused.group` of ``k`` students, on batches sliced from the
+    on-device uint8 set, with the cached teacher logits of each batch's indices. ``mode``:
+    ``fp32`` or ``bf16`` (autocast) `train_step`, or ``compiled`` (fp32 `CompiledStep`,
+    whose compile time is the first step's time less a timed step's)."""
+    if mode not in ("fp32", "bf16", "compiled"):
+        raise ValueError(f"mode must be fp32, bf16 or compiled, got {mode!r}")
+    precision, compiled_step = ("fp32", True) if mode == "compiled" else (mode, False)
     x, y, logits = ds.x_train.to(device), ds.y_train.to(device), cached_logits.to(device)
     net = students(k, device, channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     losses = [build_loss("hard+soft", 4.0) for _ in range(k)]
     autocast = autocast_for(device, precision)
     gen = torch.Generator().manual_seed(1)
+    fn = CompiledStep() if compiled_step else train_step
 
     def step(batch):
         xb, yb, idx = batch
-        train_step(net, opt, xb, yb, logits[idx], losses, autocast)
+        fn(net, opt, xb, yb, logits[idx], losses, autocast)
 
-    seconds = timed(step, _forever(lambda: batches(x, y, BATCH, generator=gen, device=device)),
-                    warmup, steps, device)
-    return k * BATCH * steps / seconds
+    items = _forever(lambda: batches(x, y, BATCH, generator=gen, device=device))
+    first = timed(step, items, 0, 1, device)
+    seconds = timed(step, items, max(0, warmup - 1), steps, device)
+    return k * BATCH * steps / seconds, (first - seconds / steps) if compiled_step else 0.0
 
 
 def _peak_rss_mb() -> float:
@@ -121,22 +131,23 @@ def _phase(name: str, args: tuple, threads: int, queue) -> None:
     """One pipeline in this (fresh) process: put ``(img/s, peak RSS MB)`` on ``queue``."""
     try:
         torch.set_num_threads(threads)
-        device, warmup, steps, k, channels_last, precision, cached = args
+        device, warmup, steps, k, channels_last, precision, cached, compiled_step = args
         dev = torch.device(device)
         ds = fake.load()
         if name == "reference":
             torch.manual_seed(0)
             teacher = build("vgg7").to(dev).eval()
-            rate = bench_reference(ds, teacher, dev, warmup, steps)
+            rate, compile_s = bench_reference(ds, teacher, dev, warmup, steps), 0.0
         else:
-            rate = bench_qdistill(ds, cached, k, dev, warmup, steps, channels_last, precision)
-        queue.put((rate, _peak_rss_mb()))
+            rate, compile_s = bench_qdistill(ds, cached, k, dev, warmup, steps, channels_last,
+                                             "compiled" if compiled_step else precision)
+        queue.put((rate, _peak_rss_mb(), compile_s))
     except BaseException as e:  # the parent re-raises it with the phase's name
         queue.put(e)
         raise
 
 
-def _in_fresh_process(name: str, args: tuple) -> tuple[float, float]:
+def _in_fresh_process(name: str, args: tuple) -> tuple[float, float, float]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_phase, args=(name, args, torch.get_num_threads(), queue))
@@ -185,23 +196,31 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
         bf16 = dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_bf16_supported())
     cached = cached.cpu()
 
-    def phase(name, kk, precision="fp32"):
-        return _in_fresh_process(name, (str(dev), warmup, steps, kk, channels_last, precision, cached))
+    def phase(name, kk, precision="fp32", compiled_step=False):
+        return _in_fresh_process(name, (str(dev), warmup, steps, kk, channels_last, precision, cached,
+                                        compiled_step))
 
     log(f"(a) reference-style, {steps} steps ...")
-    ref, ref_rss = phase("reference", 1)
-    log(f"(b) qdistill, one student, {steps} steps ...")
-    single, single_rss = phase("qdistill", 1)
+    ref, ref_rss, _ = phase("reference", 1)
+    compiles = compiled.wanted({"train": {"compile": "auto"}}, compiled.AUTO_IMAGES, dev)
+    log(f"(b) qdistill, one student, {steps} steps{', compiled' if compiles else ''} ...")
+    single, single_rss, compile_s = phase("qdistill", 1, compiled_step=compiles)
+    single_eager = single
+    if compiles:
+        log(f"(b) qdistill, one student, {steps} steps, eager ...")
+        single_eager = phase("qdistill", 1)[0]
     log(f"(c) qdistill fused, K={k}, {steps} steps ...")
-    fused, fused_rss = phase("qdistill", k)
+    fused, fused_rss, _ = phase("qdistill", k)
     fused_bf16 = fused_bf16_rss = None
     if bf16:
         log(f"(d) qdistill fused, K={k}, bf16 autocast, {steps} steps ...")
-        fused_bf16, fused_bf16_rss = phase("qdistill", k, "bf16")
+        fused_bf16, fused_bf16_rss, _ = phase("qdistill", k, "bf16")
 
     train_epoch_s = len(ds.x_train) / single
     return {
         "reference_img_s": ref, "single_img_s": single, "fused_img_s": fused, "k": k,
+        "single_compiled": compiles, "single_eager_img_s": single_eager, "compile_s": compile_s,
+        "compiled_vs_eager": single / single_eager,
         "fused_vs_reference": fused / ref, "single_vs_reference": single / ref,
         "peak_rss_mb": fused_rss, "reference_peak_rss_mb": ref_rss, "single_peak_rss_mb": single_rss,
         "precision": "fp32",
@@ -217,7 +236,8 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
 
 def format_table(r: dict) -> str:
     rows = [("(a) reference-style, 1 student", r["reference_img_s"], 1.0),
-            ("(b) qdistill, 1 student", r["single_img_s"], r["single_vs_reference"]),
+            ("(b) qdistill, 1 student" + (", compiled" if r["single_compiled"] else ""), r["single_img_s"],
+             r["single_vs_reference"]),
             (f"(c) qdistill fused, K={r['k']}", r["fused_img_s"], r["fused_vs_reference"])]
     lines = [f"device: {r['device']}, torch {r['torch_version']}, {r['threads']} threads, "
              f"batch {r['batch']}, {r['steps']} timed steps",
@@ -230,6 +250,9 @@ def format_table(r: dict) -> str:
     lines += [f"{name:34s} {rate:14.0f} {ratio:7.2f}x {mb:12.0f}" for (name, rate, ratio), mb in zip(rows, rss)]
     lines.append("(a)-(c) are fp32; (d) is not like for like with (a) (bf16 vs fp32)" if len(rows) > 3
                  else "all pipelines fp32")
+    if r["single_compiled"]:
+        lines.append(f"(b) eager: {r['single_eager_img_s']:.0f} img/s; compiled {r['compiled_vs_eager']:.2f}x eager "
+                     f"after a {r['compile_s']:.0f} s compile")
     lines.append(f"each pipeline in a fresh process; teacher logits once: {r['teacher_cache_s']:.1f} s")
     lines.append(f"data path: one epoch {r['data_epoch_s']:.2f} s ({r['data_epoch_augment_s']:.2f} s with "
                  f"augment light) vs a training epoch of one student {r['train_epoch_s']:.0f} s "

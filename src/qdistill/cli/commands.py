@@ -154,13 +154,16 @@ def cmd_datasets(args) -> int:
 
 def cmd_study(args) -> int:
     from ..report.report import write_report
-    from ..study.plan import announces, plan_lines
+    from ..study.plan import announces, measured_estimate, plan_lines
     from ..study.run import run_study
     if args.config_file and args.config:
         raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
     args.config = args.config_file or args.config
     cfg = _config(args)
     _check_tensorboard(cfg)
+    if args.plan:
+        print("\n".join(plan_lines(cfg) + measured_estimate(cfg)), flush=True)
+        return 0
     if announces(cfg, from_file=bool(args.config)):
         print("\n".join(plan_lines(cfg)), flush=True)
     result = run_study(cfg, args.out, force=args.force, progress=not args.quiet)

@@ -115,8 +115,8 @@ def check_rerun_and_resume(tmp: Path, device: torch.device) -> str:
     assert _metrics(tmp / "a") == _metrics(tmp / "b"), "a rerun differs"
     real = loop._write
 
-    def kill_after_two(s, improved):
-        real(s, improved)
+    def kill_after_two(s, evaluated, improved):
+        real(s, evaluated, improved)
         if len(s.members[0].metrics) == 2:
             raise _Killed
     loop._write = kill_after_two

@@ -14,7 +14,7 @@ from .. import __version__
 from .. import config as configlib
 from ..data import AUGMENTS, DATASETS
 from ..nn import KD_TERMS, LOSSES, SCHEMES
-from ..training import PRECISIONS, SCHEDULES
+from ..training import OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES
 from . import commands
 
 
@@ -71,9 +71,12 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 def _add_training(p: argparse.ArgumentParser, model_key: str) -> None:
     g = p.add_argument_group("training")
     _key(g, "--model", key=model_key, help="architecture")
+    _key(g, "--recipe", key="train.recipe", choices=RECIPES,
+         help="a bundle of optimizer, learning rate, schedule, batch size and averaging; keys you set override it")
     _key(g, "--epochs", key="train.epochs", type=int)
     _key(g, "--batch-size", key="train.batch_size", type=int)
-    _key(g, "--lr", key="train.lr", type=float, help="Adam's learning rate")
+    _key(g, "--optimizer", key="train.optimizer", choices=OPTIMIZERS)
+    _key(g, "--lr", key="train.lr", type=float, help="the peak learning rate")
     _key(g, "--schedule", key="train.schedule", choices=SCHEDULES)
     _key(g, "--weight-decay", key="train.weight_decay", type=float)
     _key(g, "--seed", key="train.seed", type=int)
@@ -83,8 +86,14 @@ def _add_training(p: argparse.ArgumentParser, model_key: str) -> None:
     _key(g, "--tensorboard", key="train.tensorboard", action="store_const", const=True,
          help="also write each epoch's scalars as TensorBoard event files in the run directory "
               "(pip install 'qdistill[tensorboard]')")
+    _key(g, "--compile", key="train.compile", type=_compile_value, choices=["auto", True, False],
+         help="torch.compile the training step (auto: where the run is long enough to repay compiling)")
     _threads_flag(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars (one line per finished run stays)")
+
+
+def _compile_value(text: str):
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _threads_flag(g) -> None:
@@ -157,6 +166,9 @@ def _study(sub) -> None:
     _key(st, "--no-fused", key="study.fused", action="store_const", const=False,
          help="never fuse (\"auto\" fuses on CUDA only)")
     st.add_argument("--force", action="store_true", help="accept a changed config (stale runs are redone)")
+    st.add_argument("--plan", action="store_true",
+                    help="print the runs, the images they train and the estimated time from a few timed steps "
+                         "here (at most about 30 s); write nothing and need no dataset files")
     st.set_defaults(func=commands.cmd_study, **{"study.executor": None})
 
 

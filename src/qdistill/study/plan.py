@@ -2,6 +2,8 @@
 each trains, in all. Needs no dataset files: the fixed datasets' sizes are known."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..data.registry import train_size
 from . import QUESTIONS
 from .grid import expand
@@ -38,3 +40,79 @@ def announces(cfg: dict, from_file: bool) -> bool:
     """Whether a study says its plan before it starts: without a config file (the defaults
     are the full homework study), or with more than `ANNOUNCE_ABOVE` runs."""
     return not from_file or len(expand(cfg)) > ANNOUNCE_ABOVE
+
+
+# ---------------------------------------------------------------- the estimate
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured training images per second of the study's two models on this machine,
+    and what it took: compiled or eager, threads, and the compile time."""
+    teacher: float
+    student: float
+    compiled: bool
+    threads: int
+    compile_s: tuple[float, float] = (0.0, 0.0)  # one compile of the teacher's step, of a student's
+
+
+def measure_rates(cfg: dict, compiled_steps: bool = False, threads: int = 0, device="cpu") -> Rates:
+    """A few timed training steps of the teacher's and the student's model on random
+    data of the run's shape, with the configured batch size and optimizer: the rates
+    behind the estimate (at least `MIN_STEPS` steps and `MIN_SECONDS` per model)."""
+    from ..training.rate import run_rate
+    from ..nn.quantizers import FULL
+    from ..training.device import threads as torch_threads
+    s = cfg["student"]
+    with torch_threads(threads):
+        import torch
+        teacher, t_compile = (run_rate(cfg, cfg["teacher"]["model"], FULL, FULL, compiled_steps, device)
+                              if not cfg["teacher"]["run"] else (0.0, 0.0))
+        student, s_compile = run_rate(cfg, s["model"], s["weight_bits"], s["act_bits"], compiled_steps, device)
+        return Rates(teacher, student, compiled_steps, torch.get_num_threads(), (t_compile, s_compile))
+
+
+def estimate_lines(cfg: dict, n_train: int | None, rates: Rates, one_thread: Rates | None = None,
+                   cores: int = 1, left: tuple[bool, int] | None = None) -> list[str]:
+    """The estimated wall time of the training steps (evaluation adds about a tenth):
+    here, and given the rates at one thread, with ``--workers`` = ``cores`` runs at once
+    and per added Ray node like this one. ``left``: (the teacher still trains, student
+    runs still to train); the whole study by default."""
+    if n_train is None:
+        return ["estimate: the training images are counted once the data is read"]
+    st, epochs = cfg["study"], cfg["train"]["epochs"]
+    teacher_left, runs = left or (not cfg["teacher"]["run"], len(expand(cfg)))
+    teacher_s = (st["teacher_epochs"] or epochs) * n_train / rates.teacher + rates.compile_s[0] if teacher_left else 0.0
+    students_s = runs * (epochs * n_train / rates.student + rates.compile_s[1])
+    how = f"{'compiled' if rates.compiled else 'eager'} steps, {rates.threads} thread{'s' * (rates.threads > 1)}"
+    lines = [f"estimate: {duration(teacher_s + students_s)} of training here (teacher {rates.teacher:,.0f} img/s, "
+             f"student {rates.student:,.0f} img/s measured, {how})"]
+    if one_thread and cores > 1:
+        per_worker = runs * (epochs * n_train / one_thread.student + one_thread.compile_s[1])
+        lines.append(f"          with --workers {cores} (1 thread each, student {one_thread.student:,.0f} img/s): "
+                     f"{duration(teacher_s + per_worker / cores)}; with each added Ray node like this one the "
+                     f"students' {duration(per_worker / cores)} shrink as 1/nodes")
+    return lines
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def measured_estimate(cfg: dict) -> list[str]:
+    """``study --plan``'s estimate: the rates measured as the runs will train (compiled
+    where `compiled.wanted`), then at one thread each for ``--workers``."""
+    import os
+    import torch
+    from ..training.compiled import wanted
+    n = trained_images(cfg)
+    compiled_steps = wanted(cfg, cfg["train"]["epochs"] * (n or 0), torch.device("cpu"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rates = measure_rates(cfg, compiled_steps, cfg["train"]["threads"])
+    one = measure_rates(cfg, compiled_steps, 1) if cores > 1 else None
+    lines = estimate_lines(cfg, n, rates, one, cores)
+    if compiled_steps:
+        lines.append(f"          (each run first compiles its step, included: {rates.compile_s[1]:.0f} s for a "
+                     f"student here)")
+    return lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,22 @@ from ..training.teacher import Teacher, open_teacher
 from ..training.teacher_files import Preprocess
 from . import cluster
 from .grid import Condition, expand, group_key, teacher_config
+from .plan import duration, estimate_lines, measure_rates
 from .results import write_results
 from .studydir import StudyDir
 from .worker import Unit
+
+
+class Clock:
+    """Runs done out of those this session trains, and the time left at their pace."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def tick(self) -> str:
+        self.done += 1
+        left = (self.total - self.done) * (time.perf_counter() - self.t0) / self.done
+        return f"{self.done}/{self.total} runs" + (f", about {duration(left)} left" if self.done < self.total else "")
 
 
 @dataclass
@@ -44,6 +58,7 @@ class Study:
     progress: bool
     ray: object = None                   # the ray module, connected, for a study on Ray
     tasks: cluster.Tasks | None = None   # what each Ray task asks for
+    clock: "Clock | None" = None         # runs done and time left (`_say_done`)
 
     def results(self, conds: list[Condition]) -> list[dict]:
         return write_results(self.dir, conds)
@@ -75,11 +90,13 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, progress: bo
 
 def _run_study(s: Study, force: bool) -> dict:
     s.dir.prepare(s.cfg, force)
-    teacher = study_teacher(s)
     conds = expand(s.cfg)
-    s.results(conds)
     todo = [c for c in conds if not s.dir.run(c.name).finished]
+    _say_estimate(s, todo)
+    teacher = study_teacher(s)
+    s.results(conds)
     if todo:
+        s.clock = Clock(len(todo))
         _train_runs(s, conds, todo, teacher)
     rows = s.results(conds)
     return {"rows": rows, "failed": [r["run"] for r in rows if r["status"] != "ok"]}
@@ -157,12 +174,27 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
             _say_done(s, cond)
 
 
+def _say_estimate(s: Study, todo: list[Condition]) -> None:
+    """The study's first line: the estimated time of what is left to train, from a few
+    timed eager steps here (`plan.measure_rates`)."""
+    teacher_left = s.given is None and not s.dir.teacher.finished
+    if todo or teacher_left:
+        n, frac = len(s.data.y_train), s.cfg["data"]["val_fraction"]
+        n -= max(1, round(n * frac)) if frac > 0 else 0
+        rates = measure_rates(s.cfg, threads=s.cfg["train"]["threads"] or s.cfg["study"]["cpus_per_run"],
+                              device=s.device if not s.ray else "cpu")
+        print("\n".join(estimate_lines(s.cfg, n, rates, left=(teacher_left, len(todo)))[:1]), flush=True)
+
+
 def _say_done(s: Study, cond: Condition) -> None:
-    """One line per finished or failed run, --quiet or not."""
+    """One line per finished or failed run, --quiet or not, with the runs done and the
+    time left at the pace of this session's runs."""
     run = s.dir.run(cond.name)
     summary = run.read_summary()
+    pace = s.clock.tick()
     print(f"{cond.name}: val {summary['val_best_acc']:.4f} test {summary['test_acc_at_val_best']:.4f} "
-          f"({summary['wall_s']:.0f} s)" if summary else f"{cond.name}: failed: {run.read_error()}", flush=True)
+          f"({summary['wall_s']:.0f} s; {pace})" if summary else f"{cond.name}: failed: {run.read_error()} ({pace})",
+          flush=True)
 
 
 def _train_recorded(s: Study, conds: list[Condition], teacher: Teacher, group: str | None = None) -> None:

@@ -6,7 +6,10 @@ This file stays torch-free: it holds the enumerations this layer owns, so the co
 schema can check names without importing torch.
 """
 
-SCHEDULES = ("course", "cosine")
+from .recipes import RECIPES
+
+SCHEDULES = ("course", "cosine", "linear")
+OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ROLES = ("teacher", "student")
 # what a teacher path is (`teachers.detect`) and the input a teacher file declares ([teacher])

@@ -4,7 +4,7 @@ fused group of K, and rebuilding a model from what a run saved.
 ``checkpoint.pt`` (written after every epoch, atomically)::
 
     {"epoch": finished epochs, "model": the network's state_dict (a plain model's for
-     one member, the fused layout for K), "optimizer", "scheduler",
+     one member, the fused layout for K), "optimizer", "average" (the weight average or None),
      "rng": {"torch", "order", "aug", "cuda"},
      "members": [{"name", "config" (config.toml text), "meta", "best", "metrics", "prints"}]}
 

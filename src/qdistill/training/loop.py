@@ -31,7 +31,9 @@ from ..nn.losses import build_loss
 from . import checkpoint
 from .device import autocast_for, deterministic, pick_device, restore_rng, rng_state, sync, threads
 from .evaluate import accuracy, predict
-from .optim import make_optimizer, make_scheduler
+from . import compiled
+from .averaging import Average
+from .optim import make_optimizer, set_lr
 from .rundir import RunDir
 from .scalars import Scalars
 from .probes import grad_ratio, probe_batch, split
@@ -95,7 +97,7 @@ class Session:
     resumes: bool                   # whether the checkpoint there is continued
     net: torch.nn.Module
     opt: torch.optim.Optimizer
-    sched: object
+    average: Average | None         # the weight average (train.ema), or None
     data: object
     splits: dict                    # "train", "val", "test": (x, y), x on the device
     device: torch.device
@@ -104,6 +106,7 @@ class Session:
     teacher_for: Callable           # (idx, xb) -> the batch's teacher logits or None
     rng: dict                       # generators: "order" (batch order), "aug" (augmentation)
     probe: tuple                    # (x, y, teacher logits or None): the gradient ratio's fixed batch
+    step: Callable = train_step     # one optimizer step: eager, or a `compiled.CompiledStep`
     board: Scalars | None = None
     progress: bool = True
     remote: Remote = Remote("", lambda: None)
@@ -207,10 +210,13 @@ def _set_up(runs: list[Run], data, teacher: Teacher | None, state: RunDir, exist
         x, y, targets = probe
         for m, z in zip(members, predict(net, x, device)):
             m.grad_init = grad_ratio(m.loss, z, targets, y)
-    return Session(members, state, resumes, net, opt, make_scheduler(opt, cfg), data, splits, device, autocast,
+    average = Average(net, t["ema"]) if t["ema"] else None
+    images = t["epochs"] * len(train_idx) * len(members)
+    return Session(members, state, resumes, net, opt, average, data, splits, device, autocast,
                    teacher, _teacher_for(members, teacher, train_idx, cfg, device),
                    {"order": torch.Generator().manual_seed(t["seed"] + 1),
-                    "aug": torch.Generator().manual_seed(t["seed"] + 2)}, probe)
+                    "aug": torch.Generator().manual_seed(t["seed"] + 2)}, probe,
+                   compiled.CompiledStep() if compiled.wanted(cfg, images, device) else train_step)
 
 
 def _teacher_for(members, teacher, train_idx, cfg, device) -> Callable:
@@ -226,7 +232,8 @@ def _resume(s: Session) -> int:
     ck = checkpoint.load(s.state.checkpoint)
     s.net.load_state_dict(ck["model"])
     s.opt.load_state_dict(ck["optimizer"])
-    s.sched.load_state_dict(ck["scheduler"])
+    if s.average:
+        s.average.load_state_dict(ck["average"])
     torch.set_rng_state(ck["rng"]["torch"])
     restore_rng(ck["rng"].get("cuda"), s.device)
     for key in ("order", "aug"):
@@ -237,9 +244,9 @@ def _resume(s: Session) -> int:
     return ck["epoch"]
 
 
-def _checkpoint(s: Session, model_state: dict, opt_state: dict, members: list[Member]) -> dict:
+def _checkpoint(s: Session, model_state: dict, opt_state: dict, members: list[Member], average=None) -> dict:
     return {"epoch": len(s.members[0].metrics), "model": model_state, "optimizer": opt_state,
-            "scheduler": s.sched.state_dict(),
+            "average": average if average is not None else s.average and s.average.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "order": s.rng["order"].get_state(),
                     "aug": s.rng["aug"].get_state(),
                     "cuda": rng_state(s.device)},
@@ -251,14 +258,14 @@ def _checkpoint(s: Session, model_state: dict, opt_state: dict, members: list[Me
 def _epoch(s: Session, epoch: int) -> None:
     """Train one epoch, evaluate, write every file, tell the caller."""
     t0 = time.perf_counter()
+    lr = set_lr(s.opt, s.cfg, epoch * _steps_per_epoch(s), _steps_per_epoch(s))  # the epoch's first rate
     losses, correct, seen = _train_epoch(s, epoch)
     sync(s.device)
     train_s = time.perf_counter() - t0
-    lr = s.opt.param_groups[0]["lr"]
-    s.sched.step()
-    improved = _evaluate(s, epoch, {"loss": losses, "correct": correct, "seen": seen, "lr": lr,
-                                    "train_s": train_s, "t0": t0})
-    _write(s, improved)
+    evaluated = s.average.network(s.net) if s.average else s.net
+    improved = _evaluate(s, evaluated, epoch, {"loss": losses, "correct": correct, "seen": seen, "lr": lr,
+                                               "train_s": train_s, "t0": t0})
+    _write(s, evaluated, improved)
     s.remote.on_epoch()
     if s.progress:
         tqdm.write(_epoch_line(s, epoch, seen * len(s.members) / train_s))
@@ -278,12 +285,16 @@ def _train_epoch(s: Session, epoch: int) -> tuple[torch.Tensor, torch.Tensor, in
     losses = [_warmed(m, epoch) for m in s.members]
     bar = tqdm(batches(x, y, t["batch_size"], generator=s.rng["order"], augment=s.cfg["data"]["augment"],
                        aug_generator=s.rng["aug"], device=s.device),
-               total=math.ceil(len(x) / t["batch_size"]), desc=f"{s.label} {epoch + 1}/{t['epochs']}",
+               total=_steps_per_epoch(s), desc=f"{s.label} {epoch + 1}/{t['epochs']}",
                disable=None if s.progress else True, leave=False, unit="batch")  # None: a terminal only
+    steps = _steps_per_epoch(s)
     for step, (xb, yb, idx) in enumerate(bar):
         if epoch == 0:
             first_order.append(idx)
-        member_loss, z = train_step(s.net, s.opt, xb, yb, s.teacher_for(idx, xb), losses, s.autocast)
+        set_lr(s.opt, s.cfg, epoch * steps + step, steps)
+        member_loss, z = s.step(s.net, s.opt, xb, yb, s.teacher_for(idx, xb), losses, s.autocast)
+        if s.average:
+            s.average.update()
         new_bad = (bad_step < 0) & ~torch.isfinite(member_loss)
         bad_step = torch.where(new_bad, step, bad_step)
         bad_loss = torch.where(new_bad, member_loss, bad_loss)
@@ -309,10 +320,15 @@ def _check_finite(s: Session, epoch: int, bad_step: torch.Tensor, bad_loss: torc
                        f"{epoch + 1}, step {diverged[0][1] + 1}; the last good checkpoint is {last}")
 
 
-def _evaluate(s: Session, epoch: int, stats: dict) -> list[int]:
-    """Append each member's metrics row; return the members whose validation improved."""
+def _steps_per_epoch(s: Session) -> int:
+    return math.ceil(len(s.splits["train"][1]) / s.cfg["train"]["batch_size"])
+
+
+def _evaluate(s: Session, net, epoch: int, stats: dict) -> list[int]:
+    """Append each member's metrics row (``net``: the live network or its average);
+    return the members whose validation improved."""
     (x_val, y_val), (x_test, y_test) = s.splits["val"], s.splits["test"]
-    val, test = predict(s.net, x_val, s.device), predict(s.net, x_test, s.device)
+    val, test = predict(net, x_val, s.device), predict(net, x_test, s.device)
     k, seen, improved = len(s.members), stats["seen"], []
     for j, m in enumerate(s.members):
         row = {"epoch": epoch + 1, "train_loss": stats["loss"][j].item() / seen,
@@ -328,11 +344,11 @@ def _evaluate(s: Session, epoch: int, stats: dict) -> list[int]:
     return improved
 
 
-def _write(s: Session, improved: list[int]) -> None:
+def _write(s: Session, evaluated, improved: list[int]) -> None:
     """best.pt, the event files (a resume purges their points past the checkpoint), then
     the checkpoint that points at best.pt, then metrics.jsonl (which a resume rewrites
     from the checkpoint): whatever a kill interrupts, the files agree."""
-    models = s.net.split() if improved else []
+    models = evaluated.split() if improved else []
     for j in improved:
         m = s.members[j]
         checkpoint.save({"model": models[j].state_dict(), "meta": m.meta}, m.run.out.best)
@@ -359,9 +375,11 @@ def _finish(s: Session, wall_s: float) -> list[dict]:
     """Each member becomes an ordinary finished run: a one-member checkpoint (its own
     slice of the optimizer state), then its summary."""
     k, opt_state, summaries = len(s.members), s.opt.state_dict(), []
+    averaged = s.average.network(s.net).split() if s.average else None
     for j, (m, model) in enumerate(zip(s.members, s.net.split())):
         if k > 1:
-            checkpoint.save(_checkpoint(s, model.state_dict(), s.net.split_optimizer_state(opt_state, j), [m]),
-                            m.run.out.checkpoint)
+            average = averaged and {"updates": s.average.updates, "state": averaged[j].state_dict()}
+            checkpoint.save(_checkpoint(s, model.state_dict(), s.net.split_optimizer_state(opt_state, j), [m],
+                                        average), m.run.out.checkpoint)
         summaries.append(summarize(s, m, model, wall_s))
     return summaries

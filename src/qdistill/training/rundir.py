@@ -142,7 +142,7 @@ class RunDir:
                            + (f", but these differ: {'; '.join(other)}" if other else ", but it has no checkpoint"))
         old, new, schedule = stored["train"]["epochs"], cfg["train"]["epochs"], cfg["train"]["schedule"]
         done = len(self.read_metrics())
-        if not extends_exactly(done, old, new, schedule):
+        if not extends_exactly(done, old, new, schedule, cfg["train"]["warmup"]):
             raise RunError(f"run {self.path} cannot go from {old} to {new} epochs as if it had been started so: "
                            + ("give a larger --epochs" if new <= old else f"the {schedule} schedule's rates for its "
                               f"{done} epochs depend on the number of epochs (its drops fall at a fraction of them)")

@@ -29,6 +29,7 @@ def summarize(s, m, model, wall_s: float) -> dict:
         "test_nll": nll(logits.numpy(), data.y_test.numpy()), "test_ece": ece(logits.numpy(), data.y_test.numpy()),
         "threads": torch.get_num_threads(), "val_images": len(s.splits["val"][1]),
         "precision": precision_of(s.device, m.run.cfg["train"]["precision"]), "device": str(s.device),
+        "compiled": getattr(s.step, "compiled", False),
     }
     summary.update(_gradient_ratios(s, m, model))
     if m.meta["role"] == "student" and s.teacher is not None:

@@ -1,0 +1,30 @@
+"""A study's cost before it starts: ``study --plan`` and the estimate's arithmetic."""
+from qdistill import cli
+from qdistill.resolve import resolve
+from qdistill.study.plan import Rates, duration, estimate_lines
+
+
+def test_plan_prints_the_runs_and_a_measured_estimate_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "S"
+    # SVHN's files are not here: the plan needs only their known sizes
+    assert cli.main(["study", "configs/homework.toml", "--out", str(out), "--plan", "--batch-size", "16",
+                     "--data-dir", str(tmp_path / "nowhere"), "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("plan: a vgg7 teacher of 60 epochs, then 48 student runs of 60 epochs")
+    assert lines[1] == "      each on 69,594 training images: 200.4 million student images in all"
+    assert lines[2].startswith("estimate: ") and "img/s measured, eager steps, 1 thread)" in lines[2], lines
+    assert not out.exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_estimate_is_images_over_measured_rates():
+    cfg = resolve(sets=["study.seeds=[0]", "study.temperatures=[4.0]", "train.epochs=2"])  # 4 runs
+    rates, one = Rates(teacher=100.0, student=50.0, compiled=False, threads=2), \
+        Rates(teacher=60.0, student=40.0, compiled=False, threads=1)
+    lines = estimate_lines(cfg, 1000, rates, one, cores=2)
+    # teacher 2 x 1000 / 100 = 20 s; students 4 x 2 x 1000 / 50 = 160 s
+    assert lines[0].startswith("estimate: 3 min of training here (teacher 100 img/s, student 50 img/s")
+    # 2 workers of one thread: 20 s + 4 x 2 x 1000 / 40 / 2 = 120 s
+    assert "with --workers 2 (1 thread each, student 40 img/s): 2 min;" in lines[1]
+    left = estimate_lines(cfg, 1000, Rates(100.0, 50.0, True, 2, (7.0, 5.0)), left=(False, 1))
+    assert left[0].startswith("estimate: 45 s of training")  # one run: 2 x 1000 / 50 + its 5 s compile
+    assert [duration(s) for s in (89, 90, 5399, 5400)] == ["89 s", "2 min", "90 min", "1.5 h"]

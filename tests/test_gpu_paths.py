@@ -190,3 +190,28 @@ def test_on_a_gpu_a_rerun_gives_the_same_metrics_in_the_precision_its_capability
     assert rows[0] == rows[1]
     want = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp32"
     assert RunDir(tmp_path / "a").read_summary()["precision"] == want
+
+
+def test_the_gradient_quantizer_computes_bf16_gradients_in_float32():
+    """Issue 23, item 7: a bf16 gradient is quantized as its float32 value would be (the
+    same noise draws), then rounded to bf16 once; computed in bf16, the scaling by 2m and
+    the noise lose bits and the result differs."""
+    from qdistill.nn.quantizers import quantize_gradient
+    g = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    torch.manual_seed(1)
+    got = quantize_gradient(g, 2 ** 8 - 1)
+    torch.manual_seed(1)
+    want = quantize_gradient(g.float(), 2 ** 8 - 1).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kd", ["kl", "dkd", "ls", "dist"])
+@pytest.mark.parametrize("loss", ["hard", "soft", "hard+soft", "hard+softgt"])
+def test_losses_of_bf16_logits_are_the_losses_of_their_float32_values(loss, kd):
+    """Issue 23, item 10: bf16 logits are upcast before any division by T."""
+    from qdistill.nn.losses import build_loss
+    gen = torch.Generator().manual_seed(0)
+    z, t = (3 * torch.randn(16, 10, generator=gen)).bfloat16(), 3 * torch.randn(16, 10, generator=gen)
+    y = torch.randint(0, 10, (16,), generator=gen)
+    fn = build_loss(loss, 3.0, 9.0, kd=kd)
+    assert torch.equal(fn(z, t, y), fn(z.float(), t, y))

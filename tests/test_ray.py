@@ -177,6 +177,7 @@ def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, 
     node = snapshot["q1"]["node"]
     assert node in status["q1-hard-T1-s0"]  # results.csv names the node
     lines = (out.out + out.err).splitlines()  # one line per finished run: name, node, accuracy, time
+    assert "\r" not in out.err  # not --quiet, but stderr is no terminal: no bar
     assert any("q1-hard-T1-s0" in line and node in line and " val " in line for line in lines)
     assert "raylet" not in out.out + out.err  # Ray's own lines stay out of the terminal
     attempts = RunDir(s / "runs" / "q2-soft-T4-s0").read_summary()["attempts"]
@@ -287,3 +288,106 @@ def test_execution_settings_do_not_make_a_study_a_different_one(tmp_path):
     other = json.loads(json.dumps(cfg))
     other["study"]["seeds"] = [0, 1]
     assert _what_runs(configlib.dumps(cfg)) != _what_runs(configlib.dumps(other))
+
+
+def together(n: int, folder: Path):
+    """A Ray task that trains as `worker.run_unit` does, but whose students' units first
+    wait, up to 60 s, until ``n`` of them have started (a file each in ``folder``): run
+    one at a time, the first waits in vain and ends before the next starts."""
+    def task(unit, files, data, teacher, threads):
+        if unit.label != "teacher":
+            (folder / unit.label).touch()
+            deadline = time.monotonic() + 60
+            while len(list(folder.iterdir())) < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+        yield from worker.run_unit(unit, files, data, teacher, threads)
+    return task
+
+
+def test_auto_gpus_share_one_gpu_among_workers_and_quiet_keeps_a_line_per_run(ray_env, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A local instance declaring one GPU (a custom count: no real GPU needed) and
+    ``--workers 2``: ``gpus_per_run = "auto"`` asks half a GPU per task, so the two runs
+    train at once (their attempts' times on the node overlap; a whole GPU each would
+    serialise them). Each attempt records its device. ``--quiet``: no bar, one line per
+    finished run."""
+    cfg = config(tmp_path, "workers = 2\nfused = false\n")
+    (tmp_path / "started").mkdir()
+    monkeypatch.setattr(cluster, "run_unit", together(2, tmp_path / "started"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # Ray refuses a GPU count the variable does not list
+    try:
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        assert cluster.resources(ray, 1, "auto", 2) == (1.0, 0.5)
+        assert cluster.resources(ray, 1, "auto", 1) == (1.0, 1.0)
+        assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S"), "--quiet"]) == 0
+    finally:
+        ray.shutdown()
+    cap = capsys.readouterr()
+    assert "\r" not in cap.out + cap.err
+    assert sum(line.startswith(tuple(RUNS)) and " val " in line for line in cap.out.splitlines()) == 2
+    a, b = (RunDir(tmp_path / "S" / "runs" / name).read_summary()["attempts"][0] for name in RUNS)
+    assert a["submitted"] <= a["start"] < b["end"] and b["submitted"] <= b["start"] < a["end"], (a, b)
+    assert a["device"] == b["device"] == worker.device_model()  # "cpu" here, a GPU's name on a GPU machine
+
+
+def test_auto_gpus_are_a_share_ray_can_count(monkeypatch):
+    """``min(1, GPUs / workers)``, rounded down to Ray's unit of 1e-4 (Ray rounds to the
+    nearest: 3 tasks of 0.6667 would not fit on 2 GPUs); none without GPUs; one GPU
+    each without ``--workers``; a request no node meets is one line."""
+    from qdistill.errors import ConfigError
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}}, {"Alive": False, "Resources": {"GPU": 8.0}}]
+    fake = type("Ray", (), {"nodes": staticmethod(lambda: nodes)})
+    assert [cluster.resources(fake, 1, "auto", w)[1] for w in (0, 1, 2, 3, 7)] == [1.0, 1.0, 1.0, 0.6666, 0.2857]
+    assert cluster.resources(fake, 2, 0.5, 3) == (2.0, 0.5)  # a number is asked as it is
+    nodes[0]["Resources"]["GPU"] = 0.0
+    assert cluster.resources(fake, 1, "auto", 4) == (1.0, 0.0)
+    with pytest.raises(ConfigError, match="no node of the Ray cluster has 1 CPUs and 1 GPUs"):
+        cluster.resources(fake, 1, 1, 4)
+
+
+class _FakeStudy:
+    """What `cluster._Driver` asks of a `StudyDir`, for one run that never resumes."""
+    def __init__(self):
+        self.done = None
+
+    def folder(self, rel):
+        summary = {"val_best_acc": 0.5, "test_acc_at_val_best": 0.5, "wall_s": 1.0}
+        return type("Folder", (), {"started": False, "name": rel, "read_metrics": lambda self: [],
+                                   "read_summary": lambda self: summary})()
+
+    def resumable_files(self, folders):
+        return {}
+
+    def write_epoch(self, folders, files):
+        pass
+
+    def write_done(self, folders, files, **extra):
+        self.done = extra
+
+
+def test_each_attempt_records_its_gpu_model_and_times(monkeypatch, capsys):
+    """Issue 23: a Ray retry may land on another GPU model, and identical metrics on CUDA
+    need the same one, so each attempt records its own (CUDA faked here: the suite hides
+    it). The driver keeps what each attempt's messages say: node, device, start."""
+    monkeypatch.setattr(worker.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(worker.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(worker.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(worker.torch.cuda, "get_device_name", lambda device=None: f"GPU model of {device}")
+    assert worker.device_model("auto") == "GPU model of cuda:0" and worker.device_model("cpu") == "cpu"
+    assert worker.device_model("cuda:5") == "cpu"  # no such GPU: the run itself fails with its line
+    tasks = iter(["first", "second"])
+    task = type("Task", (), {"remote": staticmethod(lambda *a: next(tasks))})
+    study = _FakeStudy()
+    driver = cluster._Driver(ray, study, cluster.Tasks(1.0, 0.5), task, (None, None), lambda: None,
+                             say=print, bar=type("Bar", (), {"update": lambda self, n: None})())
+    unit = worker.Unit("r", (({}, "runs/r"),))
+    driver.submit(unit, 1)
+    driver.take("first", worker.Epoch({}, "node-a", "NVIDIA A100-SXM4-80GB", 100.0))
+    driver.lost("first", ray.exceptions.WorkerCrashedError())
+    driver.take("second", worker.Epoch({}, "node-b", "Tesla V100-SXM2-16GB", 200.0))
+    driver.take("second", worker.Done({}, "node-b", "Tesla V100-SXM2-16GB", 200.0))
+    first, second = study.done["attempts"]
+    assert (first["node"], first["device"], first["start"]) == ("node-a", "NVIDIA A100-SXM4-80GB", 100.0)
+    assert (second["node"], second["device"], second["start"]) == ("node-b", "Tesla V100-SXM2-16GB", 200.0)
+    assert first["submitted"] <= first["end"] <= second["submitted"] <= second["end"]
+    assert "r: WorkerCrashedError on node-a; attempt 2 of 4" in capsys.readouterr().out

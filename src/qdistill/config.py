@@ -91,7 +91,7 @@ DEFAULTS: dict[str, dict] = {
         "executor": "local",          # local (this process), ray (Ray tasks: --ray [ADDRESS])
         "ray_address": "",            # "" or "local": start a local Ray instance; auto, HOST:PORT, ray://HOST:PORT
         "cpus_per_run": 0,            # CPUs (and torch threads) per Ray task; 0: CPUs / workers, or 1 on a cluster
-        "gpus_per_run": "auto",       # GPUs per Ray task: auto (1 on a cluster with GPUs, else 0) or a number
+        "gpus_per_run": "auto",       # GPUs per Ray task: auto (none without GPUs; with --workers N, min(1, GPUs / N); else 1) or a number
         "retries": 3,                 # Ray: resubmissions of a run whose worker or node died
         "allow_weak_teacher": False,  # use a teacher within 5 points of chance (--allow-weak-teacher)
     },

@@ -39,10 +39,11 @@ def students(k: int, device: torch.device, channels_last: bool, *, arch: str = "
 
 
 def measure_step_rate(k: int = 10, batch: int = 256, steps: int = 5, channels_last: bool = True,
-                      warmup: int = 3, device: str | torch.device = "cpu") -> float:
+                      warmup: int = 3, device: str | torch.device = "cpu", precision: str = "fp32") -> float:
     """Student images per second, ``k * batch * steps / seconds``, of training steps
-    (forward, backward, Adam: `train_step` with each member's cross-entropy, fp32) of
-    vgg7 W2A1 students on random data (seed 0), after ``warmup`` untimed steps.
+    (forward, backward, Adam: `train_step` with each member's cross-entropy, in
+    ``precision``: `autocast_for`) of vgg7 W2A1 students on random data (seed 0), after
+    ``warmup`` untimed steps.
 
     ``k == 1`` times one ordinary model (as `Solo`); ``k > 1`` a `FusedStudents` of ``k``
     members. Uses the current ``torch.get_num_threads()``; no teacher, no data pipeline.
@@ -56,7 +57,7 @@ def measure_step_rate(k: int = 10, batch: int = 256, steps: int = 5, channels_la
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     losses = [build_loss("hard")] * k
-    autocast = autocast_for(device, "fp32")
+    autocast = autocast_for(device, precision)
     net.train()
     seconds = timed(lambda _: train_step(net, opt, x, y, None, losses, autocast), itertools.repeat(None),
                     warmup, steps, device)

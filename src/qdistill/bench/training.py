@@ -16,14 +16,20 @@ fixed number of timed steps after warm-up. It measures student images per second
     ``single_eager_img_s`` is the same step eager, in its own process;
 (c) ``fused``: the same with K students trained as one `FusedStudents` network;
 (d) ``fused_bf16``: (c) under bfloat16 autocast (``train.precision = "bf16"``). Not like
-    for like: (a) to (c) are fp32, so (d) is reported beside the targets, not as one.
+    for like: (a) is fp32, so (d) is reported beside the targets, not as one.
+
+(b) and (c) run in the precision training uses by default on the device (``precision``:
+`precision_of` of ``train.precision = "auto"``: fp32 on CPU, bf16 on a GPU of compute
+capability 8.0 or higher, where (d) is then (c) and is left out); (a) stays fp32.
 
 Each pipeline runs in a fresh process (``spawn``), so one's heap never slows or bloats
-the next, and its peak resident memory (``ru_maxrss`` of that process: torch, the data,
-the model, autograd's saved tensors) is its own; ``peak_rss_mb`` is that of (c).
+the next, and its peak memory is its own (`machine.peak_memory_mb`; ``memory`` says
+which: ``gpu``, the GPU memory torch allocated on CUDA, else ``rss``, the host's
+resident set); ``peak_rss_mb`` is that of (c), whichever it is.
 
 ``qdistill bench --scaling`` (`scaling`) asks the question behind (c): does fusing pay on
-this machine? It reports the per-student rate of fused groups of K = 1, 2, 5, 10 students.
+this machine? It reports the per-student rate of fused groups of K = 1, 2, 5, 10 students,
+at least `MIN_SCALING_STEPS` timed steps each, in the default precision.
 
 It also times one epoch of the data path alone (``data_epoch_s``) against the training
 epoch it feeds (``train_epoch_s = n_train / single_img_s``). A benchmark, not a test: it
@@ -32,8 +38,6 @@ asserts nothing and reports the machine it ran on.
 from __future__ import annotations
 
 import multiprocessing
-import resource
-import sys
 import time
 
 import torch
@@ -42,16 +46,19 @@ from ..data import fake
 from ..data.batching import batches
 from ..nn.losses import build_loss
 from ..nn.models import build
-from ..training.device import autocast_for, pick_device, sync
+from ..training.device import autocast_for, pick_device, precision_of, sync
 from ..training.evaluate import predict
+from .. import config as configlib
 from ..training import compiled
+from ..training.rate import run_rate
 from ..training.compiled import CompiledStep
 from ..training.step import train_step
 from . import step_rate
-from .machine import device_name
+from .machine import device_name, matmul_tf32_like_convolutions, memory_kind, peak_memory_mb
 from .step_rate import students, timed
 
 BATCH = 256
+MIN_SCALING_STEPS = 5  # timed steps at every K of --scaling, however many students share one
 
 
 class _PerSampleDataset(torch.utils.data.Dataset):
@@ -99,11 +106,13 @@ def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, c
     """``(student images per second, compile seconds)`` of the training loop's own step
     on the `qdistill.nn.fused.group` of ``k`` students, on batches sliced from the
     on-device uint8 set, with the cached teacher logits of each batch's indices. ``mode``:
-    ``fp32`` or ``bf16`` (autocast) `train_step`, or ``compiled`` (fp32 `CompiledStep`,
-    whose compile time is the first step's time less a timed step's)."""
-    if mode not in ("fp32", "bf16", "compiled"):
-        raise ValueError(f"mode must be fp32, bf16 or compiled, got {mode!r}")
-    precision, compiled_step = ("fp32", True) if mode == "compiled" else (mode, False)
+    ``fp32`` or ``bf16`` (autocast) `train_step`, or ``compiled`` (fp32) or
+    ``compiled-bf16`` `CompiledStep`, whose compile time is the first step's time less a
+    timed step's."""
+    if mode not in ("fp32", "bf16", "compiled", "compiled-bf16"):
+        raise ValueError(f"mode must be fp32, bf16, compiled or compiled-bf16, got {mode!r}")
+    compiled_step = mode.startswith("compiled")
+    precision = "bf16" if mode.endswith("bf16") else "fp32"
     x, y, logits = ds.x_train.to(device), ds.y_train.to(device), cached_logits.to(device)
     net = students(k, device, channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
@@ -122,13 +131,9 @@ def bench_qdistill(ds, cached_logits, k: int, device, warmup: int, steps: int, c
     return k * BATCH * steps / seconds, (first - seconds / steps) if compiled_step else 0.0
 
 
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 2**20 if sys.platform == "darwin" else kb / 1024
-
-
 def _phase(name: str, args: tuple, threads: int, queue) -> None:
-    """One pipeline in this (fresh) process: put ``(img/s, peak RSS MB)`` on ``queue``."""
+    """One pipeline in this (fresh) process: put ``(img/s, peak memory MB, compile s)`` on
+    ``queue`` (`peak_memory_mb`: GPU memory on CUDA, else the host's RSS)."""
     try:
         torch.set_num_threads(threads)
         device, warmup, steps, k, channels_last, precision, cached, compiled_step = args
@@ -139,9 +144,9 @@ def _phase(name: str, args: tuple, threads: int, queue) -> None:
             teacher = build("vgg7").to(dev).eval()
             rate, compile_s = bench_reference(ds, teacher, dev, warmup, steps), 0.0
         else:
-            rate, compile_s = bench_qdistill(ds, cached, k, dev, warmup, steps, channels_last,
-                                             "compiled" if compiled_step else precision)
-        queue.put((rate, _peak_rss_mb(), compile_s))
+            mode = ("compiled" if precision == "fp32" else "compiled-bf16") if compiled_step else precision
+            rate, compile_s = bench_qdistill(ds, cached, k, dev, warmup, steps, channels_last, mode)
+        queue.put((rate, peak_memory_mb(dev), compile_s))
     except BaseException as e:  # the parent re-raises it with the phase's name
         queue.put(e)
         raise
@@ -176,8 +181,9 @@ def time_data_epoch(ds, device, augment: str = "none") -> float:
 def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", channels_last: bool | None = None,
         log=print, bf16: bool | None = None) -> dict:
     """Run the benchmark; ``bf16=None`` adds phase (d) where bfloat16 autocast is
-    available (CPU, or a CUDA device that supports it)."""
+    available (CPU, or a CUDA device that supports it) and (c) is not bf16 already."""
     dev = pick_device(device)
+    precision = precision_of(dev, configlib.DEFAULTS["train"]["precision"])  # what training uses here
     if channels_last is None:
         channels_last = True  # faster for the grouped convolutions on CPU and GPU alike (README)
     ds = fake.load()
@@ -192,11 +198,11 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
     cached = predict(teacher, ds.x_train.to(dev), dev)
     teacher_cache_s = time.perf_counter() - t0
 
-    if bf16 is None:
-        bf16 = dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    if bf16 is None:  # (d), unless (c) is bf16 already
+        bf16 = precision != "bf16" and (dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_bf16_supported()))
     cached = cached.cpu()
 
-    def phase(name, kk, precision="fp32", compiled_step=False):
+    def phase(name, kk, precision=precision, compiled_step=False):
         return _in_fresh_process(name, (str(dev), warmup, steps, kk, channels_last, precision, cached,
                                         compiled_step))
 
@@ -209,6 +215,7 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
     if compiles:
         log(f"(b) qdistill, one student, {steps} steps, eager ...")
         single_eager = phase("qdistill", 1)[0]
+    default = _default_batch(dev, compiles, log)
     log(f"(c) qdistill fused, K={k}, {steps} steps ...")
     fused, fused_rss, _ = phase("qdistill", k)
     fused_bf16 = fused_bf16_rss = None
@@ -220,18 +227,29 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
     return {
         "reference_img_s": ref, "single_img_s": single, "fused_img_s": fused, "k": k,
         "single_compiled": compiles, "single_eager_img_s": single_eager, "compile_s": compile_s,
-        "compiled_vs_eager": single / single_eager,
+        "compiled_vs_eager": single / single_eager, **default,
         "fused_vs_reference": fused / ref, "single_vs_reference": single / ref,
         "peak_rss_mb": fused_rss, "reference_peak_rss_mb": ref_rss, "single_peak_rss_mb": single_rss,
-        "precision": "fp32",
+        "precision": precision, "memory": memory_kind(dev),
         "fused_bf16_img_s": fused_bf16, "fused_bf16_vs_reference": fused_bf16 / ref if bf16 else None,
-        "fused_bf16_peak_rss_mb": fused_bf16_rss,
-        "device": device_name(dev),
+        "fused_bf16_peak_rss_mb": fused_bf16_rss, "device": device_name(dev),
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "steps": steps, "batch": BATCH, "channels_last": channels_last,
         "teacher_cache_s": teacher_cache_s, "data_epoch_s": data_epoch_s, "data_epoch_augment_s": data_epoch_aug_s,
         "train_epoch_s": train_epoch_s, "data_vs_train_epoch": data_epoch_s / train_epoch_s,
     }
+
+
+def _default_batch(dev, compiles: bool, log) -> dict:
+    """One student at the default recipe's batch size (`qdistill.training.rate.run_rate`,
+    hard loss, 5 s each), compiled where ``auto`` compiles and eager, in this process."""
+    cfg = configlib.defaults()
+    batch = cfg["train"]["batch_size"]
+    log(f"(b) at the default recipe's batch of {batch}, eager{' and compiled' if compiles else ''} ...")
+    eager = run_rate(cfg, "vgg7", 2, 1, False, dev, min_seconds=5.0)[0]
+    rate, compile_s = run_rate(cfg, "vgg7", 2, 1, True, dev, min_seconds=5.0) if compiles else (eager, 0.0)
+    return {"default_batch": batch, "default_img_s": rate, "default_eager_img_s": eager,
+            "default_compile_s": compile_s, "default_compiled_vs_eager": rate / eager}
 
 
 def format_table(r: dict) -> str:
@@ -246,13 +264,18 @@ def format_table(r: dict) -> str:
     if r.get("fused_bf16_img_s"):
         rows.append((f"(d) fused, K={r['k']}, bf16 autocast", r["fused_bf16_img_s"], r["fused_bf16_vs_reference"]))
         rss.append(r["fused_bf16_peak_rss_mb"])
-    lines[-1] += f" {'peak RSS MB':>12s}"
+    lines[-1] += f" {'peak GPU MB' if r.get('memory') == 'gpu' else 'peak RSS MB':>12s}"
     lines += [f"{name:34s} {rate:14.0f} {ratio:7.2f}x {mb:12.0f}" for (name, rate, ratio), mb in zip(rows, rss)]
-    lines.append("(a)-(c) are fp32; (d) is not like for like with (a) (bf16 vs fp32)" if len(rows) > 3
-                 else "all pipelines fp32")
+    if r.get("precision") == "bf16":
+        lines.append("(a) is fp32; (b) and (c) bf16 autocast, as training defaults to on this device")
+    else:
+        lines.append("(a)-(c) are fp32; (d) is not like for like with (a) (bf16 vs fp32)" if len(rows) > 3
+                     else "all pipelines fp32")
     if r["single_compiled"]:
         lines.append(f"(b) eager: {r['single_eager_img_s']:.0f} img/s; compiled {r['compiled_vs_eager']:.2f}x eager "
-                     f"after a {r['compile_s']:.0f} s compile")
+                     f"after a {r['compile_s']:.0f} s compile; at batch {r['default_batch']} (the default "
+                     f"recipe's) {r['default_img_s']:.0f} against {r['default_eager_img_s']:.0f} img/s eager, "
+                     f"{r['default_compiled_vs_eager']:.2f}x")
     lines.append(f"each pipeline in a fresh process; teacher logits once: {r['teacher_cache_s']:.1f} s")
     lines.append(f"data path: one epoch {r['data_epoch_s']:.2f} s ({r['data_epoch_augment_s']:.2f} s with "
                  f"augment light) vs a training epoch of one student {r['train_epoch_s']:.0f} s "
@@ -292,24 +315,29 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, r
             device: str = "auto", channels_last: bool = True, log=print) -> dict:
     """Does fusing pay on this machine? Per-student training rate of a fused group of K
     vgg7 W2A1 students (`step_rate.measure_step_rate`: forward, backward, Adam on random data; no
-    teacher, no data path; ``steps`` defaults to 5120 images at K = 1, K times fewer steps
-    at K) for each K, the median of ``repeats``, against K = 1, next to
-    the machine's fp32 matmul rate, the rate of one student's convolutions (forward), and
+    teacher, no data path; in the precision training defaults to here, `precision_of`;
+    ``steps`` defaults to 5120 images at K = 1, K times fewer steps at K, never fewer than
+    `MIN_SCALING_STEPS`) for each K, the median of ``repeats``, against K = 1, next to
+    the machine's fp32 matmul rate (with TF32 exactly where the convolutions use it:
+    `matmul_tf32_like_convolutions`), the rate of one student's convolutions (forward), and
     the bandwidth of one elementwise pass over the first layer's activation of K students.
 
     Fusion can only pay where one student leaves the device idle: if a lone student's
     convolutions already run near the matmul rate, K of them in one network cannot run
     faster per student, and bigger activations fall out of cache (README, Performance)."""
     dev = pick_device(device)
+    precision = precision_of(dev, configlib.DEFAULTS["train"]["precision"])
     steps = steps or max(20, 5120 // batch)  # K=1 times at least 5120 images; K times steps / K
     rates = {}
     for k in ks:
         log(f"K={k} ...")
-        runs = [step_rate.measure_step_rate(k=k, batch=batch, steps=max(1, steps // k), warmup=2, device=dev,
-                                            channels_last=channels_last) for _ in range(repeats)]
+        runs = [step_rate.measure_step_rate(k=k, batch=batch, steps=max(MIN_SCALING_STEPS, steps // k), warmup=2,
+                                            device=dev, channels_last=channels_last, precision=precision)
+                for _ in range(repeats)]
         rates[k] = sorted(runs)[len(runs) // 2]
     a, b = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
-    gemm = _giga_per_s(lambda: a @ b, 2 * 2048**3, dev)
+    with matmul_tf32_like_convolutions() as tf32:
+        gemm = _giga_per_s(lambda: a @ b, 2 * 2048**3, dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     convs = _student_convs(batch, dev, fmt)
     with torch.no_grad():
@@ -325,18 +353,19 @@ def scaling(*, ks=(1, 2, 5, 10), batch: int = BATCH, steps: int | None = None, r
             "vs_k1": {str(k): r / single for k, r in rates.items()},
             "fp32_matmul_gflop_s": gemm, "student_conv_forward_gflop_s": conv,
             "conv_vs_matmul": conv / gemm, "batch": batch, "repeats": repeats,
-            "channels_last": channels_last,
+            "channels_last": channels_last, "precision": precision, "tf32": dev.type == "cuda" and tf32,
             "device": device_name(dev),
             "torch_version": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def format_scaling(r: dict) -> str:
     lines = [f"device: {r['device']}, torch {r['torch_version']}, {r['threads']} threads, batch {r['batch']}, "
-             f"median of {r['repeats']}",
+             f"median of {r['repeats']}, {r.get('precision', 'fp32')}",
              f"{'students fused (K)':>18s} {'img/s per student':>18s} {'vs K=1':>7s}"]
     lines += [f"{k:>18s} {v:18.0f} {r['vs_k1'][k]:6.2f}x" for k, v in r["per_student_img_s"].items()]
     lines.append("clamp over the first layer's activation (bytes read + written): " + ", ".join(
         f"K={k} {v:.1f} GB/s" for k, v in r["first_activation_clamp_gb_s"].items()))
-    lines.append(f"fp32 matmul {r['fp32_matmul_gflop_s']:.0f} GFLOP/s; one student's convolutions (forward) "
+    lines.append(f"fp32 matmul{' (TF32, as the convolutions)' if r.get('tf32') else ''} "
+                 f"{r['fp32_matmul_gflop_s']:.0f} GFLOP/s; one student's convolutions (forward) "
                  f"{r['student_conv_forward_gflop_s']:.0f} GFLOP/s = {100 * r['conv_vs_matmul']:.0f}% of it")
     return "\n".join(lines)

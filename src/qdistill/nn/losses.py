@@ -49,7 +49,7 @@ def hard(z, t, y):
 def kl_term(z, t, y, T):
     """Hinton et al. 2015: ``CE(q, z / T)``, ``q = softmax(t / T)`` (the KL divergence
     ``KL(q || p)`` up to the teacher's entropy, which has no gradient)."""
-    return soft_cross_entropy(F.softmax(_f(t) / T, dim=-1), z / T)
+    return soft_cross_entropy(F.softmax(_f(t) / T, dim=-1), _f(z) / T)  # upcast before dividing
 
 
 def _binary_and_rest(v: torch.Tensor, y: torch.Tensor):

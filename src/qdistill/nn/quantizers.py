@@ -131,15 +131,18 @@ def quantize_gradient(g: torch.Tensor, n: float, members: int | None = None) -> 
     ``m = max|g|`` per sample (every dim but the first; per member: over member ``k``'s
     channels ``[k*C, (k+1)*C)`` of dim 1);
     ``y = clamp(g / (2m) + 0.5 + u, 0, 1)`` with ``u ~ Uniform(-0.5/n, 0.5/n)`` per element;
-    ``g_q = 2m * (q_k(y) - 0.5)``. Samples whose gradient is all zero stay zero."""
-    gm = g if members is None else g.unflatten(1, (members, -1))  # a view in NCHW and NHWC
+    ``g_q = 2m * (q_k(y) - 0.5)``. Samples whose gradient is all zero stay zero.
+    Computed in at least float32 and returned in ``g``'s dtype: bf16 gradients of
+    autocast (8 significant bits) would bias the rounding itself."""
+    wide = g.to(torch.promote_types(g.dtype, torch.float32))
+    gm = wide if members is None else wide.unflatten(1, (members, -1))  # a view in NCHW and NHWC
     dims = tuple(range(1 if members is None else 2, gm.dim()))
     m = gm.abs().amax(dim=dims, keepdim=True) if dims else gm.abs()
     safe = torch.where(m > 0, m, torch.ones_like(m))
     u = (torch.rand_like(gm) - 0.5) / n
     y = torch.clamp(gm / (2 * safe) + 0.5 + u, 0.0, 1.0)
     out = 2 * m * (torch.round(y * n) / n - 0.5)
-    return out if members is None else out.flatten(1, 2)
+    return (out if members is None else out.flatten(1, 2)).to(g.dtype)
 
 
 def dorefa_gradient(x: torch.Tensor, bits: int, members: int | None = None) -> torch.Tensor:

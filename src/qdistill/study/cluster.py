@@ -15,7 +15,12 @@ writes them into the study, so
 
 Up to ``study.retries`` resubmissions per unit; then its runs are recorded as failed
 (``error.txt``), like a run whose training raised, and the study goes on. Each
-finished summary gets ``attempts``: the node and starting epoch of every attempt.
+finished summary gets ``attempts``: for every attempt its node, its device (the GPU
+model, or "cpu": a retry may land on another model, and identical metrics on CUDA need
+the same one), the epoch it started from, and wall-clock times (``time.time()``): when
+the driver submitted it, when it started on its node (from its first message; none for
+an attempt lost before it sent one) and when it ended (its last message or its loss,
+as the driver saw it).
 Ray's own log lines stay out of the terminal unless ``QDISTILL_RAY_LOGS=1``; an address
 that leads to no cluster, or to one that refuses this driver's token, is one line
 within seconds (`_probe`), before ``ray.init`` writes any.
@@ -24,11 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
 import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,12 +216,17 @@ def _quiet(ray) -> None:
     worker.print_to_stdstream = quiet
 
 
-def resources(ray, cpus: float, gpus) -> tuple[float, float]:
-    """The request of one task: ``cpus``, and ``gpus`` (``"auto"``: 1 when the cluster has
-    GPUs, else 0). A request no live node can ever meet is a `ConfigError`."""
+def resources(ray, cpus: float, gpus, workers: int = 0) -> tuple[float, float]:
+    """The request of one task: ``cpus``, and ``gpus``. ``"auto"``: none on a cluster
+    without GPUs; with ``workers`` > 1 runs at once, a share of the largest node's GPUs,
+    ``min(1, GPUs / workers)``, so that many runs train side by side; else one GPU. A
+    request no live node can ever meet is a `ConfigError`."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if gpus == "auto":
-        gpus = 1.0 if any(r.get("GPU", 0) > 0 for r in nodes) else 0.0
+        most = max((r.get("GPU", 0) for r in nodes), default=0)
+        # Ray counts resources in steps of 1e-4, rounding to the nearest: round down, or 3
+        # tasks of 2/3 (0.6667) would not fit on 2 GPUs
+        gpus = 0.0 if most <= 0 else math.floor(min(1.0, most / workers) * 1e4 + 1e-6) / 1e4 if workers > 1 else 1.0
     if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
         have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "no nodes"
         raise ConfigError(f"no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for one run "
@@ -249,7 +262,7 @@ class _Driver:
     refs: tuple            # (data, teacher) in the object store
     on_done: object
     live: dict = field(default_factory=dict)      # task -> (unit, attempt)
-    attempts: dict = field(default_factory=dict)  # unit label -> [{"node", "from_epoch"}]
+    attempts: dict = field(default_factory=dict)  # unit label -> [{"node", "device", "from_epoch", times...}]
     say: object = None     # one line to the terminal
     bar: object = None
 
@@ -259,7 +272,8 @@ class _Driver:
         resumes = self.study.folder(unit.group or first).started
         files = self.study.resumable_files(unit.folders)
         self.attempts.setdefault(unit.label, []).append(
-            {"node": "", "from_epoch": len(self.study.folder(first).read_metrics()) if resumes else 0})
+            {"node": "", "device": "", "from_epoch": len(self.study.folder(first).read_metrics()) if resumes else 0,
+             "submitted": time.time(), "start": None, "end": None})  # wall-clock seconds (module docstring)
         self.live[self.task.remote(unit, files, *self.refs, self.tasks.cpus)] = (unit, attempt)
 
     def finish(self, unit: Unit) -> None:
@@ -275,6 +289,7 @@ class _Driver:
     def lost(self, gen, e: Exception) -> None:
         """A task that raised: resubmit it when Ray lost it and retries are left."""
         unit, attempt = self.live.pop(gen)
+        self.attempts[unit.label][-1]["end"] = time.time()
         if _retryable(self.ray, e) and attempt <= self.tasks.retries:
             self.submit(unit, attempt + 1)
             tried = self.attempts[unit.label]
@@ -287,11 +302,13 @@ class _Driver:
     def take(self, gen, message) -> None:
         """A message of a live task: write an epoch, a finished unit, or a failure."""
         unit, _ = self.live[gen]
-        self.attempts[unit.label][-1]["node"] = message.node
+        where = {"node": message.node, "device": message.device, "start": message.started}
+        self.attempts[unit.label][-1].update({k: v for k, v in where.items() if v})  # `_ENDED` has none
         if isinstance(message, Epoch):
             self.study.write_epoch(unit.folders, message.files)
             return
         del self.live[gen]
+        self.attempts[unit.label][-1]["end"] = time.time()
         if isinstance(message, Done):
             self.study.write_done(unit.folders, message.files, attempts=self.attempts[unit.label])
             for _, folder in unit.runs:
@@ -317,6 +334,12 @@ class _Driver:
                 self.take(gen, message)
 
 
+def _say(line: str) -> None:
+    """One line on stdout, above the bar where there is one, flushed: a log gets it now."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def run_units(ray, study: StudyDir, units: list[Unit], data, teacher: dict | None, tasks: Tasks,
               on_done=lambda: None) -> None:
     """Train ``units`` as Ray tasks (see the module docstring); ``on_done()`` after each."""
@@ -326,8 +349,10 @@ def run_units(ray, study: StudyDir, units: list[Unit], data, teacher: dict | Non
         num_cpus=tasks.cpus, num_gpus=tasks.gpus, max_retries=0)
     refs = (ray.put(data), ray.put(teacher) if teacher is not None else None)
     driver = _Driver(ray, study, tasks, task, refs, on_done)
-    driver.bar = tqdm(total=sum(len(u.runs) for u in units), desc="runs", unit="run", disable=not tasks.progress)
-    driver.say = driver.bar.write if tasks.progress else (lambda line: None)
+    # the bar on a terminal only, and not with --quiet; one line per finished, failed or retried run always
+    driver.bar = tqdm(total=sum(len(u.runs) for u in units), desc="runs", unit="run",
+                      disable=None if tasks.progress else True)
+    driver.say = _say
     for unit in units:
         driver.submit(unit, 1)
     try:

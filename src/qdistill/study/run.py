@@ -83,7 +83,8 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, progress: bo
     with locked(study.path, "study"), (cluster.session(*plan[:2]) if plan else
                                        threads(cfg["study"]["cpus_per_run"])) as ray:
         if ray:  # a request no node can meet stops the study before its folder is written
-            s.ray, s.tasks = ray, cluster.Tasks(*cluster.resources(ray, plan[2], cfg["study"]["gpus_per_run"]),
+            s.ray, s.tasks = ray, cluster.Tasks(*cluster.resources(ray, plan[2], cfg["study"]["gpus_per_run"],
+                                                                  cfg["study"]["workers"]),
                                                 retries=cfg["study"]["retries"], progress=progress)
         return _run_study(s, force)
 

@@ -7,7 +7,9 @@ as the driver last saw them (so a retry resumes from the last epoch that came ba
 the dataset, and the teacher (`Teacher.bundle`: its files and logits). It trains with
 the one loop (`training/loop.py: train`) in a background thread and yields, as a Ray
 streaming generator, one typed message after every epoch and one at the end: `Epoch`,
-then `Done` or `Failed`.
+then `Done` or `Failed`. Each message names the node, the task's device (its GPU model, or
+"cpu") and when the task started there (wall-clock seconds): the driver records them per
+attempt.
 
 Scratch folders live in ``$TMPDIR/qdistill-scratch/``, each held by a lock on a file
 beside it; a starting worker removes those whose lock is free (their worker was
@@ -23,6 +25,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ import torch
 
 from ..atomic import atomic_write_bytes
 from ..errors import UserError
+from ..training.device import pick_device
 from ..training.loop import Remote, Run, train
 from ..training.rundir import RunDir
 from ..training.teacher import Teacher
@@ -63,12 +67,16 @@ class Epoch(NamedTuple):
     """An epoch finished: every file of the unit's folders, by path inside the study."""
     files: dict
     node: str
+    device: str = "cpu"    # the worker's GPU model (`device_model`), or "cpu"
+    started: float = 0.0   # when the task started on its node (``time.time()``)
 
 
 class Done(NamedTuple):
     """The runs finished: their files, summaries included."""
     files: dict
     node: str
+    device: str = "cpu"
+    started: float = 0.0
 
 
 class Failed(NamedTuple):
@@ -76,6 +84,19 @@ class Failed(NamedTuple):
     line: str
     detail: str
     node: str
+    device: str = ""
+    started: float = 0.0
+
+
+def device_model(name: str = "auto") -> str:
+    """What a task's run trains on, as its attempts record it: the name of the CUDA GPU
+    that ``train.device`` ``name`` picks (among those Ray gave the task), or "cpu" (also
+    for a device that does not exist: the run fails with its own line)."""
+    try:
+        device = pick_device(name)
+    except UserError:
+        return "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def node_label() -> str:
@@ -128,10 +149,11 @@ def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, th
     """The Ray task (a generator of `Epoch`, then `Done` or `Failed`)."""
     torch.set_num_threads(max(1, int(threads)))
     node = node_label()
+    where = (node, device_model(unit.runs[0][0]["train"]["device"]), time.time())  # each message's last fields
     with scratch() as root:
         _write(root, files)
         messages: queue.Queue = queue.Queue()
-        remote = Remote(node, lambda: messages.put(Epoch(unit.files(root), node)))
+        remote = Remote(node, lambda: messages.put(Epoch(unit.files(root), *where)))
 
         def work():
             try:
@@ -139,10 +161,10 @@ def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, th
                 train([Run(cfg, root / folder) for cfg, folder in unit.runs], data, opened,
                       group_dir=root / unit.group if unit.group else None, existing="resume", progress=False,
                       remote=remote)
-                messages.put(Done(unit.files(root), node))
+                messages.put(Done(unit.files(root), *where))
             except Exception as e:  # recorded by the driver like any failed run
                 messages.put(Failed(f"{type(e).__name__}: {e}", "" if isinstance(e, UserError) else
-                                    traceback.format_exc(), node))
+                                    traceback.format_exc(), *where))
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()

@@ -19,17 +19,18 @@ MIN_STEPS, MIN_SECONDS = 3, 0.3
 
 
 def run_rate(cfg: dict, arch: str, weight_bits: int, act_bits: int, compiled_steps: bool = False,
-             device="cpu") -> tuple[float, float]:
+             device="cpu", min_seconds: float = MIN_SECONDS) -> tuple[float, float]:
     """``(images per second, compile seconds)`` of one run's training step as ``cfg``
     trains it (its batch size and optimizer, the hard loss) for the model ``arch`` at
     these bits, on random images: timed over at least `MIN_STEPS` steps and
-    `MIN_SECONDS`, after one untimed step (the compile, when ``compiled_steps``). The
+    ``min_seconds``, after one untimed step (the compile, when ``compiled_steps``). The
     random state of torch is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        return _timed_run(cfg, arch, weight_bits, act_bits, compiled_steps, torch.device(device))
+        return _timed_run(cfg, arch, (weight_bits, act_bits), compiled_steps, torch.device(device), min_seconds)
 
 
-def _timed_run(cfg, arch, weight_bits, act_bits, compiled_steps, dev) -> tuple[float, float]:
+def _timed_run(cfg, arch, bits, compiled_steps, dev, min_seconds) -> tuple[float, float]:
+    weight_bits, act_bits = bits
     batch = cfg["train"]["batch_size"]
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -42,7 +43,7 @@ def _timed_run(cfg, arch, weight_bits, act_bits, compiled_steps, dev) -> tuple[f
     step(net, opt, x, y, None, losses, autocast)
     sync(dev)
     compile_s, steps, t0 = time.perf_counter() - t0 if compiled_steps else 0.0, 0, time.perf_counter()
-    while steps < MIN_STEPS or time.perf_counter() - t0 < MIN_SECONDS:
+    while steps < MIN_STEPS or time.perf_counter() - t0 < min_seconds:
         step(net, opt, x, y, None, losses, autocast)
         steps += 1
     sync(dev)

@@ -10,7 +10,7 @@ import torch
 from qdistill import cli
 from qdistill.training import loop as trainlib, schedule
 
-from conftest import SMALL
+from conftest import SMALL, interrupted_in_epoch_2
 
 
 def run(args, capsys=None):
@@ -74,18 +74,7 @@ def test_same_seed_same_metrics_and_resume_matches(tmp_path, monkeypatch, recipe
     assert cli.main([*args, "--out", str(tmp_path / "b")]) == 0
 
     # Crash run c during epoch 2's evaluation: epoch 1's checkpoint stays.
-    calls = {"n": 0}
-    real_predict = trainlib.predict
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # the gradient-ratio probe at set-up; epoch 1: val, test; epoch 2: val
-            raise KeyboardInterrupt
-        return real_predict(*a, **k)
-
-    monkeypatch.setattr(trainlib, "predict", crashing)
-    assert cli.main([*args, "--out", str(tmp_path / "c")]) == 130
-    monkeypatch.setattr(trainlib, "predict", real_predict)
+    assert interrupted_in_epoch_2(monkeypatch, [*args, "--out", str(tmp_path / "c")]) == 130
     assert not (tmp_path / "c" / "summary.json").exists()
     assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     # without --resume the unfinished run is not touched

@@ -71,3 +71,15 @@ def test_dumps_round_trips(tmp_path):
     path = tmp_path / "out.toml"
     path.write_text(configlib.dumps(cfg))
     assert resolve(path) == cfg
+
+
+def test_differences_name_three_keys_in_schema_order_then_how_many_more():
+    old = resolve()
+    five = resolve(None, None, ["train.epochs=7", "train.lr=0.5", "train.seed=3", "student.temperature=2",
+                                "data.max_train=10"])
+    assert configlib.differences(old, five) == [
+        "data.max_train: 0 -> 10", "student.temperature: 4.0 -> 2.0", "train.epochs: 60 -> 7", "and 2 more"]
+    three = resolve(None, None, ["train.epochs=7", "train.lr=0.5", "data.max_train=10"])
+    assert configlib.differences(old, three) == [
+        "data.max_train: 0 -> 10", "train.epochs: 60 -> 7", "train.lr: 0.01 -> 0.5"]
+    assert configlib.differences(old, old) == []

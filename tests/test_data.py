@@ -502,6 +502,18 @@ def test_augment_light_deterministic_in_range_and_changes():
     assert ((a - x).abs().amax(dim=(1, 2, 3)) > 0.01).all()  # every image changed
 
 
+def test_augment_light_moves_its_random_draws_with_to_device(monkeypatch):
+    """The draws go through `augment.to_device` (pinned, non-blocking on CUDA): the shifts,
+    then the brightness and contrast factors, each to the batch's device."""
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    expected = augment.augment_light(x, torch.Generator().manual_seed(1))
+    calls, real = [], augment.to_device
+    monkeypatch.setattr(augment, "to_device", lambda t, device: calls.append((t.dtype, tuple(t.shape), device))
+                        or real(t, device))
+    assert torch.equal(augment.augment_light(x, torch.Generator().manual_seed(1)), expected)
+    assert calls == [(torch.int64, (2, 8), x.device), (torch.float32, (2, 8), x.device)]
+
+
 def test_augment_crop_is_a_shifted_window():
     x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     out = augment.augment_light(x, torch.Generator().manual_seed(0), brightness=0, contrast=0)

@@ -1,19 +1,23 @@
 """A new user's first hour, each item as a user would hit it: the command through
 ``cli.main``, its exit code and the exact line."""
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qdistill import cli
 from qdistill.cli.parser import build_parser
 from qdistill.config import DEFAULTS
+from qdistill.deploy import qdz
 from qdistill.resolve import resolve
 from qdistill.study import run as studylib
+from qdistill.training import evaluate as evaluation
 from qdistill.training.rundir import RunDir
 
-from conftest import SMALL
+from conftest import SMALL, interrupted_in_epoch_2
 
 TINY = ["--epochs", "1", "--quiet"]
 
@@ -86,6 +90,17 @@ def test_export_takes_the_format_from_the_extension(small_student, tmp_path, cap
     assert not (tmp_path / "s.bin").exists()
 
 
+def test_export_format_overrides_the_extension(small_student, tmp_path, capsys):
+    for name in ("s.bin", "s.onnx"):  # --format qdz writes a packed file whatever the name
+        code, out, _ = run(["export", small_student, "--out", tmp_path / name, "--format", "qdz"], capsys)
+        manifest, _ = qdz.read(tmp_path / name)
+        assert code == 0 and manifest["class_names"] == [str(k) for k in range(10)]
+        assert out.startswith(f"exported {small_student} (best.pt) to {tmp_path / name} (qdz, ")
+    onnx = pytest.importorskip("onnx")
+    assert cli.main(["export", str(small_student), "--out", str(tmp_path / "o.bin"), "--format", "onnx"]) == 0
+    onnx.load(str(tmp_path / "o.bin"))
+
+
 # 3. threads under control
 def test_threads_is_a_key_and_every_run_records_its_threads(tmp_path, capsys):
     out = tmp_path / "r"
@@ -93,6 +108,32 @@ def test_threads_is_a_key_and_every_run_records_its_threads(tmp_path, capsys):
     assert RunDir(out).read_summary()["threads"] == 1 and "threads = 1" in (out / "config.toml").read_text()
     code, _, err = run(["student", *SMALL, "--loss", "hard", "--threads", "-1", "--out", tmp_path / "x"], capsys)
     assert code == 2 and "train.threads must be >= 0" in one_line(err)
+
+
+def test_threads_0_keeps_torchs_count_and_teacher_and_eval_take_threads(tmp_path, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # below this machine's default, so that 0 taken as "all cores" shows
+    try:
+        out = tmp_path / "r"
+        assert cli.main(["student", *SMALL, "--loss", "hard", *TINY, "--threads", "0", "--out", str(out)]) == 0
+        assert torch.get_num_threads() == 1 and RunDir(out).read_summary()["threads"] == 1
+        teacher = tmp_path / "t"
+        assert cli.main(["teacher", *SMALL, *TINY, "--threads", "1", "--out", str(teacher)]) == 0
+        assert RunDir(teacher).read_summary()["threads"] == 1 and RunDir(teacher).read_config()["train"]["threads"] == 1
+        seen, real = [], evaluation.evaluate
+        monkeypatch.setattr(evaluation, "evaluate",
+                            lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+        code, _, _ = run(["eval", teacher, "--threads", "1"], capsys)
+        assert code == 0 and seen == [1]
+        code, _, _ = run(["eval", teacher, "--threads", "2"], capsys)  # the flag takes effect, and only meanwhile
+        assert code == 0 and seen == [1, 2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cpu_run_records_its_precision(small_student):
+    summary = RunDir(small_student).read_summary()
+    assert summary["device"] == "cpu" and summary["precision"] == "fp32"
 
 
 # 4. refusals that say why; resume from the stored config; extend
@@ -129,6 +170,25 @@ def test_extend_trains_a_finished_run_on_exactly_when_its_schedule_allows(tmp_pa
     assert code == 2 and "--extend" in one_line(err)
 
 
+def test_extend_trains_an_unfinished_run_on_and_changes_nothing_else(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cut"
+    assert interrupted_in_epoch_2(monkeypatch, ["student", *SMALL, "--loss", "hard", "--epochs", "2",
+                                                "--out", str(out)]) == 130
+    [first] = RunDir(out).read_metrics()
+    assert RunDir(out).started and not RunDir(out).finished
+    code, _, err = run(["student", "--epochs", "3", "--lr", "0.02", "--extend", "--quiet", "--out", out], capsys)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: --extend trains run {out} on to more epochs and changes nothing else, but these "
+        f"differ: train.lr: 0.01 -> 0.02")
+    assert RunDir(out).read_metrics() == [first]  # nothing trained
+    # course over 2 epochs: 1, 0.1 (of lr 0.01); over 3: 1, 0.1, 0.05: its one epoch keeps its rate
+    assert cli.main(["student", "--epochs", "3", "--extend", "--quiet", "--out", str(out)]) == 0
+    metrics = RunDir(out).read_metrics()
+    assert metrics[0] == first  # continued from its checkpoint, its wall_s and all, not trained again
+    assert [m["lr"] for m in metrics] == pytest.approx([0.01, 0.001, 0.0005])
+    assert RunDir(out).read_summary()["epochs"] == 3 and RunDir(out).read_config()["train"]["epochs"] == 3
+
+
 def test_a_study_rerun_with_another_lr_names_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(studylib, "study_teacher", lambda s: pytest.fail("the changed study went on"))
     cfg = tmp_path / "s.toml"
@@ -152,6 +212,19 @@ def test_every_path_in_a_stored_config_is_absolute(named_folder, tmp_path, monke
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test_acc"] >= 0
+
+
+def test_a_relative_data_path_and_teacher_are_stored_absolute(small_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez("d.npz", x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y_train=np.arange(40) % 10,
+             x_test=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y_test=np.arange(20) % 10)
+    teacher = os.path.relpath(small_teacher, tmp_path)  # ../small-teacher0/teacher
+    assert not os.path.isabs(teacher)
+    assert cli.main(["student", "--loss", "hard", "--dataset", "npz", "--data-path", "d.npz", "--teacher", teacher,
+                     "--allow-weak-teacher", "--batch-size", "8", *TINY, "--out", "r"]) == 0
+    cfg = RunDir(tmp_path / "r").read_config()
+    assert cfg["data"]["data_path"] == str(tmp_path / "d.npz") and cfg["teacher"]["run"] == str(small_teacher)
 
 
 # 7. one plain line for what was left out
@@ -190,6 +263,13 @@ def test_output_details(named_run, small_teacher, tmp_path, capsys):
         sub = p._subparsers._group_actions[0].choices[command]
         data_dir = next(a for a in sub._actions if "--data-dir" in a.option_strings)
         assert all(kind in data_dir.help for kind in ("svhn", "cifar10", "imagefolder")), (command, data_dir.help)
+    # datasets looks for the official files of svhn, cifar10 and cifar100 in --data-dir, and says so
+    sub = p._subparsers._group_actions[0].choices["datasets"]
+    data_dir = next(a for a in sub._actions if "--data-dir" in a.option_strings)
+    assert data_dir.help.startswith("svhn, cifar10, cifar100: ") and "imagefolder" not in data_dir.help
+    code, out, _ = run(["datasets", "--data-dir", tmp_path], capsys)
+    for name in ("train_32x32.mat", "cifar-10-python.tar.gz", "cifar-100-python.tar.gz"):
+        assert code == 0 and f"        {tmp_path / name}: missing" in out.splitlines(), (name, out)
 
 
 # 9. scale shown up front
@@ -215,6 +295,15 @@ def test_a_study_without_a_config_or_of_many_runs_says_its_plan_first(tmp_path, 
     cfg.write_text("[study]\nseeds = [0]\ntemperatures = [4.0]\n")  # 4 runs: no plan
     assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S")]) == 0
     assert not capsys.readouterr().out.startswith("plan:")
+    cfg.write_text("[study]\nseeds = [0, 1]\ntemperatures = [1.0, 2.0, 4.0]\n")  # 2 + 3 x 3 x 2 = 20 runs: none
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S")]) == 0
+    assert not capsys.readouterr().out.startswith("plan:")
+    cfg.write_text("[study]\nseeds = [0, 1]\ntemperatures = [1.0, 2.0, 4.0, 8.0]\n")  # 2 + 4 x 3 x 2 = 26
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S")]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "plan: a vgg7 teacher of 60 epochs, then 26 student runs of 60 epochs (Q1 2, Q2 8, Q3 8, Q4 8; "
+        "T in 1, 2, 4, 8; seeds 0, 1)",
+        "      each on 1,366 training images: 2.1 million student images in all"]  # 26 x 60 x 1,366
 
 
 def test_bars_only_on_a_terminal_and_quiet_keeps_one_line_per_run(tmp_path, capsys):
@@ -237,11 +326,12 @@ def test_bars_only_on_a_terminal_and_quiet_keeps_one_line_per_run(tmp_path, caps
 
 
 # 10. thin evidence announced
-def test_a_run_at_chance_ends_with_one_warning_and_exit_0(tmp_path, capsys):
+@pytest.mark.parametrize("role, extra", [("student", ["--loss", "hard"]), ("teacher", [])])
+def test_a_run_at_chance_ends_with_one_warning_and_exit_0(role, extra, tmp_path, capsys):
     out = tmp_path / "r"
-    code, _, err = run(["student", *SMALL, "--loss", "hard", "--epochs", "1", "--lr", "1e-12", "--out", out], capsys)
+    code, _, err = run([role, *SMALL, *extra, "--epochs", "1", "--lr", "1e-12", "--out", out], capsys)
     acc = RunDir(out).read_summary()["test_acc_at_val_best"]
     assert code == 0 and acc <= 0.15
-    assert one_line(err) == (f"qdistill: warning: student {out} ends at {100 * acc:.1f}% test accuracy, within 5 "
+    assert one_line(err) == (f"qdistill: warning: {role} {out} ends at {100 * acc:.1f}% test accuracy, within 5 "
                              f"points of chance (10.0% for 10 classes): train it longer, on more data, or with "
                              f"another learning rate")

@@ -304,14 +304,14 @@ def together(n: int, folder: Path):
     return task
 
 
-def test_auto_gpus_share_one_gpu_among_workers_and_quiet_keeps_a_line_per_run(ray_env, tmp_path, capsys,
-                                                                               monkeypatch):
+def test_auto_gpus_share_one_gpu_among_workers_and_quiet_keeps_a_line_per_run(ray_env, in_process, tmp_path,
+                                                                               capsys, monkeypatch):
     """A local instance declaring one GPU (a custom count: no real GPU needed) and
     ``--workers 2``: ``gpus_per_run = "auto"`` asks half a GPU per task, so the two runs
     train at once (their attempts' times on the node overlap; a whole GPU each would
     serialise them). Each attempt records its device. ``--quiet``: no bar, one line per
-    finished run."""
-    cfg = config(tmp_path, "workers = 2\nfused = false\n")
+    finished run. The teacher is the in-process study's (no teacher task to wait for)."""
+    cfg = config(tmp_path, f'workers = 2\nfused = false\n[teacher]\nrun = "{in_process / "teacher"}"\n')
     (tmp_path / "started").mkdir()
     monkeypatch.setattr(cluster, "run_unit", together(2, tmp_path / "started"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # Ray refuses a GPU count the variable does not list

@@ -73,6 +73,9 @@ def test_study_writes_every_run_results_report_and_chosen(fused_study):
     md = (s / "report.md").read_text()
     html = (s / "report.html").read_text()
     assert "Q3" in md and "data:image/png;base64," in html and "src=\"http" not in html
+    # 200 training images, val_fraction 0.05: 10 validation images, 10 points each
+    assert ("The validation split holds 10 images per run: one image is 10.00 points of validation accuracy, "
+            "so differences of a few images decide.") in md
     png = html.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
     for q in ("q1", "q2", "q3", "q4"):

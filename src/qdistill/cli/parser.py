@@ -195,9 +195,10 @@ def _readers(sub) -> None:
     r.add_argument("study")
     r.set_defaults(func=commands.cmd_report)
 
-    d = sub.add_parser("datasets", help="list datasets and whether the SVHN files are present")
+    d = sub.add_parser("datasets", help="list datasets and whether the SVHN and CIFAR files are present")
     _add_config_flags(d)
-    _key(d, "--data-dir", key="data.data_dir", help="folder of the SVHN .mat files (~/.cache/qdistill/svhn)")
+    _key(d, "--data-dir", key="data.data_dir", help="svhn, cifar10, cifar100: the folder to look for their official "
+         "files in (~/.cache/qdistill/DATASET)")
     d.set_defaults(func=commands.cmd_datasets)
 
 

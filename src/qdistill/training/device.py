@@ -82,7 +82,7 @@ def threads(n: int):
     """torch's intra-op CPU threads set to ``n`` meanwhile (0: left as they are). Sums
     split across threads round differently, so a run records how many it had; and two
     processes whose threads outnumber the cores slow each other far more than twice
-    (README, Performance)."""
+    (README, "One teacher, one student": 2.5x on 2 cores)."""
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)

@@ -104,10 +104,11 @@ def test_auto_compiles_long_runs_only():
     assert not compiled.wanted({"train": {"compile": False}}, 10 ** 9, cpu)
 
 
-def _batches(n_list, dtype):
+def _batches(n_list, dtype, channels_last=True):
     g = torch.Generator().manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for n in n_list:
-        yield (torch.rand(n, 3, 32, 32, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last),
+        yield (torch.rand(n, 3, 32, 32, generator=g, dtype=dtype).contiguous(memory_format=layout),
                torch.randint(0, 10, (n,), generator=g), torch.randn(n, 10, generator=g, dtype=dtype))
 
 
@@ -122,23 +123,27 @@ def _small_student():
         torch.nn.AvgPool2d(16), torch.nn.Flatten(), QuantLinear(16, 10))
 
 
-def test_compiled_step_matches_eager_in_float64_with_one_graph_for_every_batch_size():
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_compiled_step_matches_eager_in_float64_with_one_graph_for_every_batch_size(channels_last):
     """Inductor reorders and fuses the same float64 arithmetic. Each step's results carry
     a relative rounding error of about (terms in the longest sum) x 2^-53 <= 6.6e4 x
     1.1e-16 = 7e-12 (BatchNorm's sums over 64 x 32 x 32 values), and Adam's update
     lr * m / (sqrt(v) + eps) passes it on without growth; a quantizer flip would need a latent weight within 1e-13 of a
     threshold. Five steps stay far below the bound 1e-9, which a wrong formula (a missed
-    term, a float32 step) exceeds by orders of magnitude."""
+    term, a float32 step) exceeds by orders of magnitude. The loop trains channels_last;
+    contiguous tensors once took the quantizers' eager-only chunked mask product, which
+    fixed the batch size into the graph and failed on the next one."""
     import torch._dynamo.utils as dynamo_utils
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
-    net = group([_small_student()]).to_channels_last().double()
+    net = group([_small_student()]).double()
+    net = net.to_channels_last() if channels_last else net
     ref = copy.deepcopy(net)
     cfg = {"train": {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 2, "schedule": "linear",
                      "warmup": 0.2}}
     opt, opt_ref = make_optimizer(net.parameters(), cfg), make_optimizer(ref.parameters(), cfg)
     loss, step = build_loss("hard+soft", 4.0, 16.0), compiled.CompiledStep()
-    for i, (x, y, t) in enumerate(_batches([64, 64, 17, 64, 17], torch.float64)):
+    for i, (x, y, t) in enumerate(_batches([64, 64, 17, 64, 17], torch.float64, channels_last)):
         set_lr(opt, cfg, i, 3), set_lr(opt_ref, cfg, i, 3)
         got, _ = step(net, opt, x, y, t, [loss], contextlib.nullcontext())
         want, _ = train_step(ref, opt_ref, x, y, t, [loss], contextlib.nullcontext())
@@ -150,12 +155,22 @@ def test_compiled_step_matches_eager_in_float64_with_one_graph_for_every_batch_s
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # no recompile for 17 images
 
 
-def test_a_step_that_cannot_compile_goes_on_eager_with_one_warning(monkeypatch, capsys):
+def _no_compiler():
     from torch._inductor.exc import InductorError
+    return InductorError(RuntimeError("no C++ compiler found"), "trace")
+
+
+def _dynamic_batch_specialised():
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+    return ConstraintViolationError("Constraints violated (L['xb'].size()[0])!")
+
+
+@pytest.mark.parametrize("error", [_no_compiler, _dynamic_batch_specialised])
+def test_a_step_that_cannot_compile_goes_on_eager_with_one_warning(monkeypatch, capsys, error):
     step = compiled.CompiledStep()
 
     def fails(*a, **k):
-        raise InductorError(RuntimeError("no C++ compiler found"), "trace")
+        raise error()
     monkeypatch.setattr(step, "_loss_fn", fails)
     net = students(1, torch.device("cpu"), False)
     opt = make_optimizer(net.parameters(), {"train": {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.0}})

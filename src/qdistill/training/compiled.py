@@ -95,4 +95,6 @@ def _compile_error(e: Exception) -> bool:
     """Whether ``e`` comes from compiling rather than from the step's own arithmetic."""
     import torch._dynamo.exc as exc
     from torch._inductor.exc import InductorError
-    return isinstance(e, (exc.BackendCompilerFailed, exc.Unsupported, InductorError, OSError))
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+    return isinstance(e, (exc.BackendCompilerFailed, exc.Unsupported, InductorError, ConstraintViolationError,
+                          OSError))

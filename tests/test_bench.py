@@ -115,3 +115,19 @@ def test_the_table_names_gpu_memory_and_the_precision():
     lines = bench.format_table(r).splitlines()
     assert lines[1].endswith("peak GPU MB") and "(b) and (c) bf16 autocast" in lines[5]
     assert bench.format_table({**r, "memory": "rss", "precision": "fp32"}).splitlines()[1].endswith("peak RSS MB")
+
+
+def test_the_default_batch_rates_are_medians_of_alternating_turns(monkeypatch):
+    """Eager and compiled take turns (a slow spell weighs on both); each rate is the median
+    of its turns, the compile time the first compiled turn's."""
+    calls, rates = [], {False: iter([100.0, 300.0, 200.0]), True: iter([(250.0, 9.0), (500.0, 1.0), (260.0, 1.0)])}
+
+    def fake_rate(cfg, arch, w, a, compiled_steps, dev, min_seconds):
+        calls.append(compiled_steps)
+        r = next(rates[compiled_steps])
+        return r if compiled_steps else (r, 0.0)
+    monkeypatch.setattr(bench, "run_rate", fake_rate)
+    got = bench._default_batch("cpu", True, lambda line: None)
+    assert calls == [False, True] * bench.DEFAULT_REPEATS
+    assert got == {"default_batch": 64, "default_img_s": 260.0, "default_eager_img_s": 200.0,
+                   "default_compile_s": 9.0, "default_compiled_vs_eager": 1.3}

@@ -38,6 +38,7 @@ asserts nothing and reports the machine it ran on.
 from __future__ import annotations
 
 import multiprocessing
+import statistics
 import time
 
 import torch
@@ -240,16 +241,28 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
     }
 
 
+DEFAULT_REPEATS = 3  # eager and compiled take turns; each rate is the median of its turns
+
+
 def _default_batch(dev, compiles: bool, log) -> dict:
     """One student at the default recipe's batch size (`qdistill.training.rate.run_rate`,
-    hard loss, 5 s each), compiled where ``auto`` compiles and eager, in this process."""
+    hard loss, 3 s a turn), eager and, where ``auto`` compiles, compiled, in this process:
+    `DEFAULT_REPEATS` turns each, alternating, so that a slow spell of the machine weighs on
+    both; the medians, and the compile time of the first compiled turn."""
     cfg = configlib.defaults()
     batch = cfg["train"]["batch_size"]
-    log(f"(b) at the default recipe's batch of {batch}, eager{' and compiled' if compiles else ''} ...")
-    eager = run_rate(cfg, "vgg7", 2, 1, False, dev, min_seconds=5.0)[0]
-    rate, compile_s = run_rate(cfg, "vgg7", 2, 1, True, dev, min_seconds=5.0) if compiles else (eager, 0.0)
-    return {"default_batch": batch, "default_img_s": rate, "default_eager_img_s": eager,
-            "default_compile_s": compile_s, "default_compiled_vs_eager": rate / eager}
+    log(f"(b) at the default recipe's batch of {batch}, eager{' and compiled' if compiles else ''}, "
+        f"{DEFAULT_REPEATS} turns each ...")
+    eager, rate, compile_s = [], [], []
+    for _ in range(DEFAULT_REPEATS):
+        eager.append(run_rate(cfg, "vgg7", 2, 1, False, dev, min_seconds=3.0)[0])
+        if compiles:
+            r, c = run_rate(cfg, "vgg7", 2, 1, True, dev, min_seconds=3.0)
+            rate.append(r), compile_s.append(c)
+    eager_img_s = statistics.median(eager)
+    img_s = statistics.median(rate) if compiles else eager_img_s
+    return {"default_batch": batch, "default_img_s": img_s, "default_eager_img_s": eager_img_s,
+            "default_compile_s": compile_s[0] if compiles else 0.0, "default_compiled_vs_eager": img_s / eager_img_s}
 
 
 def format_table(r: dict) -> str:

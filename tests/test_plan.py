@@ -28,3 +28,18 @@ def test_estimate_is_images_over_measured_rates():
     left = estimate_lines(cfg, 1000, Rates(100.0, 50.0, True, 2, (7.0, 5.0)), left=(False, 1))
     assert left[0].startswith("estimate: 45 s of training")  # one run: 2 x 1000 / 50 + its 5 s compile
     assert [duration(s) for s in (89, 90, 5399, 5400)] == ["89 s", "2 min", "90 min", "1.5 h"]
+
+
+def test_the_clock_says_runs_done_and_the_time_left_at_their_pace(monkeypatch):
+    """Each line the study prints before a run and after it: 4 runs, the first done after
+    100 s, so 3 more take about 300 s."""
+    from qdistill.study import run as studyrun
+    now = iter([1000.0, 1100.0, 1100.0])
+    monkeypatch.setattr(studyrun.time, "perf_counter", lambda: next(now))
+    clock = studyrun.Clock(4)                                 # t = 1000
+    assert clock.left() == ""                                 # nothing done: no pace yet
+    assert clock.tick() == "1/4 runs, about 5 min left"       # t = 1100: 3 x 100 s
+    assert clock.left() == ", about 5 min left"               # t = 1100
+    clock.done = 3
+    assert clock.tick() == "4/4 runs"                         # the last: nothing left to say
+    assert clock.left() == ""

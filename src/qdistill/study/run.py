@@ -42,9 +42,15 @@ class Clock:
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
 
     def tick(self) -> str:
+        """A run finished: ``"k/N runs, about X left"`` (no time left after the last)."""
         self.done += 1
-        left = (self.total - self.done) * (time.perf_counter() - self.t0) / self.done
-        return f"{self.done}/{self.total} runs" + (f", about {duration(left)} left" if self.done < self.total else "")
+        return f"{self.done}/{self.total} runs{self.left()}"
+
+    def left(self) -> str:
+        """``", about X left"`` at the pace so far; empty before the first run or after the last."""
+        if not 0 < self.done < self.total:
+            return ""
+        return f", about {duration((self.total - self.done) * (time.perf_counter() - self.t0) / self.done)} left"
 
 
 @dataclass
@@ -159,8 +165,8 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
         groups = unfinished_groups(conds, s.dir)
         for i, (members, folder) in enumerate(groups):
             if s.progress:
-                print(f"[group {i + 1}/{len(groups)}] seed {members[0].seed}: {len(members)} students fused",
-                      flush=True)
+                print(f"[group {i + 1}/{len(groups)}{s.clock.left()}] seed {members[0].seed}: {len(members)} "
+                      f"students fused", flush=True)
             _train_recorded(s, members, teacher, group=folder)
             s.results(conds)
             for c in members:
@@ -168,7 +174,7 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
     else:
         for i, cond in enumerate(todo):
             if s.progress:
-                print(f"[{i + 1}/{len(todo)}] {cond.name}", flush=True)
+                print(f"[{i + 1}/{len(todo)}{s.clock.left()}] {cond.name}", flush=True)
             s.dir.run(cond.name).clear_error()
             _train_recorded(s, [cond], teacher)
             s.results(conds)

@@ -43,3 +43,27 @@ def test_the_clock_says_runs_done_and_the_time_left_at_their_pace(monkeypatch):
     clock.done = 3
     assert clock.tick() == "4/4 runs"                         # the last: nothing left to say
     assert clock.left() == ""
+
+
+def test_within_answers_in_time_or_stops_the_process_and_says_none():
+    import time
+    from qdistill.study.plan import _within
+    assert _within(30, pow, 2, 10) == 1024             # in a fresh Python, through pickle
+    assert _within(30, int, "not a number") is None    # it failed
+    t0 = time.monotonic()
+    assert _within(0.5, time.sleep, 60) is None        # too slow: stopped
+    assert time.monotonic() - t0 < 10
+
+
+def test_compiled_rates_that_miss_the_budget_give_eager_rates_and_say_so(monkeypatch):
+    from qdistill.study import plan
+    from qdistill.training import compiled
+    monkeypatch.setattr(compiled, "wanted", lambda *a: True)
+    monkeypatch.setattr(plan, "_within", lambda seconds, fn, *args: None)  # as a cold compile does
+    measured = []
+    monkeypatch.setattr(plan, "measure_rates", lambda cfg, compiled_steps, threads: measured.append(compiled_steps)
+                        or Rates(100.0, 50.0, compiled_steps, max(threads, 1)))
+    lines = plan.measured_estimate(resolve("configs/homework.toml"))
+    assert set(measured) == {False} and "eager steps" in lines[0]
+    assert lines[-1] == "          (compiled rates not measured within 25 s, as with Inductor's cache cold: " \
+                        "these are eager rates)"

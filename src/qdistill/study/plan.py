@@ -100,19 +100,59 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+COMPILED_BUDGET_S = 25.0  # the compiled rates' share of --plan's 30 s; the eager ones take ~3 s
+
+
 def measured_estimate(cfg: dict) -> list[str]:
     """``study --plan``'s estimate: the rates measured as the runs will train (compiled
-    where `compiled.wanted`), then at one thread each for ``--workers``."""
+    where `compiled.wanted`), then at one thread each for ``--workers``. Compiled rates
+    are measured in a fresh process given `COMPILED_BUDGET_S`: with Inductor's cache cold
+    the two compiles take over a minute here, and then the estimate says it uses eager
+    rates instead."""
     import os
     import torch
     from ..training.compiled import wanted
     n = trained_images(cfg)
     compiled_steps = wanted(cfg, cfg["train"]["epochs"] * (n or 0), torch.device("cpu"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    rates = measure_rates(cfg, compiled_steps, cfg["train"]["threads"])
-    one = measure_rates(cfg, compiled_steps, 1) if cores > 1 else None
+    measured = _within(COMPILED_BUDGET_S, _rates, cfg, True, cores) if compiled_steps else None
+    rates, one = measured or _rates(cfg, False, cores)
     lines = estimate_lines(cfg, n, rates, one, cores)
-    if compiled_steps:
+    if measured:
         lines.append(f"          (each run first compiles its step, included: {rates.compile_s[1]:.0f} s for a "
                      f"student here)")
+    elif compiled_steps:
+        lines.append(f"          (compiled rates not measured within {COMPILED_BUDGET_S:.0f} s, as with Inductor's "
+                     f"cache cold: these are eager rates)")
     return lines
+
+
+def _rates(cfg: dict, compiled_steps: bool, cores: int) -> tuple[Rates, Rates | None]:
+    """The rates with the configured threads, and at one thread where ``cores`` > 1."""
+    return (measure_rates(cfg, compiled_steps, cfg["train"]["threads"]),
+            measure_rates(cfg, compiled_steps, 1) if cores > 1 else None)
+
+
+def _within(seconds: float, fn, *args):
+    """``fn(*args)`` (picklable, ``fn`` a module-level function) in a fresh Python, or None
+    where it takes longer than ``seconds`` or fails; its process group is killed then,
+    its messages (a killed compile's included) go nowhere."""
+    import os
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    code = "import pickle, sys; fn, args = pickle.load(sys.stdin.buffer); pickle.dump(fn(*args), sys.stdout.buffer)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = proc.communicate(pickle.dumps((fn, args)), timeout=seconds)
+        return pickle.loads(out) if proc.returncode == 0 else None
+    except subprocess.TimeoutExpired:
+        return None
+    finally:  # also on Ctrl-C, which a process in its own session does not see
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # with whatever it started
+        except ProcessLookupError:
+            pass
+        proc.communicate()

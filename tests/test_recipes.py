@@ -113,9 +113,9 @@ def _batches(n_list, dtype, channels_last=True):
 
 
 def _small_student():
-    """vgg7's layers (a full-precision first convolution, a W2 hidden one, BatchNorm, A1
-    activations, pooling, a linear head) at a tenth of its depth: the compile takes a
-    few seconds instead of vgg7's 15-35 s here, and the arithmetic is of the same kinds."""
+    """vgg7's kinds of layer (a full-precision first convolution, a W2 hidden one,
+    BatchNorm, A1 activations, pooling, a linear head), two convolutions of its seven: the
+    compile takes a few seconds instead of vgg7's 15-35 s here, the arithmetic is alike."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
         QuantConv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), QuantAct(1), MaxPool2d(2),
@@ -128,8 +128,8 @@ def test_compiled_step_matches_eager_in_float64_with_one_graph_for_every_batch_s
     """Inductor reorders and fuses the same float64 arithmetic. Each step's results carry
     a relative rounding error of about (terms in the longest sum) x 2^-53 <= 6.6e4 x
     1.1e-16 = 7e-12 (BatchNorm's sums over 64 x 32 x 32 values), and Adam's update
-    lr * m / (sqrt(v) + eps) passes it on without growth; a quantizer flip would need a latent weight within 1e-13 of a
-    threshold. Five steps stay far below the bound 1e-9, which a wrong formula (a missed
+    lr * m / (sqrt(v) + eps) passes it on without growth; a quantizer flip would need a
+    latent weight within 1e-13 of a threshold. Five steps stay far below the bound 1e-9, which a wrong formula (a missed
     term, a float32 step) exceeds by orders of magnitude. The loop trains channels_last;
     contiguous tensors once took the quantizers' eager-only chunked mask product, which
     fixed the batch size into the graph and failed on the next one."""

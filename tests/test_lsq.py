@@ -208,8 +208,8 @@ def test_every_model_trains_a_step_with_lsq(name):
     model = build(name, weight_bits=2, act_bits=2, scheme="lsq", quantize_first_last=True).train()
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
     steps = {n: p for n, p in model.named_parameters() if n.endswith("step")}
-    acts = [m for m in model if isinstance(m, QuantAct)]
-    assert len(steps) == sum(isinstance(m, (QuantConv2d, QuantLinear)) for m in model) + len(acts)
+    acts = [m for m in model.modules() if isinstance(m, QuantAct)]
+    assert len(steps) == sum(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()) + len(acts)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     F.cross_entropy(model(x), y).backward()
     before = {n: p.detach().clone() for n, p in steps.items()}

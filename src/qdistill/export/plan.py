@@ -44,33 +44,12 @@ def weight_codes(conv: nn.Module) -> tuple[np.ndarray, int, float]:
     """``(codes, n, alpha)`` of a quantized conv, with ``quantized_weight() == alpha * (2c - n)``
     (see the module docstring). The codes are checked to reproduce torch's quantized
     weights bit for bit."""
-    bits, scheme = conv.weight_bits, conv.scheme
     with torch.no_grad():
         wq = conv.quantized_weight().detach().float().cpu()
-        if scheme == "lsq":  # wq = (c - half) * s, one float32 product
-            s = _step(conv.step, "weight")
-            half, n = 2 ** (bits - 1), 2**bits
-            codes = torch.round(wq / s).to(torch.int64) + half
-            alpha = float(s) / 2
-            rebuilt = (codes - half).float() * s
-        elif scheme == "dorefa" and bits == 1:
-            e = conv.weight.detach().float().abs().mean()
-            codes = (conv.weight.detach() >= 0).to(torch.int64)
-            n, alpha = 1, float(e)
-            rebuilt = torch.where(codes == 1, e, -e)
-        elif scheme == "dorefa":
-            n = 2**bits - 1
-            codes = torch.round((wq * n + n) / 2).to(torch.int64)
-            alpha = 1.0 / n
-            rebuilt = (2 * codes - n).float() / n
-        else:  # homework: wq = ((2c - n) / n) * (0.5 * s)
-            n = 2**bits - 1
-            half_s = 0.5 * (2 * torch.tanh(conv.weight.detach().float()).abs().mean())
-            codes = torch.round((wq / half_s * n + n) / 2).to(torch.int64)
-            alpha = float(half_s) / n
-            rebuilt = ((2 * codes - n).float() / n) * half_s
+        step = _step(conv.step, "weight") if conv.quant.learned else None
+        codes, n, alpha, rebuilt = conv.quant.codes(conv, wq, step)
     if codes.min() < 0 or codes.max() > max(n, 1) or not torch.equal(rebuilt, wq):
-        raise ExportError(f"internal: weight codes do not reproduce the {scheme} {bits}-bit weights")
+        raise ExportError(f"internal: weight codes do not reproduce the {conv.scheme} {conv.weight_bits}-bit weights")
     return codes.numpy(), n, alpha
 
 
@@ -89,7 +68,7 @@ def act_step(act: nn.Module | None) -> float | None:
     """The value of one level of an LSQ activation quantizer, its step ``s`` (``None`` for
     the other schemes, whose level ``q`` is ``q / m``). `ExportError` if the step was never
     initialised (no training batch seen), is zero or is not finite."""
-    if not (isinstance(act, QuantAct) and act.scheme == "lsq" and act.step is not None):
+    if not (isinstance(act, QuantAct) and act.quant.learned and act.step is not None):
         return None
     if not bool(act.initialized):
         raise ExportError("an LSQ activation step was never initialised: train the model at least one step")
@@ -225,8 +204,8 @@ def fold(block: Block, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.nda
     if block.affine is not None:
         c = block.affine.a.detach().double().abs().numpy() + 1
         p, q = p * c, q * c + block.affine.b.detach().double().numpy()
-    if isinstance(block.act, QuantAct) and block.act.scheme == "homework":
-        p, q = 0.1 * p, 0.1 * q
+    if isinstance(block.act, QuantAct):  # the quantizer's own factor (the course's 0.1), exact at 1
+        p, q = block.act.quant.prescale * p, block.act.quant.prescale * q
     return p, q
 
 

@@ -6,6 +6,9 @@ schema can check names without importing torch.
 """
 
 SCHEMES = ("dorefa", "homework", "lsq")
+"""The quantization schemes (`qdistill.nn.schemes` holds one object each)."""
+MIN_WEIGHT_BITS = {"lsq": 2}
+"""Weight bits below which a scheme has no levels (others: 1)."""
 LOSSES = ("hard", "soft", "hard+soft", "hard+softgt")
 KD_TERMS = ("kl", "dkd", "ls", "dist")
 """The teacher terms of Q2 and Q3 (`qdistill.nn.losses`): ``kl`` Hinton et al. 2015,
@@ -18,6 +21,7 @@ def scheme_bits_error(scheme: str, weight_bits: int, act_bits: int) -> str | Non
     """The config check's message when ``scheme`` cannot quantize to these bits, else
     ``None``. LSQ's signed weight grid ``-2**(b-1) .. 2**(b-1) - 1`` is ``{-1, 0}`` at one
     bit: no positive level (and ``Q_P = 0`` would divide its step's initialisation by 0)."""
-    if scheme == "lsq" and weight_bits < 2:
-        return f"student.scheme lsq needs weight_bits >= 2 (1 bit leaves no signed levels), got {weight_bits}"
+    low = MIN_WEIGHT_BITS.get(scheme, 1)
+    if weight_bits < low:
+        return f"student.scheme {scheme} needs weight_bits >= {low} (1 bit leaves no signed levels), got {weight_bits}"
     return None

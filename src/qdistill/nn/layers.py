@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import scheme_bits_error
+from . import scheme_bits_error, schemes
 from .autograd import MaxPoolInt32
-from .quantizers import (ACTIVATION_QUANTIZERS, FULL, WEIGHT_QUANTIZERS, check_bits, check_scheme,
-                         dorefa_gradient, lsq_activation, lsq_activation_init, lsq_weight, lsq_weight_init)
+from .quantizers import FULL, check_bits, dorefa_gradient, lsq_activation_init, lsq_weight_init
 
 
 class _QuantWeight:
@@ -32,10 +31,11 @@ class _QuantWeight:
     def _init_quant(self, weight_bits: int, grad_bits: int, scheme: str) -> None:
         self.weight_bits = check_bits(weight_bits)
         self.grad_bits = check_bits(grad_bits)
-        self.scheme = check_scheme(scheme)
-        learned = scheme == "lsq" and weight_bits < FULL
-        if learned and scheme_bits_error(scheme, weight_bits, FULL):
-            raise ValueError(scheme_bits_error(scheme, weight_bits, FULL))
+        self.quant = schemes.get(scheme)
+        self.scheme = self.quant.name
+        learned = self.quant.learned and weight_bits < FULL
+        if learned and scheme_bits_error(self.scheme, weight_bits, FULL):
+            raise ValueError(scheme_bits_error(self.scheme, weight_bits, FULL))
         w = self.weight
         self.register_parameter("step", nn.Parameter(torch.ones(self._step_shape(), dtype=w.dtype, device=w.device))
                                 if learned else None)
@@ -49,9 +49,7 @@ class _QuantWeight:
         self.step.copy_(lsq_weight_init(self.weight, self.weight_bits, self.members).view(self._step_shape()))
 
     def quantized_weight(self) -> torch.Tensor:
-        if self.scheme == "lsq":
-            return lsq_weight(self.weight, self.step, self.weight_bits, self.members)
-        return WEIGHT_QUANTIZERS[self.scheme](self.weight, self.weight_bits, self.members)
+        return self.quant.weight(self.weight, self.weight_bits, self.members, self.step)
 
     def _bits_repr(self) -> str:
         return f"weight_bits={self.weight_bits}, grad_bits={self.grad_bits}, scheme={self.scheme}"
@@ -107,8 +105,9 @@ class QuantAct(nn.Module):
     def __init__(self, bits: int = FULL, scheme: str = "dorefa"):
         super().__init__()
         self.bits = check_bits(bits)
-        self.scheme = check_scheme(scheme)
-        learned = scheme == "lsq" and bits < FULL
+        self.quant = schemes.get(scheme)
+        self.scheme = self.quant.name
+        learned = self.quant.learned and bits < FULL
         self.register_parameter("step", nn.Parameter(torch.ones(1)) if learned else None)
         self.register_buffer("initialized", torch.tensor(False) if learned else None)
         # The flag as Python sees it without a device round-trip each step: True only once
@@ -116,11 +115,9 @@ class QuantAct(nn.Module):
         self._ready = False
 
     def forward(self, x):
-        if self.scheme != "lsq":
-            return ACTIVATION_QUANTIZERS[self.scheme](x, self.bits)
         if self.step is not None and self.training and not self._ready:
             self._init_step(x)
-        return lsq_activation(x, self.step, self.bits, self.members)
+        return self.quant.activation(x, self.bits, self.members, self.step)
 
     @torch.no_grad()
     def _init_step(self, x: torch.Tensor) -> None:

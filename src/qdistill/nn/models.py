@@ -1,7 +1,10 @@
 """Architectures and their registry: ``build(name, **kwargs)`` and ``names()``.
 
-Every model is a flat ``nn.Sequential`` read top to bottom, so a reader (and export,
-and fused training) walks it layer by layer. Inputs are 32x32 images in [0, 1].
+Two kinds of record. The course networks (``vgg7``, ``vgg7-wide``, ``dorefa-svhn``) are
+flat ``nn.Sequential`` stacks built layer by layer for a scheme (`_Spec`): the homework
+scheme's blocks differ from the others'. Float networks (``resnet20``, and a user's own
+through `qdistill.nn.reference`) are built in float and quantized by
+`qdistill.nn.quantize.quantize`. Inputs are 32x32 images in [0, 1].
 
 Quantized models follow the DoReFa convention: the first and the last layer keep
 full-precision weights unless ``quantize_first_last=True``; the ``"homework"`` scheme
@@ -11,19 +14,31 @@ the hidden convolutions, where the reference applies ``fg``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
 
-from .layers import AbsAffine, Clip01, MaxPool2d, QuantAct, QuantConv2d, QuantLinear, Resize
-from .quantizers import FULL, check_scheme
+from . import schemes
+from .layers import Clip01, MaxPool2d, QuantAct, QuantConv2d, QuantLinear, Resize
+from .quantize import quantize
+from .quantizers import FULL
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+@dataclass(frozen=True)
+class Record:
+    """One registered model: ``make(spec, num_classes, in_channels)`` for a course network,
+    or ``make(num_classes, in_channels)`` giving a float network to quantize."""
+    make: Callable[..., nn.Module]
+    course: bool
 
 
-def register(name: str):
+_REGISTRY: dict[str, Record] = {}
+
+
+def register(name: str, course: bool = True):
     def deco(fn):
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = Record(fn, course)
         return fn
     return deco
 
@@ -38,38 +53,41 @@ def build(name: str, *, weight_bits: int = FULL, act_bits: int = FULL, grad_bits
     """Build a registered model. Raises ``KeyError`` naming the known models."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(names())}")
-    spec = _Spec(weight_bits, act_bits, grad_bits, check_scheme(scheme), quantize_first_last)
-    model = _REGISTRY[name](spec, num_classes=num_classes, in_channels=in_channels)
+    record = _REGISTRY[name]
+    bits = dict(weight_bits=weight_bits, act_bits=act_bits, grad_bits=grad_bits)
+    if record.course:
+        model = record.make(_Spec(**bits, scheme=schemes.get(scheme), quantize_first_last=quantize_first_last),
+                            num_classes=num_classes, in_channels=in_channels)
+    else:
+        model = quantize(record.make(num_classes=num_classes, in_channels=in_channels), scheme=scheme,
+                         quantize_first_last=quantize_first_last, **bits)
     model.arch = name
     return model
 
 
 class _Spec:
-    """The bit-widths of one model and the layer makers that apply them."""
+    """The bit-widths and scheme of one course network, and the layer makers that apply them."""
 
-    def __init__(self, weight_bits, act_bits, grad_bits, scheme, quantize_first_last):
+    def __init__(self, weight_bits, act_bits, grad_bits, scheme: schemes.Scheme, quantize_first_last):
         self.weight_bits, self.act_bits, self.grad_bits = weight_bits, act_bits, grad_bits
         self.scheme = scheme
-        # DoReFa's activation quantizer in the plain [BN, act] pairs; LSQ's own there
-        self.act_scheme = "lsq" if scheme == "lsq" else "dorefa"
         self.edge_bits = weight_bits if quantize_first_last else FULL
 
     def conv(self, cin, cout, k, padding, *, first=False, bias=False):
-        quantize_edge = first and self.scheme == "homework"
-        bits = self.weight_bits if (not first or quantize_edge) else self.edge_bits
+        bits = self.weight_bits if (not first or self.scheme.quantizes_first_conv) else self.edge_bits
         return QuantConv2d(cin, cout, k, padding=padding, bias=bias, weight_bits=bits,
-                           grad_bits=FULL if first else self.grad_bits, scheme=self.scheme)
+                           grad_bits=FULL if first else self.grad_bits, scheme=self.scheme.name)
 
     def linear(self, cin, cout):
-        return QuantLinear(cin, cout, weight_bits=self.edge_bits, scheme=self.scheme)
+        return QuantLinear(cin, cout, weight_bits=self.edge_bits, scheme=self.scheme.name)
 
     def norm_act(self, channels):
-        """BatchNorm then the activation; for the homework scheme BN has no affine
-        parameters and is followed by the learned ``(|a| + 1) * x + b``."""
-        if self.scheme == "homework":
-            return [nn.BatchNorm2d(channels, affine=False), AbsAffine(channels),
-                    QuantAct(self.act_bits, "homework")]
-        return [nn.BatchNorm2d(channels), QuantAct(self.act_bits, self.act_scheme)]
+        """BatchNorm then the activation (`qdistill.nn.schemes.Scheme.norm_act`)."""
+        return self.scheme.norm_act(channels, self.act_bits)
+
+    def act(self, own: bool = False):
+        """The activation quantizer alone: the scheme's plain one, or with ``own`` its own."""
+        return QuantAct(self.act_bits, self.scheme.name if own else self.scheme.plain_act)
 
 
 def _vgg7(spec: _Spec, num_classes: int, in_channels: int, width: int) -> nn.Sequential:
@@ -103,18 +121,13 @@ def dorefa_svhn(spec, num_classes=10, in_channels=3):
     """The SVHN network of DoReFa-Net's reference implementation (40x40 input, so the
     32x32 image is resized first). Its last conv is followed by ``clamp(x, 0, 1)`` as
     this project's spec states; the reference uses ``min(1, |x|)`` there."""
-    if spec.scheme == "homework":
-        act = lambda c: [nn.BatchNorm2d(c, affine=False), AbsAffine(c), QuantAct(spec.act_bits, "homework")]
-        bn = lambda c: [nn.BatchNorm2d(c, affine=False), AbsAffine(c)]
-    else:
-        act = lambda c: [nn.BatchNorm2d(c), QuantAct(spec.act_bits, spec.act_scheme)]
-        bn = lambda c: [nn.BatchNorm2d(c)]
+    act, bn = spec.norm_act, spec.scheme.norm
     return nn.Sequential(
         Resize(40),
         spec.conv(in_channels, 48, 5, 0, first=True, bias=True), MaxPool2d(2),
-        QuantAct(spec.act_bits, spec.act_scheme),
+        spec.act(),
         spec.conv(48, 64, 3, 1), *act(64),
-        spec.conv(64, 64, 3, 1), *bn(64), MaxPool2d(2), QuantAct(spec.act_bits, spec.scheme),
+        spec.conv(64, 64, 3, 1), *bn(64), MaxPool2d(2), spec.act(own=True),
         spec.conv(64, 128, 3, 0), *act(128),
         spec.conv(128, 128, 3, 1), *act(128),
         spec.conv(128, 128, 3, 0), *act(128),
@@ -122,6 +135,58 @@ def dorefa_svhn(spec, num_classes=10, in_channels=3):
         spec.conv(128, 512, 5, 0), *bn(512), Clip01(),
         nn.Flatten(), spec.linear(512, num_classes),
     )
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016)'s basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``,
+    the shortcut a 1x1 convolution with BatchNorm where the shape changes, else ``x``."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016), section 4.2: a 3x3 convolution of 16 channels,
+    three stages of ``blocks`` basic blocks (16, 32, 64 channels; the second and third
+    start with stride 2), global average pooling and a linear layer. ``6 * blocks + 2``
+    weight layers: 20 for ``blocks = 3``. PyTorch's default initialisation."""
+
+    def __init__(self, blocks: int = 3, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        layers, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.stages = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.stages(self.relu(self.bn(self.conv(x)))))))
+
+
+@register("resnet20", course=False)
+def resnet20(num_classes=10, in_channels=3):
+    """ResNet-20 for 32x32 images (He et al. 2016): 0.27M parameters; quantized by
+    `quantize` (residual adds in full precision)."""
+    return ResNet(3, num_classes, in_channels)
 
 
 def summary(model: nn.Module) -> dict:

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import SCHEMES, scheme_bits_error
+from . import scheme_bits_error
 from .autograd import ClampRound, LsqRound, QuantizeBackward, Round, SignScaled
 
 FULL = 32  # bits at and above which a quantizer is the identity
@@ -30,12 +30,6 @@ def check_bits(bits: int) -> int:
     if not isinstance(bits, int) or bits < 1:
         raise ValueError(f"bits must be a positive integer, got {bits!r}")
     return bits
-
-
-def check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {SCHEMES}")
-    return scheme
 
 
 def _n(bits: int) -> float:
@@ -235,6 +229,3 @@ def lsq_activation_init(x: torch.Tensor, bits: int, members: int | None = None,
     dims = tuple(d for d in range(xm.dim()) if members is None or d != 1)
     return lsq_init(torch.mean(xm.abs(), dim=dims, dtype=dtype or x.dtype).reshape(-1), bits, False)
 
-
-WEIGHT_QUANTIZERS = {"dorefa": dorefa_weight, "homework": homework_weight}
-ACTIVATION_QUANTIZERS = {"dorefa": dorefa_activation, "homework": homework_activation}

@@ -58,18 +58,19 @@ def _pack_np(levels: np.ndarray, bits: int, pad: int) -> np.ndarray:
     return np.ascontiguousarray(packed).view("<u8").astype(np.uint64)
 
 
-def _im2col_np(x: np.ndarray, kh: int, kw: int, cin: int) -> np.ndarray:
-    """The receptive field of every output position as packed bits ``(N, Ho, Wo, a, Kw)``,
-    in the bit order of `weight_rows`."""
+def _im2col_np(x: np.ndarray, kh: int, kw: int, cin: int, stride: int = 1) -> np.ndarray:
+    """The receptive field of every output position (every ``stride``-th) as packed bits
+    ``(N, Ho, Wo, a, Kw)``, in the bit order of `weight_rows`."""
     lv = unpack(x, cin, 0)
-    n, hp, wp, _ = lv.shape
+    n = lv.shape[0]
     win = np.lib.stride_tricks.sliding_window_view(lv, (kh, kw), axis=(1, 2))  # N Ho Wo C KH KW
-    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n, hp - kh + 1, wp - kw + 1, kh * kw * cin)
+    win = win[:, ::stride, ::stride]
+    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n, win.shape[1], win.shape[2], kh * kw * cin)
     return _pack_np(np.ascontiguousarray(cols), x.shape[3], 0)
 
 
-def _acc_np(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: int) -> np.ndarray:
-    cols = _im2col_np(x, kh, kw, cin)
+def _acc_np(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: int, stride: int = 1) -> np.ndarray:
+    cols = _im2col_np(x, kh, kw, cin, stride)
     k, _, o = wq.shape
     out = np.empty(cols.shape[:3] + (o,), np.int32)
     for s in range(0, len(cols), 8):  # chunks bound the (n, y, x, words, O) temporaries
@@ -110,34 +111,44 @@ def unpack(x: np.ndarray, channels: int, pad: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint8)[:, None]).sum(-2, dtype=np.uint8)
 
 
-def _emit_np(levels: np.ndarray, bits: int, out_pad: int | None) -> np.ndarray:
-    return levels if out_pad is None else _pack_np(levels, bits, out_pad)
+def _emit_np(levels: np.ndarray, bits: int, out_pad: int | None, both: bool = False):
+    if out_pad is None:
+        return levels
+    packed = _pack_np(levels, bits, out_pad)
+    return (levels, packed) if both else packed
 
 
-def _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad):
-    levels = maxpool(_threshold_np(_acc_np(x, wq, nw, kh, kw, cin), thr, sign), pool)
-    return _emit_np(levels, out_bits, out_pad)
+def _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, stride, both):
+    levels = maxpool(_threshold_np(_acc_np(x, wq, nw, kh, kw, cin, stride), thr, sign), pool)
+    return _emit_np(levels, out_bits, out_pad, both)
 
 
-def _conv_float_np(x: np.ndarray, wt: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def _conv_float_np(x: np.ndarray, wt: np.ndarray, bias: np.ndarray, stride: int = 1) -> np.ndarray:
     """Float conv of a padded ``(N, C, H, W)`` input, channels-last output. Summed in the
     numba kernel's order (bias, then over ``c, ky, kx``, float32 multiply then add), so both
     backends round alike and give the same levels."""
     c, kh, kw, o = wt.shape
     n, _, hp, wp = x.shape
-    ho, wo = hp - kh + 1, wp - kw + 1
+    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
     acc = np.empty((n, o, ho, wo), np.float32)
     acc[:] = bias[None, :, None, None]
+    ys, xs = (ho - 1) * stride + 1, (wo - 1) * stride + 1
     for ci in range(c):
         for ky in range(kh):
             for kx in range(kw):
-                acc += wt[ci, ky, kx][None, :, None, None] * x[:, ci:ci + 1, ky:ky + ho, kx:kx + wo]
+                acc += wt[ci, ky, kx][None, :, None, None] * x[:, ci:ci + 1, ky:ky + ys:stride, kx:kx + xs:stride]
     return acc.transpose(0, 2, 3, 1)
 
 
-def _conv_float_levels_np(x, wt, bias, thr, sign, pool, out_bits, out_pad):
-    levels = maxpool(_threshold_np(_conv_float_np(x, wt, bias), thr, sign), pool)
-    return _emit_np(levels, out_bits, out_pad)
+def _conv_float_levels_np(x, wt, bias, thr, sign, pool, out_bits, out_pad, stride, both):
+    levels = maxpool(_threshold_np(_conv_float_np(x, wt, bias, stride), thr, sign), pool)
+    return _emit_np(levels, out_bits, out_pad, both)
+
+
+def _residual_np(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, sign):
+    v = _acc_np(x, wq, nw, kh, kw, cin, stride) * mul + add
+    v = v + (table[res] if res.dtype == np.uint8 else res)
+    return _threshold_np(v, thr, sign)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -161,26 +172,54 @@ def weight_rows(planes: np.ndarray, in_channels: int) -> np.ndarray:
 
 
 def accumulate(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: int,
-               backend: str) -> np.ndarray:
-    """The integer accumulator ``A`` ``int32 (N, Ho, Wo, O)`` of a stride-1 valid ``kh x kw``
-    conv of packed (already bordered) activations ``x`` with ``cin`` channels and packed
-    weight rows ``wq`` (code offset ``nw``)."""
+               backend: str, stride: int = 1) -> np.ndarray:
+    """The integer accumulator ``A`` ``int32 (N, Ho, Wo, O)`` of a valid ``kh x kw`` conv with
+    ``stride`` of packed (already bordered) activations ``x`` with ``cin`` channels and packed
+    weight rows ``wq`` (code offset ``nw``): ``Ho = (H + 2p - kh) // stride + 1``."""
     if backend == "numba":
-        return nb.accumulate(x, wq, nw, kh, kw, cin)
-    return _acc_np(x, wq, nw, kh, kw, cin)
+        return nb.accumulate(x, wq, nw, kh, kw, cin, stride)
+    return _acc_np(x, wq, nw, kh, kw, cin, stride)
 
 
-def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend):
+def _chosen(out_l, out_p, out_pad, both):
+    """A kernel's result: levels, packed levels, or both (``(levels, packed)``)."""
+    if out_pad is None:
+        return out_l
+    return (out_l, out_p) if both else out_p
+
+
+def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend, stride=1, both=False):
     """Levels of a packed conv, ``level = #{t : sign * A >= thr[t]}`` per channel (``thr``
     is ``(T, O)``), max-pooled ``pool x pool`` (1: none); returned as levels
     ``(N, Ho, Wo, O)`` when ``out_pad`` is None, else packed with a border ``out_pad``
-    for the next conv."""
+    for the next conv (``both``: the pair ``(levels, packed)``)."""
     if backend == "numba":
         packed = out_pad is not None
-        out_l, out_p = nb.conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, packed,
-                                       out_pad or 0)
-        return out_p if packed else out_l
-    return _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad)
+        out_l, out_p = nb.conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, not packed or both,
+                                       packed, out_pad or 0, stride)
+        return _chosen(out_l, out_p, out_pad, both)
+    return _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, stride, both)
+
+
+def conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, sign, out_bits, out_pad,
+                   both, backend):
+    """A residual block's tail in one pass: ``v = (A * mul + add) + r`` per channel in
+    float64 (``A`` the packed conv's accumulator; ``r = res`` float64 ``(N, Ho, Wo, O)``, or
+    ``r = table[res]`` for levels ``res`` uint8, ``table[q]`` the value of level ``q``), then
+    ``level = #{t : sign * v >= thr[t]}`` (float64 ``thr`` ``(T, O)``); output as in
+    `conv_packed`. The unfused stages (conv with float output, add, quant) compute the same
+    float64 operations in the same order, so both give the same levels."""
+    if backend == "numba":
+        packed = out_pad is not None
+        levels_res = res.dtype == np.uint8
+        res_l = res if levels_res else np.zeros((1, 1, 1, 1), np.uint8)
+        res_f = np.zeros((1, 1, 1, 1)) if levels_res else np.asarray(res, np.float64)
+        out_l, out_p = nb.conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res_f, res_l, table,
+                                          levels_res, thr, sign.astype(np.float64), out_bits,
+                                          not packed or both, packed, out_pad or 0)
+        return _chosen(out_l, out_p, out_pad, both)
+    levels = _residual_np(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, sign)
+    return _emit_np(levels, out_bits, out_pad, both)
 
 
 def float32_bounds(thr: np.ndarray) -> np.ndarray:
@@ -191,11 +230,11 @@ def float32_bounds(thr: np.ndarray) -> np.ndarray:
     return np.where(below, np.nextafter(b, np.float32(np.inf)), b).astype(np.float32)
 
 
-def conv_float(x, wt, bias, pad, thr, sign, pool, out_bits, out_pad, backend, thr32=None):
+def conv_float(x, wt, bias, pad, thr, sign, pool, out_bits, out_pad, backend, thr32=None, stride=1, both=False):
     """Levels of a float conv (input ``(N, C, H, W)``, weights ``(C, KH, KW, O)``, zero
-    padding ``pad``): ``v = conv(x) + bias`` in float32, ``level = #{t : sign * v >= thr[t]}``
-    (``thr`` float64 ``(T, O)``; ``thr32 = float32_bounds(thr)`` if precomputed),
-    max-pooled; output as in `conv_packed`."""
+    padding ``pad``, ``stride``): ``v = conv(x) + bias`` in float32,
+    ``level = #{t : sign * v >= thr[t]}`` (``thr`` float64 ``(T, O)``;
+    ``thr32 = float32_bounds(thr)`` if precomputed), max-pooled; output as in `conv_packed`."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if pad:
         x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
@@ -203,9 +242,9 @@ def conv_float(x, wt, bias, pad, thr, sign, pool, out_bits, out_pad, backend, th
         packed = out_pad is not None
         thr32 = float32_bounds(thr) if thr32 is None else thr32
         out_l, out_p = nb.conv_float(x, wt, bias, thr32, sign.astype(np.float32), pool, out_bits,
-                                      packed, out_pad or 0)
-        return out_p if packed else out_l
-    return _conv_float_levels_np(x, wt, bias, thr, sign, pool, out_bits, out_pad)
+                                      not packed or both, packed, out_pad or 0, stride)
+        return _chosen(out_l, out_p, out_pad, both)
+    return _conv_float_levels_np(x, wt, bias, thr, sign, pool, out_bits, out_pad, stride, both)
 
 
 def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:

@@ -87,9 +87,9 @@ if HAVE_NUMBA:
             lv[oc] = max(lv[oc], count[oc])
 
     @njit(inline="always")
-    def _emit(lv, packed, out_l, out_p, b, yq, xq, bits, pad):
-        """Write one position's levels: as they are, or packed into the next layer's planes."""
-        if packed:
+    def _emit(lv, want_l, want_p, out_l, out_p, b, yq, xq, bits, pad):
+        """Write one position's levels: as they are, packed into the next layer's planes, or both."""
+        if want_p:
             o = lv.shape[0]
             for i in range(bits):
                 for w in range(out_p.shape[4]):
@@ -97,22 +97,27 @@ if HAVE_NUMBA:
                     for oc in range(64 * w, min(o, 64 * w + 64)):
                         word |= np.uint64((lv[oc] >> i) & 1) << np.uint64(oc - 64 * w)
                     out_p[b, yq + pad, xq + pad, i, w] = word
-        else:
+        if want_l:
             for oc in range(lv.shape[0]):
                 out_l[b, yq, xq, oc] = lv[oc]
 
     @njit(inline="always")
-    def _outputs(n, hq, wq, o, bits, packed, pad):
-        if packed:
-            return (np.zeros((1, 1, 1, 1), np.uint8),
-                    np.zeros((n, hq + 2 * pad, wq + 2 * pad, bits, (o + 63) // 64), np.uint64))
-        return np.zeros((n, hq, wq, o), np.uint8), np.zeros((1, 1, 1, 1, 1), np.uint64)
+    def _outputs(n, hq, wq, o, bits, want_l, want_p, pad):
+        if want_l:
+            out_l = np.zeros((n, hq, wq, o), np.uint8)
+        else:
+            out_l = np.zeros((1, 1, 1, 1), np.uint8)
+        if want_p:
+            out_p = np.zeros((n, hq + 2 * pad, wq + 2 * pad, bits, (o + 63) // 64), np.uint64)
+        else:
+            out_p = np.zeros((1, 1, 1, 1, 1), np.uint64)
+        return out_l, out_p
 
     @njit(parallel=True, cache=True)
-    def accumulate(x, wq, nw, kh, kw, cin):
+    def accumulate(x, wq, nw, kh, kw, cin, stride):
         n = x.shape[0]
         o = wq.shape[2]
-        ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+        ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
         out = np.empty((n, ho, wo, o), np.int32)
         for r in prange(n * ho):
             b = r // ho
@@ -120,18 +125,19 @@ if HAVE_NUMBA:
             acc = np.empty(o, np.int64)
             xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
             for xx in range(wo):
-                _gather(x, b, y, xx, kh, kw, cin, xw)
+                _gather(x, b, y * stride, xx * stride, kh, kw, cin, xw)
                 ones = _dot(xw, wq, acc)
                 for oc in range(o):
                     out[b, y, xx, oc] = 2 * acc[oc] - nw * ones
         return out
 
     @njit(parallel=True, cache=True)
-    def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, bits, packed, pad):
+    def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, bits, want_l, want_p, pad, stride):
         n = x.shape[0]
         o = wq.shape[2]
-        hq, wq_ = (x.shape[1] - kh + 1) // pool, (x.shape[2] - kw + 1) // pool
-        out_l, out_p = _outputs(n, hq, wq_, o, bits, packed, pad)
+        hq = ((x.shape[1] - kh) // stride + 1) // pool
+        wq_ = ((x.shape[2] - kw) // stride + 1) // pool
+        out_l, out_p = _outputs(n, hq, wq_, o, bits, want_l, want_p, pad)
         for r in prange(n * hq):
             b = r // hq
             yq = r - b * hq
@@ -144,22 +150,74 @@ if HAVE_NUMBA:
                 lv[:] = 0
                 for dy in range(pool):
                     for dx in range(pool):
-                        _gather(x, b, yq * pool + dy, xq * pool + dx, kh, kw, cin, xw)
+                        _gather(x, b, (yq * pool + dy) * stride, (xq * pool + dx) * stride, kh, kw, cin, xw)
                         ones = _dot(xw, wq, acc)
                         for oc in range(o):
                             v[oc] = 2 * acc[oc] - nw * ones
                         _levels_max(v, sign, thr, count, lv)
-                _emit(lv, packed, out_l, out_p, b, yq, xq, bits, pad)
+                _emit(lv, want_l, want_p, out_l, out_p, b, yq, xq, bits, pad)
         return out_l, out_p
 
     @njit(parallel=True, cache=True)
-    def conv_float(x, wt, bias, thr, sign, pool, bits, packed, pad):
+    def conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res_f, res_l, table, levels_res, thr, sign,
+                       bits, want_l, want_p, pad):
+        """`kernels.conv_add_quant`: ``v = (A * mul + add) + r`` in float64, then thresholds."""
+        n = x.shape[0]
+        o = wq.shape[2]
+        ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+        out_l, out_p = _outputs(n, ho, wo, o, bits, want_l, want_p, pad)
+        for r in prange(n * ho):
+            b = r // ho
+            y = r - b * ho
+            acc = np.empty(o, np.int64)
+            v = np.empty(o, np.float64)
+            count = np.empty(o, np.uint8)
+            lv = np.empty(o, np.uint8)
+            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            for xx in range(wo):
+                _gather(x, b, y * stride, xx * stride, kh, kw, cin, xw)
+                ones = _dot(xw, wq, acc)
+                for oc in range(o):
+                    v[oc] = (2 * acc[oc] - nw * ones) * mul[oc] + add[oc]
+                if levels_res:
+                    for oc in range(o):
+                        v[oc] = v[oc] + table[res_l[b, y, xx, oc]]
+                else:
+                    for oc in range(o):
+                        v[oc] = v[oc] + res_f[b, y, xx, oc]
+                lv[:] = 0
+                _levels_max(v, sign, thr, count, lv)
+                _emit(lv, want_l, want_p, out_l, out_p, b, y, xx, bits, pad)
+        return out_l, out_p
+
+    @njit(inline="always")
+    def _conv_row(x, wt, b, y, stride, acc):
+        """One output row of the float conv: ``acc[oc, xx] += w * x`` over ``c, ky, kx`` in
+        that order (bias already in ``acc``); x is the vector loop."""
+        c, kh, kw, o = wt.shape
+        wo = acc.shape[1]
+        for ci in range(c):
+            for ky in range(kh):
+                src = x[b, ci, y + ky]
+                for kx in range(kw):
+                    for oc in range(o):
+                        wv = wt[ci, ky, kx, oc]
+                        row = acc[oc]
+                        if stride == 1:
+                            for xx in range(wo):
+                                row[xx] += wv * src[xx + kx]
+                        else:
+                            for xx in range(wo):
+                                row[xx] += wv * src[xx * stride + kx]
+
+    @njit(parallel=True, cache=True)
+    def conv_float(x, wt, bias, thr, sign, pool, bits, want_l, want_p, pad, stride):
         """``thr``: float32 ``(T, O)`` bounds for ``sign * v`` (see `kernels.float32_bounds`)."""
         n, c, hp, wpix = x.shape
         _, kh, kw, o = wt.shape
-        wo = wpix - kw + 1
-        hq, wq = (hp - kh + 1) // pool, wo // pool
-        out_l, out_p = _outputs(n, hq, wq, o, bits, packed, pad)
+        wo = (wpix - kw) // stride + 1
+        hq, wq = ((hp - kh) // stride + 1) // pool, wo // pool
+        out_l, out_p = _outputs(n, hq, wq, o, bits, want_l, want_p, pad)
         for r in prange(n * hq):
             b = r // hq
             yq = r - b * hq
@@ -167,18 +225,9 @@ if HAVE_NUMBA:
             count = np.empty(wo, np.uint8)
             lv = np.zeros((wq, o), np.uint8)
             for dy in range(pool):
-                y = yq * pool + dy
                 for oc in range(o):
                     acc[oc, :] = bias[oc]
-                for ci in range(c):
-                    for ky in range(kh):
-                        src = x[b, ci, y + ky]
-                        for kx in range(kw):
-                            for oc in range(o):
-                                wv = wt[ci, ky, kx, oc]
-                                row = acc[oc]
-                                for xx in range(wo):
-                                    row[xx] += wv * src[xx + kx]
+                _conv_row(x, wt, b, (yq * pool + dy) * stride, stride, acc)
                 for oc in range(o):
                     s = sign[oc]
                     row = acc[oc]
@@ -193,5 +242,5 @@ if HAVE_NUMBA:
                             m = max(m, count[xq * pool + dx])
                         lv[xq, oc] = m
             for xq in range(wq):
-                _emit(lv[xq], packed, out_l, out_p, b, yq, xq, bits, pad)
+                _emit(lv[xq], want_l, want_p, out_l, out_p, b, yq, xq, bits, pad)
         return out_l, out_p

@@ -1,7 +1,7 @@
 """The ``.qdz`` file: a zip holding ``manifest.json`` and raw little-endian arrays.
 
 ``manifest.json`` names the format and its version, the model (architecture, bits,
-scheme, class names), the layer list the engine runs, and for every array its member
+scheme, class names), the layer chain (versions 1, 2) or node graph (version 3) the engine runs, and for every array its member
 file, dtype, shape and sha256. Reading checks, in this order and before anything is
 run: the zip and its CRCs, the manifest, the format version (a newer one is refused),
 then each array's size and sha256. Numpy only: no torch here.
@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import UserError
 
 FORMAT = "qdistill-qdz"
-FORMAT_VERSION = 2  # the newest this reads; 2 adds avgpool's in_step (see `format_version`)
+FORMAT_VERSION = 3  # the newest this reads; 2 adds avgpool's in_step, 3 the node graph (see `format_version`)
 MANIFEST = "manifest.json"
 # dtypes an array may have; anything else in a manifest is refused, never interpreted.
 DTYPES = ("uint8", "int8", "int32", "float32", "float64")
@@ -44,9 +44,10 @@ def _le(a: np.ndarray) -> np.ndarray:
 
 
 def format_version(layers) -> int:
-    """The oldest format version that runs ``layers``: 2 where an ``avgpool`` has
+    """The oldest format version that runs the chain ``layers``: 2 where an ``avgpool`` has
     ``in_step`` (levels of an LSQ quantizer, which a version-1 reader would silently
-    scale as ``level / (2**a - 1)``), else 1, so older readers still run every other file."""
+    scale as ``level / (2**a - 1)``), else 1, so older readers still run every other file.
+    A manifest of ``"nodes"`` (a graph: residual networks) is version 3 (`build`)."""
     return 2 if any(isinstance(layer, dict) and "in_step" in layer for layer in layers) else 1
 
 
@@ -65,7 +66,8 @@ def build(manifest: dict, arrays: dict[str, np.ndarray]) -> tuple[bytes, dict]:
         table[name] = {"file": member, "dtype": a.dtype.name, "shape": list(a.shape),
                        "sha256": sha256(raw)}
         members.append((member, raw))
-    full = {"format": FORMAT, "format_version": format_version(manifest.get("layers", [])), **manifest,
+    version = 3 if "nodes" in manifest else format_version(manifest.get("layers", []))
+    full = {"format": FORMAT, "format_version": version, **manifest,
             "arrays": table}
     text = json.dumps(full, indent=1, sort_keys=True)
     buf = io.BytesIO()

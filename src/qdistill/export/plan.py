@@ -88,11 +88,17 @@ class Block:
     affine: AbsAffine | None = None
     act: nn.Module | None = None   # QuantAct or Clip01
     pool: int = 1
+    name: str | None = None        # its first module's name in a graph (`qdistill.export.graph`)
 
     @property
     def where(self) -> str:
         """The block's first layer, as error messages name it."""
-        return f"layer {self.first} ({type(self.module).__name__})"
+        return f"layer {self.first if self.name is None else self.name} ({type(self.module).__name__})"
+
+    @property
+    def key(self) -> str:
+        """The prefix of its arrays' names in the file."""
+        return f"l{self.first}" if self.name is None else self.name
 
 
 def pool_size(m: nn.Module, where: str) -> int:
@@ -130,7 +136,7 @@ def _conv_block(mods: list[nn.Module], i: int) -> Block:
     max-pool right after that quantizer (dropouts skipped)."""
     block = Block("conv", i, i, mods[i])
     j = i + 1
-    while j < len(mods) and block.act is None and _absorb(block, mods[j], j):
+    while j < len(mods) and block.act is None and absorb(block, mods[j], j):
         j += 1
     if block.act is None:
         raise ExportError(f"{block.where}: a convolution must be followed by an activation "
@@ -146,7 +152,7 @@ def _conv_block(mods: list[nn.Module], i: int) -> Block:
     return block
 
 
-def _absorb(block: Block, m: nn.Module, j: int) -> bool:
+def absorb(block: Block, m: nn.Module, j) -> bool:
     """Take ``m`` (module ``j``) into the conv block if it can stand there before the
     activation quantizer: BatchNorm, then the affine, with a max-pool anywhere after the
     conv. False if ``m`` ends the block."""
@@ -195,7 +201,7 @@ def fold(block: Block, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.nda
     if block.bn is not None:
         bn = block.bn
         if bn.running_mean is None or bn.running_var is None:
-            raise ExportError(f"layer {block.first}: BatchNorm without running statistics")
+            raise ExportError(f"{block.where}: BatchNorm without running statistics")
         f64 = lambda t: t.detach().double().cpu().numpy()
         g = f64(bn.weight) if bn.weight is not None else 1.0
         beta = f64(bn.bias) if bn.bias is not None else 0.0

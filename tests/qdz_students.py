@@ -23,7 +23,8 @@ LSQ_CONFIGS = [("vgg7", 2, 2, "lsq"), ("dorefa-svhn", 2, 1, "lsq"), ("dorefa-svh
 CONFIGS = [(arch, wb, ab, scheme) for arch in ("vgg7", "dorefa-svhn")
            for wb, ab, scheme in ((2, 1, "dorefa"), (1, 1, "dorefa"), (1, 2, "dorefa"),
                                   (2, 2, "dorefa"), (2, 1, "homework"))] + LSQ_CONFIGS
-N_EVAL = {"vgg7": 768, "dorefa-svhn": 100}  # dorefa-svhn costs ~4x vgg7 per image; 6 x 768 + 8 x 100 >= 5000
+N_EVAL = {"vgg7": 768, "dorefa-svhn": 100,  # dorefa-svhn costs ~4x vgg7 per image; 6 x 768 + 8 x 100 >= 5000
+          "resnet20": 256}
 CLASSES = [str(i) for i in range(10)]
 
 
@@ -68,6 +69,17 @@ def student(arch: str, wb: int, ab: int, scheme: str, steps: int = 4) -> nn.Modu
 def eval_images(arch: str) -> np.ndarray:
     """Images the student was not trained on: `N_EVAL` of them."""
     return digits_data()[2][:N_EVAL[arch]]
+
+
+@functools.lru_cache(maxsize=None)
+def _rest_labels() -> np.ndarray:
+    ds = digits.load()
+    return torch.cat([ds.y_test, ds.y_train[64:]]).numpy()
+
+
+def eval_labels(arch: str) -> np.ndarray:
+    """The labels of `eval_images`."""
+    return _rest_labels()[:N_EVAL[arch]]
 
 
 def torch_trace(model: nn.Sequential, x: np.ndarray) -> tuple[dict, dict, np.ndarray]:

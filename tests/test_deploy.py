@@ -207,30 +207,82 @@ def test_pack_unpack_round_trip():
 
 
 @needs_numba
-@pytest.mark.parametrize("c,o,a,k,pad,pool,out_pad", [
-    (16, 32, 1, 2, 1, 1, 1), (48, 64, 2, 1, 1, 2, None), (130, 20, 3, 4, 0, 1, 0), (64, 70, 1, 1, 1, 2, 1)])
-def test_numba_and_numpy_kernels_agree(c, o, a, k, pad, pool, out_pad):
-    rng = np.random.default_rng(c + o)
+@pytest.mark.parametrize("c,o,a,k,pad,pool,out_pad,ks,stride", [
+    (16, 32, 1, 2, 1, 1, 1, 3, 1), (48, 64, 2, 1, 1, 2, None, 3, 1), (130, 20, 3, 4, 0, 1, 0, 3, 1),
+    (64, 70, 1, 1, 1, 2, 1, 3, 1), (16, 32, 1, 2, 1, 1, 1, 3, 2), (48, 64, 2, 2, 0, 1, None, 1, 2),
+    (70, 20, 1, 2, 0, 1, 0, 1, 1), (130, 20, 3, 4, 1, 1, None, 3, 2)])
+def test_numba_and_numpy_kernels_agree(c, o, a, k, pad, pool, out_pad, ks, stride):
+    rng = np.random.default_rng(c + o + ks + stride)
     lv = rng.integers(0, 2**a, (3, 8, 8, c), dtype=np.uint8)
     x = kernels.pack(lv, a, pad)
-    wq = kernels.weight_rows(qdz.pack_codes(rng.integers(0, 2**k, (o, c, 3, 3)), k), c)
+    wq = kernels.weight_rows(qdz.pack_codes(rng.integers(0, 2**k, (o, c, ks, ks)), k), c)
     n = 2**k - 1
-    acc = kernels.accumulate(x, wq, n, 3, 3, c, "numpy")
-    np.testing.assert_array_equal(kernels.accumulate(x, wq, n, 3, 3, c, "numba"), acc)
+    acc = kernels.accumulate(x, wq, n, ks, ks, c, "numpy", stride)
+    np.testing.assert_array_equal(kernels.accumulate(x, wq, n, ks, ks, c, "numba", stride), acc)
     bits = 2
     thr = np.sort(rng.integers(-40, 40, (3, o)), axis=0).astype(np.int32)
     sign = rng.choice(np.array([-1, 1], np.int32), o)
-    got = [kernels.conv_packed(x, wq, n, 3, 3, c, thr, sign, pool, bits, out_pad, b) for b in ("numba", "numpy")]
+    got = [kernels.conv_packed(x, wq, n, ks, ks, c, thr, sign, pool, bits, out_pad, b, stride)
+           for b in ("numba", "numpy")]
     np.testing.assert_array_equal(got[0], got[1])
     levels = kernels.unpack(got[0], o, out_pad) if out_pad is not None else got[0]
     assert len(np.unique(levels)) >= 3  # thresholds chosen so the levels vary
+    both = [kernels.conv_packed(x, wq, n, ks, ks, c, thr, sign, pool, bits, 1, b, stride, both=True)
+            for b in ("numba", "numpy")]
+    for pair in both:
+        np.testing.assert_array_equal(pair[0], levels)
+        np.testing.assert_array_equal(kernels.unpack(pair[1], o, 1), levels)
     img = rng.random((2, 3, 12, 12), dtype=np.float32)
-    wt = rng.normal(size=(3, 3, 3, o)).astype(np.float32)
+    wt = rng.normal(size=(3, ks, ks, o)).astype(np.float32)
     bias = rng.normal(size=o).astype(np.float32)
     fthr = np.sort(rng.normal(size=(3, o)), axis=0)
     fsign = sign.astype(np.float64)
-    got = [kernels.conv_float(img, wt, bias, 1, fthr, fsign, pool, bits, out_pad, b) for b in ("numba", "numpy")]
+    got = [kernels.conv_float(img, wt, bias, 1, fthr, fsign, pool, bits, out_pad, b, stride=stride)
+           for b in ("numba", "numpy")]
     np.testing.assert_array_equal(got[0], got[1])
+    # the fused residual tail, on a float and on a levels shortcut
+    mul, add = rng.normal(size=o) * 0.05, rng.normal(size=o)
+    ho = acc.shape[1]
+    table = np.arange(4) / 3
+    for res in (rng.normal(size=(3, ho, ho, o)), rng.integers(0, 4, (3, ho, ho, o), dtype=np.uint8)):
+        got = [kernels.conv_add_quant(x, wq, n, ks, ks, c, stride, mul, add, res, table, thr.astype(np.float64) / 40,
+                                      sign, bits, out_pad, False, b) for b in ("numba", "numpy")]
+        np.testing.assert_array_equal(got[0], got[1])
+        levels = kernels.unpack(got[0], o, out_pad) if out_pad is not None else got[0]
+        assert len(np.unique(levels)) >= 3
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+@pytest.mark.parametrize("ks,stride,pad", [(3, 2, 1), (1, 2, 0), (1, 1, 0), (3, 1, 1)])
+def test_strided_and_1x1_convs_against_float64_torch(ks, stride, pad, backend):
+    """The popcount accumulator of a ``ks x ks`` conv with ``stride`` on levels ``q`` equals
+    the float64 conv of ``q`` with the integer weights ``2c - n`` exactly (small integers:
+    exact in float64); the float first conv, strided, is within ``gamma_(n+1)(u32)
+    (|x| |w| + |b|)`` of the float64 conv (``n = 3 ks^2`` products, the bias). Checked to
+    fail with the stride ignored (a shape or value mismatch)."""
+    rng = np.random.default_rng(ks * 10 + stride)
+    c, o, a, k = 40, 24, 2, 2
+    q = rng.integers(0, 2**a, (2, c, 9, 9))
+    codes = rng.integers(0, 2**k, (o, c, ks, ks))
+    n = 2**k - 1
+    x = kernels.pack(nhwc_np(q).astype(np.uint8), a, pad)
+    acc = kernels.accumulate(x, kernels.weight_rows(qdz.pack_codes(codes, k), c), n, ks, ks, c, backend, stride)
+    want = F.conv2d(torch.from_numpy(q).double(), torch.from_numpy(2 * codes - n).double(), stride=stride,
+                    padding=pad)
+    np.testing.assert_array_equal(acc, nhwc_np(want.numpy()))
+    img = rng.random((2, 3, 13, 13), dtype=np.float32)
+    w = rng.normal(size=(o, 3, ks, ks)).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32)
+    xp = np.pad(img, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    got = kernels._conv_float_np(xp, np.ascontiguousarray(w.transpose(1, 2, 3, 0)), b, stride)
+    t64 = lambda v: torch.from_numpy(v).double()
+    want = F.conv2d(t64(img), t64(w), t64(b), stride=stride, padding=pad).numpy()
+    mag = F.conv2d(t64(img).abs(), t64(w).abs(), t64(b).abs(), stride=stride, padding=pad).numpy()
+    within(got, nhwc_np(want), gamma(3 * ks * ks + 1) * nhwc_np(mag), "strided float conv")
+
+
+def nhwc_np(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 3, 1))
 
 
 @pytest.mark.parametrize("size", [40, 20, 33])

@@ -1,5 +1,6 @@
 """``qdistill bench --scaling``: the per-student rate of fused groups against K = 1, and
 the step rate it is built on (`qdistill.bench.step_rate.measure_step_rate`)."""
+import json
 import itertools
 
 import pytest
@@ -117,17 +118,32 @@ def test_the_table_names_gpu_memory_and_the_precision():
     assert bench.format_table({**r, "memory": "rss", "precision": "fp32"}).splitlines()[1].endswith("peak RSS MB")
 
 
+def test_bench_model_times_the_configured_student(monkeypatch, capsys):
+    """``bench --model M --set ...``: the run_rate of M with that scheme, nothing else."""
+    from qdistill import cli
+    seen = []
+
+    def fake_rate(cfg, role, compiled_steps, dev, min_seconds):
+        seen.append((role, cfg["student"]["model"], cfg["student"]["scheme"]))
+        return (123.0, 2.0) if compiled_steps else (100.0, 0.0)
+    monkeypatch.setattr(step_rate, "run_rate", fake_rate)
+    assert cli.main(["bench", "--model", "resnet20", "--set", "student.scheme=lsq", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(seen) == {("student", "resnet20", "lsq")}
+    assert out["model"] == "resnet20" and out["default_eager_img_s"] == 100.0
+
+
 def test_the_default_batch_rates_are_medians_of_alternating_turns(monkeypatch):
     """Eager and compiled take turns (a slow spell weighs on both); each rate is the median
     of its turns, the compile time the first compiled turn's."""
     calls, rates = [], {False: iter([100.0, 300.0, 200.0]), True: iter([(250.0, 9.0), (500.0, 1.0), (260.0, 1.0)])}
 
-    def fake_rate(cfg, arch, w, a, compiled_steps, dev, min_seconds):
-        calls.append(compiled_steps)
+    def fake_rate(cfg, role, compiled_steps, dev, min_seconds):
+        calls.append((role, cfg["student"]["model"], compiled_steps))
         r = next(rates[compiled_steps])
         return r if compiled_steps else (r, 0.0)
-    monkeypatch.setattr(bench, "run_rate", fake_rate)
-    got = bench._default_batch("cpu", True, lambda line: None)
-    assert calls == [False, True] * bench.DEFAULT_REPEATS
-    assert got == {"default_batch": 64, "default_img_s": 260.0, "default_eager_img_s": 200.0,
+    monkeypatch.setattr(step_rate, "run_rate", fake_rate)
+    got = step_rate.default_batch("cpu", True, lambda line: None)
+    assert calls == [("student", "vgg7", False), ("student", "vgg7", True)] * step_rate.DEFAULT_REPEATS
+    assert got == {"default_model": "vgg7", "default_batch": 64, "default_img_s": 260.0, "default_eager_img_s": 200.0,
                    "default_compile_s": 9.0, "default_compiled_vs_eager": 1.3}

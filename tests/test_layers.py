@@ -207,3 +207,31 @@ def test_the_layout_check_can_fail():
     names = {"summary.json"}
     src = '"""Writes summary.json."""\nX = "summary.json"\ndef f():\n    """summary.json"""\n    return f"{d}/summary.json"\n'
     assert spelled_layout_names(src, names) == ["'summary.json' (line 2)", "'summary.json' (line 5)"]
+
+
+# ---------------------------------------------------------------- one scheme object
+
+def scheme_comparisons(path: Path) -> list[str]:
+    """Comparisons in ``path`` that pick a quantization scheme by name: a scheme's name
+    as a string constant, or anything called ``scheme`` compared (``==``, ``!=``, ``in``)."""
+    from qdistill.nn import SCHEMES
+
+    def names_scheme(node) -> bool:
+        return ((isinstance(node, ast.Constant) and node.value in SCHEMES)
+                or (isinstance(node, ast.Name) and "scheme" in node.id)
+                or (isinstance(node, ast.Attribute) and "scheme" in node.attr))
+    return [f"{path.name}:{node.lineno}: {ast.unparse(node)}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Compare) and any(names_scheme(n) for n in [node.left, *node.comparators])]
+
+
+def test_no_scheme_is_picked_by_name_outside_the_scheme_objects():
+    """The schemes are objects (`qdistill.nn.schemes`); layers, models, quantize, export
+    and ONNX ask them, never compare names."""
+    bad = [line for path, _ in modules() if path != SRC / "nn" / "schemes.py" for line in scheme_comparisons(path)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_scheme_check_can_fail(tmp_path):
+    g = tmp_path / "x.py"
+    g.write_text('if m.scheme == "lsq":\n    pass\nok = kind in ("a", "b")\nif "homework" != s:\n    pass\n')
+    assert scheme_comparisons(g) == ["x.py:1: m.scheme == 'lsq'", "x.py:4: 'homework' != s"]

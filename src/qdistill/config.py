@@ -35,7 +35,9 @@ DEFAULTS: dict[str, dict] = {
     },
     "teacher": {
         "run": "",                    # an existing teacher run to reuse, or a teacher file
-        "model": "vgg7",
+        "model": "vgg7",              # a registered model, FILE.py:FUNCTION or package.module:FUNCTION
+        # "model_args": absent means {}: keyword arguments of a FUNCTION model
+        # "model_sha256": written by qdistill for a FILE.py model: the sha256 of its text
         # the input a teacher file expects (a qdistill run takes the defaults)
         "input_range": "0-1",         # 0-1, 0-255
         "mean": [],                   # per channel, subtracted after input_range (empty: none)
@@ -44,7 +46,8 @@ DEFAULTS: dict[str, dict] = {
         "input_size": 0,              # 0: 32; else bilinear resize to input_size x input_size
     },
     "student": {
-        "model": "vgg7",
+        "model": "vgg7",              # vgg7, vgg7-wide, dorefa-svhn, resnet20, FILE.py:FUNCTION or package.module:FUNCTION
+        # "model_args", "model_sha256": as in [teacher]
         "weight_bits": 2,
         "act_bits": 1,
         "grad_bits": 32,
@@ -99,7 +102,9 @@ DEFAULTS: dict[str, dict] = {
         "role": "student",            # teacher, student (written by the command)
     },
 }
-OPTIONAL = {("student", "c"), ("study", "c")}
+OPTIONAL = {("student", "c"), ("study", "c"), ("student", "model_args"), ("teacher", "model_args"),
+            ("student", "model_sha256"), ("teacher", "model_sha256")}
+"""Keys absent by default: a config that does not use them reads and writes as before."""
 
 
 def defaults() -> dict:
@@ -250,6 +255,9 @@ def check(cfg: dict) -> dict:
         if st[key] < 0:
             raise ConfigError(f"study.{key} must be >= 0, got {st[key]}")
     _check_teacher_input(cfg["teacher"])
+    for section in ("teacher", "student"):
+        if not isinstance(cfg[section].get("model_args", {}), dict):
+            raise ConfigError(f"{section}.model_args must be a table, got {cfg[section]['model_args']!r}")
     return cfg
 
 
@@ -319,7 +327,13 @@ def _toml_value(v) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(str(k))
 
 
 RUN_SECTIONS = ("data", "teacher", "student", "train", "run")

@@ -3,10 +3,12 @@ run's own, or a teacher's data) < ``--config FILE.toml`` < flags < ``--set``, th
 check. The names a key may take come from the layer that defines them."""
 from __future__ import annotations
 
+import os
+
 from . import config as configlib
 from .data import AUGMENTS, DATASETS
 from .errors import ConfigError
-from .nn import KD_TERMS, LOSSES, SCHEMES, scheme_bits_error
+from .nn import FLAT_MODELS, KD_TERMS, LOSSES, MODELS, SCHEMES, reference, scheme_bits_error
 from .study import EXECUTORS, QUESTIONS
 from .training import OPTIMIZERS, PRECISIONS, RECIPES, ROLES, SCHEDULES, TEACHER_LAYOUTS, TEACHER_RANGES
 
@@ -43,7 +45,37 @@ def validate(cfg: dict) -> dict:
     error = scheme_bits_error(s["scheme"], s["weight_bits"], s["act_bits"])
     if error:
         raise ConfigError(error)
+    if cfg["study"]["fused"] is True and s["model"] not in FLAT_MODELS:
+        raise ConfigError(f"study.fused = true: fused groups hold flat networks only ({', '.join(FLAT_MODELS)}), "
+                          f"not {s['model']}; use fused = \"auto\" (one run at a time) or false")
+    for section in ("teacher", "student"):
+        try:
+            check_model(cfg[section], section)
+        except reference.ModelError as e:
+            raise ConfigError(f"{section}.model: {e}") from None
     return cfg
+
+
+def check_model(sec: dict, section: str) -> None:
+    """``SECTION.model``: a registered name, or code (`qdistill.nn.reference`); a file is
+    made absolute and its sha256 recorded in ``model_sha256``."""
+    ref = sec["model"]
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{section}.model must be a model name or FILE.py:FUNCTION, got {ref!r}")
+    if not reference.is_code(ref):
+        if ref not in MODELS:
+            raise ConfigError(f"{section}.model: unknown model {ref!r}; registered: {', '.join(MODELS)}; "
+                              "or your own as FILE.py:FUNCTION or package.module:FUNCTION")
+        return
+    if reference.is_file(ref):
+        target, function = ref.rsplit(":", 1)
+        sec["model"] = ref = f"{os.path.abspath(os.path.expanduser(target))}:{function}"
+        if os.path.exists(target) or not sec.get("model_sha256"):
+            sec["model_sha256"] = reference.read(ref)[1]
+        # else a run's own config whose file is gone: eval and export rebuild from the
+        # checkpoint's copy; training it again would need the file (`reference.source`)
+    else:
+        reference.file_of(ref)  # the module can be found (it is imported when built)
 
 
 def resolve(config_file=None, flags: dict | None = None, sets=(), *, base: dict | None = None,

@@ -38,7 +38,6 @@ asserts nothing and reports the machine it ran on.
 from __future__ import annotations
 
 import multiprocessing
-import statistics
 import time
 
 import torch
@@ -51,12 +50,11 @@ from ..training.device import autocast_for, pick_device, precision_of, sync
 from ..training.evaluate import predict
 from .. import config as configlib
 from ..training import compiled
-from ..training.rate import run_rate
 from ..training.compiled import CompiledStep
 from ..training.step import train_step
 from . import step_rate
 from .machine import device_name, matmul_tf32_like_convolutions, memory_kind, peak_memory_mb
-from .step_rate import students, timed
+from .step_rate import default_batch, students, timed
 
 BATCH = 256
 MIN_SCALING_STEPS = 5  # timed steps at every K of --scaling, however many students share one
@@ -216,7 +214,7 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
     if compiles:
         log(f"(b) qdistill, one student, {steps} steps, eager ...")
         single_eager = phase("qdistill", 1)[0]
-    default = _default_batch(dev, compiles, log)
+    default = default_batch(dev, compiles, log)
     log(f"(c) qdistill fused, K={k}, {steps} steps ...")
     fused, fused_rss, _ = phase("qdistill", k)
     fused_bf16 = fused_bf16_rss = None
@@ -239,30 +237,6 @@ def run(*, k: int = 10, steps: int = 10, warmup: int = 2, device: str = "auto", 
         "teacher_cache_s": teacher_cache_s, "data_epoch_s": data_epoch_s, "data_epoch_augment_s": data_epoch_aug_s,
         "train_epoch_s": train_epoch_s, "data_vs_train_epoch": data_epoch_s / train_epoch_s,
     }
-
-
-DEFAULT_REPEATS = 3  # eager and compiled take turns; each rate is the median of its turns
-
-
-def _default_batch(dev, compiles: bool, log) -> dict:
-    """One student at the default recipe's batch size (`qdistill.training.rate.run_rate`,
-    hard loss, 3 s a turn), eager and, where ``auto`` compiles, compiled, in this process:
-    `DEFAULT_REPEATS` turns each, alternating, so that a slow spell of the machine weighs on
-    both; the medians, and the compile time of the first compiled turn."""
-    cfg = configlib.defaults()
-    batch = cfg["train"]["batch_size"]
-    log(f"(b) at the default recipe's batch of {batch}, eager{' and compiled' if compiles else ''}, "
-        f"{DEFAULT_REPEATS} turns each ...")
-    eager, rate, compile_s = [], [], []
-    for _ in range(DEFAULT_REPEATS):
-        eager.append(run_rate(cfg, "vgg7", 2, 1, False, dev, min_seconds=3.0)[0])
-        if compiles:
-            r, c = run_rate(cfg, "vgg7", 2, 1, True, dev, min_seconds=3.0)
-            rate.append(r), compile_s.append(c)
-    eager_img_s = statistics.median(eager)
-    img_s = statistics.median(rate) if compiles else eager_img_s
-    return {"default_batch": batch, "default_img_s": img_s, "default_eager_img_s": eager_img_s,
-            "default_compile_s": compile_s[0] if compiles else 0.0, "default_compiled_vs_eager": img_s / eager_img_s}
 
 
 def format_table(r: dict) -> str:

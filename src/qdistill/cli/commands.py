@@ -285,6 +285,11 @@ def cmd_bench(args) -> int:
                                log=log)
         print(json.dumps(result) if args.json else bench.format_scaling(result))
         return 0
+    if getattr(args, "student.model") is not None or args.set:
+        from ..bench import step_rate
+        result = step_rate.model_rate(_config(args), device=args.device, log=log)
+        print(json.dumps(result) if args.json else step_rate.format_model_rate(result))
+        return 0
     if args.k < 2 or args.steps < 1:
         raise ConfigError("--k must be >= 2 and --steps >= 1")
     result = bench.run(k=args.k, steps=args.steps, device=args.device,

@@ -70,7 +70,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 def _add_training(p: argparse.ArgumentParser, model_key: str) -> None:
     g = p.add_argument_group("training")
-    _key(g, "--model", key=model_key, help="architecture")
+    _key(g, "--model", key=model_key, help="a registered model (vgg7, vgg7-wide, dorefa-svhn, resnet20), or your "
+         "own: FILE.py:FUNCTION or package.module:FUNCTION, its keyword arguments in [SECTION.model_args]")
     _key(g, "--recipe", key="train.recipe", choices=RECIPES,
          help="a bundle of optimizer, learning rate, schedule, batch size and averaging; keys you set override it")
     _key(g, "--epochs", key="train.epochs", type=int)
@@ -245,6 +246,10 @@ def _bench(sub) -> None:
     b.add_argument("--cluster", action="store_true",
                    help="a 4-run study on a simulated Ray cluster of 1, then 2 nodes x 1 CPU (needs qdistill[ray])")
     b.add_argument("--epochs", type=int, default=8, help="epochs per run for --cluster (default 8)")
+    _key(b, "--model", key="student.model", help="time this student's training step alone (W2A1 unless --set "
+         "says otherwise), eager and compiled: a registered name or FILE.py:FUNCTION")
+    b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key of the timed student (e.g. student.scheme=lsq)")
     b.set_defaults(func=commands.cmd_bench)
 
 

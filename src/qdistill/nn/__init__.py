@@ -9,6 +9,11 @@ SCHEMES = ("dorefa", "homework", "lsq")
 """The quantization schemes (`qdistill.nn.schemes` holds one object each)."""
 MIN_WEIGHT_BITS = {"lsq": 2}
 """Weight bits below which a scheme has no levels (others: 1)."""
+MODELS = ("dorefa-svhn", "resnet20", "vgg7", "vgg7-wide")
+"""The registered models (`qdistill.nn.models`); ``FILE.py:FUNCTION`` and
+``package.module:FUNCTION`` name a user's own (`qdistill.nn.reference`)."""
+FLAT_MODELS = ("dorefa-svhn", "vgg7", "vgg7-wide")
+"""The models a fused group can hold (`qdistill.nn.fused`: flat ``nn.Sequential`` stacks)."""
 LOSSES = ("hard", "soft", "hard+soft", "hard+softgt")
 KD_TERMS = ("kl", "dkd", "ls", "dist")
 """The teacher terms of Q2 and Q3 (`qdistill.nn.losses`): ``kl`` Hinton et al. 2015,

@@ -17,6 +17,8 @@ from . import scheme_bits_error, schemes
 from .autograd import MaxPoolInt32
 from .quantizers import FULL, check_bits, dorefa_gradient, lsq_activation_init, lsq_weight_init
 
+__all__ = ["QuantConv2d", "QuantLinear", "QuantAct", "AbsAffine", "MaxPool2d", "Resize", "Clip01"]
+
 
 class _QuantWeight:
     """What `QuantConv2d` and `QuantLinear` share: the scheme's weight quantizer on the

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from . import KD_DEFAULTS, KD_TERMS, LOSSES
 
+__all__ = ["build_loss", "Loss", "hard", "kl_term", "dkd_term", "ls_term", "dist_term", "soft_cross_entropy"]
+
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 NEEDS_TEACHER = dict(zip(LOSSES, (False, True, True, False)))
 LS_EPS = 1e-7     # logit standardisation: added to the standard deviation

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from . import schemes
+from . import reference, schemes
 from .layers import Clip01, MaxPool2d, QuantAct, QuantConv2d, QuantLinear, Resize
 from .quantize import quantize
 from .quantizers import FULL
@@ -47,20 +47,31 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, *, weight_bits: int = FULL, act_bits: int = FULL, grad_bits: int = FULL,
-          scheme: str = "dorefa", quantize_first_last: bool = False, num_classes: int = 10,
-          in_channels: int = 3) -> nn.Module:
-    """Build a registered model. Raises ``KeyError`` naming the known models."""
-    if name not in _REGISTRY:
+QUANT_KEYS = ("weight_bits", "act_bits", "grad_bits", "scheme", "quantize_first_last")
+
+
+def build(name: str, *, num_classes: int = 10, in_channels: int = 3, model_args: dict | None = None,
+          sha256: str = "", **quant) -> nn.Module:
+    """Build a registered model, or the network of a code reference (``FILE.py:FUNCTION``,
+    ``package.module:FUNCTION``: `qdistill.nn.reference`, called with ``model_args``; a
+    file's text is checked against ``sha256``), quantized by ``quant``: ``weight_bits``,
+    ``act_bits``, ``grad_bits`` (default 32: full precision), ``scheme`` (``"dorefa"``),
+    ``quantize_first_last`` (False). Raises ``KeyError`` naming the known models for an
+    unknown name, `reference.ModelError` for code that gives no usable network."""
+    if set(quant) - set(QUANT_KEYS):
+        raise TypeError(f"build() got unexpected keyword arguments {sorted(set(quant) - set(QUANT_KEYS))}")
+    quant = {"weight_bits": FULL, "act_bits": FULL, "grad_bits": FULL, "scheme": "dorefa",
+             "quantize_first_last": False, **quant}
+    if reference.is_code(name):
+        model = quantize(reference.build_float(name, sha256, model_args or {}, num_classes), **quant)
+    elif name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(names())}")
-    record = _REGISTRY[name]
-    bits = dict(weight_bits=weight_bits, act_bits=act_bits, grad_bits=grad_bits)
-    if record.course:
-        model = record.make(_Spec(**bits, scheme=schemes.get(scheme), quantize_first_last=quantize_first_last),
-                            num_classes=num_classes, in_channels=in_channels)
+    elif _REGISTRY[name].course:
+        spec = _Spec(**{**quant, "scheme": schemes.get(quant["scheme"])})
+        model = _REGISTRY[name].make(spec, num_classes=num_classes, in_channels=in_channels)
     else:
-        model = quantize(record.make(num_classes=num_classes, in_channels=in_channels), scheme=scheme,
-                         quantize_first_last=quantize_first_last, **bits)
+        model = quantize(_REGISTRY[name].make(num_classes=num_classes, in_channels=in_channels, **(model_args or {})),
+                         **quant)
     model.arch = name
     return model
 

@@ -19,6 +19,8 @@ from . import schemes
 from .layers import AbsAffine, Clip01, MaxPool2d, QuantAct, QuantConv2d, QuantLinear, Resize
 from .quantizers import FULL
 
+__all__ = ["quantize", "trace"]
+
 # Modules that move or pool values without changing what they are (levels stay levels).
 PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Flatten, nn.Identity)
 PASS_FUNCTIONS = {torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout}

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from . import scheme_bits_error
 from .autograd import ClampRound, LsqRound, QuantizeBackward, Round, SignScaled
 
+__all__ = ["dorefa_weight", "dorefa_activation", "dorefa_gradient", "homework_weight", "homework_activation",
+           "lsq_weight", "lsq_activation", "quantize_k", "FULL"]
+
 FULL = 32  # bits at and above which a quantizer is the identity
 
 

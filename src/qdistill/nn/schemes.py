@@ -22,6 +22,8 @@ from . import SCHEMES
 from .quantizers import (FULL, dorefa_activation, dorefa_weight, homework_activation, homework_weight,
                          lsq_activation, lsq_range, lsq_weight)
 
+__all__ = ["get", "Scheme", "DoReFa", "Homework", "Lsq"]
+
 
 class Scheme:
     """What every scheme answers; the three below fill it in."""

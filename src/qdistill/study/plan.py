@@ -60,14 +60,12 @@ def measure_rates(cfg: dict, compiled_steps: bool = False, threads: int = 0, dev
     data of the run's shape, with the configured batch size and optimizer: the rates
     behind the estimate (at least `MIN_STEPS` steps and `MIN_SECONDS` per model)."""
     from ..training.rate import run_rate
-    from ..nn.quantizers import FULL
     from ..training.device import threads as torch_threads
-    s = cfg["student"]
     with torch_threads(threads):
         import torch
-        teacher, t_compile = (run_rate(cfg, cfg["teacher"]["model"], FULL, FULL, compiled_steps, device)
+        teacher, t_compile = (run_rate(cfg, "teacher", compiled_steps, device)
                               if not cfg["teacher"]["run"] else (0.0, 0.0))
-        student, s_compile = run_rate(cfg, s["model"], s["weight_bits"], s["act_bits"], compiled_steps, device)
+        student, s_compile = run_rate(cfg, "student", compiled_steps, device)
         return Rates(teacher, student, compiled_steps, torch.get_num_threads(), (t_compile, s_compile))
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.registry import load
+from ..nn import FLAT_MODELS
 from ..errors import ConfigError, RunError, UserError, WriteError
 from ..lock import locked
 from ..training.device import pick_device, threads
@@ -129,7 +130,7 @@ def study_teacher(s: Study) -> Teacher:
 def _train_teacher(s: Study) -> None:
     run = s.dir.teacher
     if s.ray:
-        unit = Unit("teacher", ((teacher_config(s.cfg), run.name),))
+        unit = Unit.of("teacher", ((teacher_config(s.cfg), run.name),))
         cluster.run_units(s.ray, s.dir, [unit], s.data, None, s.tasks)
         if not run.finished:
             raise RunError(f"the study's teacher did not finish: {run.read_error()}")
@@ -156,9 +157,9 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
     where = torch.device("cuda" if s.tasks.gpus > 0 else "cpu") if s.ray else s.device  # the runs' device
     grouped = fuses(s.cfg, where)
     if s.ray:
-        units = ([Unit(folder, tuple((c.cfg, StudyDir.run_folder(c.name)) for c in members), folder)
+        units = ([Unit.of(folder, tuple((c.cfg, StudyDir.run_folder(c.name)) for c in members), folder)
                   for members, folder in unfinished_groups(conds, s.dir)] if grouped else
-                 [Unit(c.name, ((c.cfg, StudyDir.run_folder(c.name)),)) for c in todo])
+                 [Unit.of(c.name, ((c.cfg, StudyDir.run_folder(c.name)),)) for c in todo])
         bundle = teacher.bundle(s.cfg["teacher"] if s.given else None, s.cfg["data"]["augment"] != "none")
         cluster.run_units(s.ray, s.dir, units, s.data, bundle, s.tasks, on_done=lambda: s.results(conds))
     elif grouped:
@@ -234,11 +235,12 @@ def unfinished_groups(conds: list[Condition], study: StudyDir) -> list[tuple[lis
 
 
 def fuses(cfg: dict, device: torch.device) -> bool:
-    """``study.fused``: ``"auto"`` fuses on CUDA only (Ray tasks: those with GPUs); on
+    """``study.fused``: ``"auto"`` fuses on CUDA only (Ray tasks: those with GPUs), flat
+    networks only (`qdistill.nn.FLAT_MODELS`; ``true`` with another is refused by the config check); on
     the 2-core CPU dev box a fused group trains slower per student than one model
     (``qdistill bench --scaling``)."""
     fused = cfg["study"]["fused"]
-    return device.type == "cuda" if fused == "auto" else fused
+    return device.type == "cuda" and cfg["student"]["model"] in FLAT_MODELS if fused == "auto" else fused
 
 
 # ---------------------------------------------------------------- where runs train

@@ -36,6 +36,7 @@ import torch
 
 from ..atomic import atomic_write_bytes
 from ..errors import UserError
+from ..nn import reference
 from ..training.device import pick_device
 from ..training.loop import Remote, Run, train
 from ..training.rundir import RunDir
@@ -52,6 +53,15 @@ class Unit:
     label: str
     runs: tuple
     group: str = ""
+    sources: tuple = ()  # the text of every model file the configs name: a worker needs no copy of it
+
+    @classmethod
+    def of(cls, label: str, runs: tuple, group: str = "") -> "Unit":
+        """The unit with its model files' text (`qdistill.nn.reference`)."""
+        sections = [sec for cfg, _ in runs for sec in (cfg["teacher"], cfg["student"])]
+        texts = {reference.source(sec["model"], sec.get("model_sha256", "")) for sec in sections
+                 if reference.is_file(sec["model"])}
+        return cls(label, runs, group, tuple(sorted(texts)))
 
     @property
     def folders(self) -> list[str]:
@@ -148,6 +158,8 @@ def _write(root: Path, files: dict[str, bytes]) -> None:
 def run_unit(unit: Unit, files: dict[str, bytes], data, teacher: dict | None, threads: int):
     """The Ray task (a generator of `Epoch`, then `Done` or `Failed`)."""
     torch.set_num_threads(max(1, int(threads)))
+    for text in unit.sources:
+        reference.remember(text)
     node = node_label()
     where = (node, device_model(unit.runs[0][0]["train"]["device"]), time.time())  # each message's last fields
     with scratch() as root:

@@ -23,6 +23,7 @@ import torch
 
 from ..atomic import atomic_write_bytes
 from ..errors import RunError
+from ..nn import reference
 from ..nn.models import build
 from .rundir import RunDir
 
@@ -60,18 +61,26 @@ def load(path: str | Path) -> dict:
 
 
 def model_meta(cfg: dict, num_classes: int, class_names: list[str]) -> dict:
-    """How to rebuild the model of a run with ``cfg`` (its role picks the section)."""
-    if cfg["run"]["role"] == "teacher":
-        arch, kwargs = cfg["teacher"]["model"], {}
-    else:
-        s = cfg["student"]
-        arch = s["model"]
-        kwargs = {k: s[k] for k in ("weight_bits", "act_bits", "grad_bits", "scheme", "quantize_first_last")}
+    """How to rebuild the model of a run with ``cfg`` (its role picks the section). A
+    model from code adds its ``model_args``; from a file, its sha256 and text, so the
+    model rebuilds without the file."""
+    sec = cfg["teacher"] if cfg["run"]["role"] == "teacher" else cfg["student"]
+    kwargs = {} if cfg["run"]["role"] == "teacher" else {
+        k: sec[k] for k in ("weight_bits", "act_bits", "grad_bits", "scheme", "quantize_first_last")}
     kwargs.update(num_classes=num_classes, in_channels=3)
-    return {"arch": arch, "build": kwargs, "class_names": list(class_names), "role": cfg["run"]["role"]}
+    if sec.get("model_args"):
+        kwargs["model_args"] = dict(sec["model_args"])
+    meta = {"arch": sec["model"], "build": kwargs, "class_names": list(class_names), "role": cfg["run"]["role"]}
+    if reference.is_file(sec["model"]):
+        kwargs["sha256"] = sec.get("model_sha256", "")
+        meta["source"] = reference.source(sec["model"], kwargs["sha256"])
+    return meta
 
 
 def build_from_meta(meta: dict) -> torch.nn.Module:
+    """The model ``meta`` describes (a file's text from ``meta["source"]``)."""
+    if meta.get("source"):
+        reference.remember(meta["source"])
     return build(meta["arch"], **meta["build"])
 
 

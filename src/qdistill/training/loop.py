@@ -186,12 +186,12 @@ def _set_up(runs: list[Run], data, teacher: Teacher | None, state: RunDir, exist
     members = _members(runs, data, teacher)
     device = pick_device(t["device"])
     deterministic(device, t["deterministic"])
-    resumes = (state.prepare(cfg, existing) if len(runs) == 1 else
-               state.group_resumes([(r.name, configlib.run_text(r.cfg)) for r in runs]))
-    models = []
+    models = []  # built before the folder is checked: a model that fails to build deletes nothing
     for m in members:
         torch.manual_seed(t["seed"])
         models.append(checkpoint.build_from_meta(m.meta))
+    resumes = (state.prepare(cfg, existing) if len(runs) == 1 else
+               state.group_resumes([(r.name, configlib.run_text(r.cfg)) for r in runs]))
     train_idx, val_idx = split(data, cfg)
     # Recorded so a study can prove its pairing: same seed, same start, same split, same order.
     for m, model in zip(members, models):

@@ -267,7 +267,7 @@ def test_resume_of_a_file_model_matches(own_runs, tmp_path, monkeypatch):
 
 def test_eval_and_onnx_without_the_file(own_runs, net_file, tmp_path, capsys, monkeypatch):
     """eval and export rebuild the model from the checkpoint's copy of the file; ONNX
-    Runtime's accuracy on the test split equals torch's (both compute in float32; a
+    Runtime's labels on the whole test split equal torch's (both compute in float32; a
     level can only flip where a pre-activation lies within float32 rounding of a
     boundary: none did here)."""
     ort = pytest.importorskip("onnxruntime")
@@ -290,9 +290,9 @@ def test_eval_and_onnx_without_the_file(own_runs, net_file, tmp_path, capsys, mo
     labels = session.run(None, {"images": x})[0].argmax(1)
     with torch.no_grad():
         want = load_model(root / "s")[0](torch.from_numpy(x)).argmax(1).numpy()
-    assert len(x) == 80 and acc > 0.15  # the student learned something: labels are not constant
-    assert np.array_equal(labels, want)
-    assert np.mean(labels == data.y_test.numpy()) == pytest.approx(acc, abs=1e-6)
+    y = data.y_test.numpy()
+    assert acc > 0.15 and np.mean(want == y) > 0.15  # the student learned: its labels are not constant
+    assert np.array_equal(labels, want)  # so ONNX Runtime's accuracy is torch's
 
 
 def test_a_study_of_a_file_model(net_file, tmp_path, capsys):

@@ -391,3 +391,29 @@ def test_each_attempt_records_its_gpu_model_and_times(monkeypatch, capsys):
     assert (second["node"], second["device"], second["start"]) == ("node-b", "Tesla V100-SXM2-16GB", 200.0)
     assert first["submitted"] <= first["end"] <= second["submitted"] <= second["end"]
     assert "r: WorkerCrashedError on node-a; attempt 2 of 4" in capsys.readouterr().out
+
+
+OWN_NET = '''
+import torch.nn as nn
+
+
+def net(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, num_classes))
+'''
+
+
+def test_a_model_file_trains_on_ray_workers_that_never_saw_it(ray_env, tmp_path):
+    """The driver reads the model file once (the config check keeps its text); the file
+    is then deleted, so the workers (fresh processes) can only build the model from the
+    text the task carries. Both runs and the teacher finish."""
+    net = tmp_path / "own.py"
+    net.write_text(OWN_NET)
+    cfg = resolve(config(tmp_path, f'[student]\nmodel = "{net}:net"\n[teacher]\nmodel = "{net}:net"\n'))
+    cfg["study"]["executor"] = "ray"
+    net.unlink()
+    with cluster.session("", num_cpus=2):
+        result = run_study(cfg, tmp_path / "S", progress=False)
+    assert not result["failed"], result
+    assert RunDir(tmp_path / "S" / "runs" / "q1-hard-T1-s0").finished

@@ -336,3 +336,20 @@ def test_the_readme_python_example_runs(capsys):
     assert isinstance(student[3].conv, QuantConv2d) and student[3].conv.weight_bits == 2
     assert isinstance(student[3].relu, QuantAct) and torch.isfinite(scope["loss"])
     assert "QuantConv2d(16, 16" in capsys.readouterr().out
+
+
+def test_the_command_names_an_unquantized_input_in_one_warning_line(tmp_path, capsys):
+    """A file model with a functional F.relu: training goes on, the warning is one line."""
+    net = tmp_path / "fnet.py"
+    net.write_text("import torch.nn as nn\nimport torch.nn.functional as F\n\n\n"
+                   "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                   "        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)\n"
+                   "        self.fc = nn.Linear(4, 10)\n\n    def forward(self, x):\n"
+                   "        return self.fc(self.b(F.relu(self.a(x))).mean((2, 3)))\n")
+    with pytest.warns(UserWarning, match="nothing quantizes the input of b ") as caught:
+        assert cli.main(["student", *SMALL, "--epochs", "1", "--model", f"{net}:Net",
+                         "--out", str(tmp_path / "s")]) == 0
+    from qdistill.cli.main import _warning_line
+    w = next(w for w in caught if "nothing quantizes" in str(w.message))
+    line = _warning_line(w.message, w.category, w.filename, w.lineno)
+    assert line == f"qdistill: warning: {w.message}\n" and line.count("\n") == 1

@@ -67,3 +67,21 @@ def test_compiled_rates_that_miss_the_budget_give_eager_rates_and_say_so(monkeyp
     assert set(measured) == {False} and "eager steps" in lines[0]
     assert lines[-1] == "          (compiled rates not measured within 25 s, as with Inductor's cache cold: " \
                         "these are eager rates)"
+
+
+def test_the_estimate_times_the_configured_models_and_scheme(monkeypatch):
+    """The teacher's model and the student's own model, arguments, scheme and bits (not a
+    DoReFa vgg7 whatever the config says)."""
+    from qdistill.resolve import resolve
+    from qdistill.study.plan import measure_rates
+    from qdistill.training import rate
+    built, real = [], rate.build_from_meta
+    monkeypatch.setattr(rate, "build_from_meta", lambda meta: built.append(meta) or real(meta))
+    monkeypatch.setattr(rate, "MIN_STEPS", 1)
+    cfg = resolve(flags={"student": {"model": "resnet20", "scheme": "lsq", "weight_bits": 3, "act_bits": 2},
+                         "teacher": {"model": "vgg7-wide"}, "train": {"batch_size": 4}})
+    rates = measure_rates(cfg)
+    assert [m["arch"] for m in built] == ["vgg7-wide", "resnet20"]
+    assert {k: built[1]["build"][k] for k in ("scheme", "weight_bits", "act_bits")} == \
+        {"scheme": "lsq", "weight_bits": 3, "act_bits": 2}
+    assert rates.teacher > 0 and rates.student > 0

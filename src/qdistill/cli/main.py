@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from ..errors import UserError
 from .parser import build_parser
@@ -28,7 +29,14 @@ def _how_to_continue(args) -> str:
     return "nothing was left half-written"
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> str:
+    """A warning as the command prints it: one line (no source line under it)."""
+    text = str(message).strip().splitlines()
+    return f"qdistill: warning: {text[0] if text else category.__name__}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line
     parser = build_parser()
     args = parser.parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()

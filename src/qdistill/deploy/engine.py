@@ -50,10 +50,22 @@ class Engine:
             self.stages.append(STAGES[op](spec, arrays, backend))
         self.steps = graph.schedule(self.nodes, self.stages, self.output, fuse)
         self._producer = {step.name: step.stage for step in self.steps}
-        self._last_use = {}
+        last_use = {}
         for i, step in enumerate(self.steps):
             for name in step.inputs:
-                self._last_use[name] = i
+                last_use[name] = i
+        # per step: its inputs (with the border to cut from packed ones) and what it frees
+        self._plan = [(step.stage, [(name, self._border(name, step.stage, k)) for k, name in enumerate(step.inputs)],
+                       step.name, [n for n in set(step.inputs) if last_use[n] == i and n != self.output])
+                      for i, step in enumerate(self.steps)]
+
+    def _border(self, name: str, stage, k: int) -> tuple[int, int] | None:
+        """``(border, pad)`` where input ``k`` of ``stage`` reads the packed output of
+        ``name`` (bordered ``border``) with its own ``pad``; None where it reads the value as is."""
+        producer = self._producer.get(name)
+        if k == 0 and stage.packed_pad is not None and producer is not None and producer.out_pad is not None:
+            return producer.out_pad, stage.packed_pad
+        return None
 
     def _check(self, images) -> np.ndarray:
         x = np.asarray(images)
@@ -61,25 +73,19 @@ class Engine:
             raise QdzError(f"images must have shape (N, 3, 32, 32), got {tuple(x.shape)}")
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def _feed(self, values: dict, name: str, stage, k: int):
-        """The value of node ``name`` as input ``k`` of ``stage``: packed activations seen
-        with the border the stage reads."""
-        x = values[name]
-        producer = self._producer.get(name)
-        if k == 0 and stage.packed_pad is not None and producer is not None and producer.out_pad is not None:
-            packed = x[1] if isinstance(x, tuple) else x
-            return cut_border(packed, producer.out_pad, stage.packed_pad)
-        return x
-
     def _run(self, x: np.ndarray, keep: bool) -> dict:
         values = {graph.IMAGES: x}
-        for i, step in enumerate(self.steps):
-            args = [self._feed(values, name, step.stage, k) for k, name in enumerate(step.inputs)]
-            values[step.name] = step.stage.run(*args)
+        for stage, inputs, out, frees in self._plan:
+            args = []
+            for name, border in inputs:
+                v = values[name]
+                if border is not None:  # packed activations, seen with the border the stage reads
+                    v = cut_border(v[1] if isinstance(v, tuple) else v, *border)
+                args.append(v)
+            values[out] = stage.run(*args)
             if not keep:
-                for name in set(step.inputs):
-                    if self._last_use[name] == i and name != self.output:
-                        del values[name]
+                for name in frees:
+                    del values[name]
         return values
 
     def trace(self, images) -> list[np.ndarray | None]:

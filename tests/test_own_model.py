@@ -265,11 +265,12 @@ def test_resume_of_a_file_model_matches(own_runs, tmp_path, monkeypatch):
     assert _metrics(tmp_path / "c") == _metrics(root / "s")
 
 
-def test_eval_and_onnx_without_the_file(own_runs, net_file, tmp_path, capsys, monkeypatch):
+def test_eval_onnx_and_qdz_without_the_file(own_runs, net_file, tmp_path, capsys, monkeypatch):
     """eval and export rebuild the model from the checkpoint's copy of the file; ONNX
-    Runtime's labels on the whole test split equal torch's (both compute in float32; a
-    level can only flip where a pre-activation lies within float32 rounding of a
-    boundary: none did here)."""
+    Runtime's and the packed engine's labels on the whole test split equal torch's (a
+    level can flip only where a pre-activation lies within rounding of a boundary:
+    `tests/test_graph_export.py` bounds that; none did here), so `predict` reports
+    torch's accuracy."""
     ort = pytest.importorskip("onnxruntime")
     root, _ = own_runs
     moved = net_file.with_suffix(".away")
@@ -279,6 +280,7 @@ def test_eval_and_onnx_without_the_file(own_runs, net_file, tmp_path, capsys, mo
         assert cli.main(["eval", str(root / "s"), "--json"]) == 0
         acc = json.loads(capsys.readouterr().out)["test_acc"]
         assert cli.main(["export", str(root / "s"), "--out", str(tmp_path / "s.onnx")]) == 0
+        assert cli.main(["export", str(root / "s"), "--out", str(tmp_path / "s.qdz")]) == 0
     finally:
         moved.rename(net_file)
     from qdistill.data.registry import load
@@ -293,6 +295,13 @@ def test_eval_and_onnx_without_the_file(own_runs, net_file, tmp_path, capsys, mo
     y = data.y_test.numpy()
     assert acc > 0.15 and np.mean(want == y) > 0.15  # the student learned: its labels are not constant
     assert np.array_equal(labels, want)  # so ONNX Runtime's accuracy is torch's
+    from qdistill import deploy
+    engine = deploy.load(tmp_path / "s.qdz")
+    assert engine.manifest["format_version"] == 3  # a graph: the blocks' residual adds
+    assert np.array_equal(engine.classify(x), want)  # and so is the integer engine's
+    capsys.readouterr()
+    assert cli.main(["predict", str(tmp_path / "s.qdz"), "--dataset", "digits"]) == 0
+    assert f"({int((want == y).sum())}/{len(y)}," in capsys.readouterr().out
 
 
 def test_a_study_of_a_file_model(net_file, tmp_path, capsys):

@@ -79,10 +79,12 @@ def export_model(model: nn.Module, path: str | Path, *, class_names, meta: dict 
                  graph: bool | None = None) -> dict:
     """Write ``model`` (a quantized student from `qdistill.nn.models.build`) as a ``.qdz`` file
     at ``path`` (atomically) and return its manifest. A flat ``nn.Sequential`` is written as
-    a chain of layers (format 1 or 2, what older readers run), any other network as its node
-    graph (format 3); ``graph=True`` writes a Sequential as a graph too. `ExportError` if it
-    cannot be exported."""
-    if graph or (graph is None and not isinstance(model, nn.Sequential)):
+    a chain of layers (format 1 or 2, what older readers run), any other network (a
+    Sequential holding blocks of its own too) as its node graph (format 3); ``graph=True``
+    writes a flat Sequential as a graph too. `ExportError` if it cannot be exported."""
+    if graph is None:
+        graph = not (isinstance(model, nn.Sequential) and all(not list(m.children()) for m in model))
+    if graph:
         body, arrays = model_graph(model)
         out = next(n for n in body["nodes"] if n["name"] == body.get("output", body["nodes"][-1]["name"]))
     else:

@@ -139,7 +139,7 @@ def _check_against_reference(model: nn.Module, path, manifest: dict, x: np.ndarr
     return checked
 
 
-@pytest.mark.parametrize("n", [48, pytest.param(256, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [48])
 def test_resnet_levels_and_logits_against_the_float64_reference(resnet, n):
     """ResNet-20 W2A1 on digits. Reference: `_reference`, the same computation in float64.
     The engine's levels equal the reference's at every quantizer except where its input

@@ -407,10 +407,11 @@ def net(num_classes=10):
 def test_a_model_file_trains_on_ray_workers_that_never_saw_it(ray_env, tmp_path):
     """The driver reads the model file once (the config check keeps its text); the file
     is then deleted, so the workers (fresh processes) can only build the model from the
-    text the task carries. Both runs and the teacher finish."""
+    text the task carries. The teacher and the run finish."""
     net = tmp_path / "own.py"
     net.write_text(OWN_NET)
-    cfg = resolve(config(tmp_path, f'[student]\nmodel = "{net}:net"\n[teacher]\nmodel = "{net}:net"\n'))
+    cfg = resolve(config(tmp_path, f'[student]\nmodel = "{net}:net"\n[teacher]\nmodel = "{net}:net"\n'),
+                  sets=["train.epochs=1", 'study.questions=["q1"]'])
     cfg["study"]["executor"] = "ray"
     net.unlink()
     with cluster.session("", num_cpus=2):

@@ -51,7 +51,7 @@ DEFAULTS: dict[str, dict] = {
         "weight_bits": 2,
         "act_bits": 1,
         "grad_bits": 32,
-        "scheme": "dorefa",           # dorefa, homework
+        "scheme": "dorefa",           # dorefa, homework, lsq
         "quantize_first_last": False,
         "loss": "hard",               # hard, soft, hard+soft, hard+softgt
         "temperature": 4.0,

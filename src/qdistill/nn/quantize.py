@@ -118,17 +118,18 @@ def _relus_to_quantize(model: nn.Module, gm: fx.GraphModule | None) -> set[str]:
     return {n.target for n in gm.graph.nodes if n.target in relus and _feeds(gm, n, (nn.Conv2d, nn.Linear))}
 
 
-def _unquantized_inputs(model: nn.Module) -> list[str]:
-    """The quantized layers whose input no activation quantizer (or the image) gives."""
-    gm = trace(model)
+def _unquantized_inputs(model: nn.Module, gm: fx.GraphModule | None) -> list[str]:
+    """The quantized layers of ``model`` (swapped) whose input no activation quantizer
+    (or the image) gives, read off the graph traced before the swap (names are kept)."""
     if gm is None:
         return []
+    acts = {n for n, m in model.named_modules() if isinstance(m, QuantAct)}
     out = []
     for node in gm.graph.nodes:
-        m = _module(gm, node)
+        m = model.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_bits < FULL:
             src = _source(gm, node)
-            if not (isinstance(src, fx.Node) and (src.op == "placeholder" or isinstance(_module(gm, src), QuantAct))):
+            if not (isinstance(src, fx.Node) and (src.op == "placeholder" or src.target in acts)):
                 out.append(node.target)
     return out
 
@@ -175,7 +176,7 @@ def quantize(model: nn.Module, *, scheme: str = "dorefa", weight_bits: int = 2, 
         first = bool(convs) and name == convs[0]
         _swap(model, name, _quant_layer(old, FULL if name in edges else weight_bits,
                                         FULL if first or isinstance(old, nn.Linear) else grad_bits, quant.name))
-    bare = _unquantized_inputs(model) if act_bits < FULL else []
+    bare = _unquantized_inputs(model, gm) if act_bits < FULL else []
     if bare:
         warnings.warn(f"nothing quantizes the input of {', '.join(bare)} (a functional F.relu or a residual "
                       "add feeding it?): it sees full-precision activations")

@@ -245,6 +245,7 @@ def own_runs(net_file, tmp_path_factory):
     return root, args
 
 
+@pytest.mark.slow  # trains a teacher and a student of the user's network, or a study
 def test_config_and_checkpoints_record_the_model(own_runs, net_file):
     root, _ = own_runs
     cfg = (root / "s" / "config.toml").read_text()
@@ -258,6 +259,7 @@ def test_config_and_checkpoints_record_the_model(own_runs, net_file):
         assert meta["build"]["model_args"] == {"width": 6}
 
 
+@pytest.mark.slow  # trains a teacher and a student of the user's network, or a study
 def test_resume_of_a_file_model_matches(own_runs, tmp_path, monkeypatch):
     root, args = own_runs
     assert interrupted_in_epoch_2(monkeypatch, [*args, "--out", str(tmp_path / "c")]) == 130
@@ -265,6 +267,7 @@ def test_resume_of_a_file_model_matches(own_runs, tmp_path, monkeypatch):
     assert _metrics(tmp_path / "c") == _metrics(root / "s")
 
 
+@pytest.mark.slow  # trains a teacher and a student of the user's network, or a study
 def test_eval_onnx_and_qdz_without_the_file(own_runs, net_file, tmp_path, capsys, monkeypatch):
     """eval and export rebuild the model from the checkpoint's copy of the file; ONNX
     Runtime's and the packed engine's labels on the whole test split equal torch's (a
@@ -304,6 +307,7 @@ def test_eval_onnx_and_qdz_without_the_file(own_runs, net_file, tmp_path, capsys
     assert f"({int((want == y).sum())}/{len(y)}," in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains a teacher and a student of the user's network, or a study
 def test_a_study_of_a_file_model(net_file, tmp_path, capsys):
     """Q1 and Q3 of the user's network, one run at a time (``fused = "auto"`` on a CPU and
     for a residual network); ``fused = true`` is refused with one line."""

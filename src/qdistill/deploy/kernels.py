@@ -9,11 +9,12 @@ Layouts (N images, channels last so one position's channels are contiguous):
 * packed activations ``X``: ``uint64 (N, H + 2p, W + 2p, a, ceil(C/64))``, bit ``c % 64``
   of word ``c // 64`` in plane ``i`` is bit ``i`` of ``L[..., c]``; the border of width
   ``p`` is zero, i.e. level 0, which is what zero padding of ``L / (2**a - 1)`` gives.
-* packed weight rows ``Wq``: ``uint64 (k, ceil(KH*KW*C/64), O)``: the receptive field
-  of output channel ``o`` as one bit string, bit ``(ky*KW + kx)*C + c`` of plane ``j``
-  being bit ``j`` of the weight code at ``[o, c, ky, kx]``. A conv gathers the same bit
-  string of activations at each output position (an im2col on bits), so a 16-channel
-  3x3 layer costs 3 words per plane instead of 9 mostly empty ones.
+* packed weight rows ``Wq``: ``uint64 (k, KW * cw, O)``, ``cw = ceil(KH*C/64)``: the
+  receptive field of output channel ``o`` as ``KW`` column strings of ``cw`` words each,
+  bit ``ky*C + c`` of column ``kx`` in plane ``j`` being bit ``j`` of the weight code at
+  ``[o, c, ky, kx]``. A conv reads the same column strings of activations (an im2col on
+  bits, `_im2col_np`); neighbouring output positions share columns, so the numba kernels
+  build each input column once per output row and read a position's field in place.
 
 Accumulator of a conv with weights ``w = alpha * (2c - n)`` on levels ``q``::
 
@@ -60,13 +61,17 @@ def _pack_np(levels: np.ndarray, bits: int, pad: int) -> np.ndarray:
 
 def _im2col_np(x: np.ndarray, kh: int, kw: int, cin: int, stride: int = 1) -> np.ndarray:
     """The receptive field of every output position (every ``stride``-th) as packed bits
-    ``(N, Ho, Wo, a, Kw)``, in the bit order of `weight_rows`."""
+    ``(N, Ho, Wo, a, KW * cw)``, in the bit order of `weight_rows`."""
     lv = unpack(x, cin, 0)
     n = lv.shape[0]
     win = np.lib.stride_tricks.sliding_window_view(lv, (kh, kw), axis=(1, 2))  # N Ho Wo C KH KW
     win = win[:, ::stride, ::stride]
-    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n, win.shape[1], win.shape[2], kh * kw * cin)
-    return _pack_np(np.ascontiguousarray(cols), x.shape[3], 0)
+    ho, wo = win.shape[1:3]
+    cols = win.transpose(0, 1, 2, 5, 4, 3).reshape(n, ho, wo * kw, kh * cin)  # one column per row
+    packed = _pack_np(np.ascontiguousarray(cols), x.shape[3], 0)  # N Ho Wo*KW a cw
+    a, cw = x.shape[3], words(kh * cin)
+    packed = packed.reshape(n, ho, wo, kw, a, cw).transpose(0, 1, 2, 4, 3, 5)
+    return np.ascontiguousarray(packed).reshape(n, ho, wo, a, kw * cw)
 
 
 def _acc_np(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: int, stride: int = 1) -> np.ndarray:
@@ -161,14 +166,14 @@ def pack(levels: np.ndarray, bits: int, pad: int) -> np.ndarray:
 
 def weight_rows(planes: np.ndarray, in_channels: int) -> np.ndarray:
     """Weight bit-planes from the file layout ``uint8 (k, O, KH, KW, ceil(C/8))`` (see
-    `qdz.pack_codes`) to the kernel layout ``Wq`` ``uint64 (k, ceil(KH*KW*C/64), O)``."""
+    `qdz.pack_codes`) to the kernel layout ``Wq`` ``uint64 (k, KW * cw, O)``."""
     k, o, kh, kw, _ = planes.shape
     bits = np.unpackbits(planes, axis=-1, count=in_channels, bitorder="little")  # k O KH KW C
-    field = bits.reshape(k, o, kh * kw * in_channels)
-    kwords = words(field.shape[-1])
-    field = np.pad(field, ((0, 0), (0, 0), (0, kwords * 64 - field.shape[-1])))
-    rows = np.packbits(field, axis=-1, bitorder="little").view("<u8").astype(np.uint64)  # k O Kw
-    return np.ascontiguousarray(rows.transpose(0, 2, 1))
+    columns = bits.transpose(0, 1, 3, 2, 4).reshape(k, o, kw, kh * in_channels)
+    cw = words(kh * in_channels)
+    columns = np.pad(columns, ((0, 0), (0, 0), (0, 0), (0, cw * 64 - kh * in_channels)))
+    rows = np.packbits(columns, axis=-1, bitorder="little").view("<u8").astype(np.uint64)  # k O KW cw
+    return np.ascontiguousarray(rows.reshape(k, o, kw * cw).transpose(0, 2, 1))
 
 
 def accumulate(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: int,

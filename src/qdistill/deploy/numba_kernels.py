@@ -30,46 +30,49 @@ if HAVE_NUMBA:
         return sig, codegen
 
     @njit(inline="always")
-    def _gather(x, b, y, xx, kh, kw, cin, xw):
-        """``xw[i]`` = the bits of plane ``i`` over the receptive field of output ``(y, xx)``."""
-        a, wd, kwords = x.shape[3], x.shape[4], xw.shape[1]
-        xw[:, :] = 0
-        for ky in range(kh):
-            for kx in range(kw):
-                base = (ky * kw + kx) * cin
+    def _columns(x, b, y0, kh, cin, col):
+        """``col[i, x]`` = the column string of plane ``i`` at input column ``x`` over input
+        rows ``y0 .. y0 + kh - 1``: bit ``ky * cin + c`` is channel ``c`` of row ``y0 + ky``."""
+        a, wd, cw = x.shape[3], x.shape[4], col.shape[2]
+        col[:, :, :] = 0
+        for xx in range(x.shape[2]):
+            for ky in range(kh):
                 for s in range(wd):
-                    off = base + 64 * s
+                    off = ky * cin + 64 * s
                     d = off >> 6
                     sh = off & 63
                     for i in range(a):
-                        v = x[b, y + ky, xx + kx, i, s]
-                        xw[i, d] |= v << np.uint64(sh)
-                        if sh != 0 and d + 1 < kwords:
-                            xw[i, d + 1] |= v >> np.uint64(64 - sh)
+                        v = x[b, y0 + ky, xx, i, s]
+                        col[i, xx, d] |= v << np.uint64(sh)
+                        if sh != 0 and d + 1 < cw:
+                            col[i, xx, d + 1] |= v >> np.uint64(64 - sh)
 
     @njit(inline="always")
-    def _dot(xw, wq, acc):
-        """Fill ``acc[o]`` with ``sum_ij 2^(i+j) popcount(x_i & c_j)`` over the gathered
-        field ``xw`` and return ``sum_i 2^i popcount(x_i)``."""
-        k, kwords, o = wq.shape
+    def _dot(col, x0, kw, wq, acc):
+        """Fill ``acc[o]`` with ``sum_ij 2^(i+j) popcount(x_i & c_j)`` over the field whose
+        columns are ``col[:, x0 : x0 + kw]`` and return ``sum_i 2^i popcount(x_i)``."""
+        k, _, o = wq.shape
+        cw = col.shape[2]
         acc[:] = 0
         ones = 0
-        for i in range(xw.shape[0]):
-            for w in range(kwords):
-                xv = xw[i, w]
-                if xv == 0:
-                    continue
-                ones += _popc(xv) << i
-                if k == 2:  # W2, the common case: one pass over acc for both planes
-                    r0, r1 = wq[0, w], wq[1, w]
-                    for oc in range(o):
-                        acc[oc] += (_popc(xv & r0[oc]) + (_popc(xv & r1[oc]) << 1)) << i
-                else:
-                    for j in range(k):
-                        sh = i + j
-                        row = wq[j, w]
+        for i in range(col.shape[0]):
+            for kx in range(kw):
+                for s in range(cw):
+                    xv = col[i, x0 + kx, s]
+                    if xv == 0:
+                        continue
+                    w = kx * cw + s
+                    ones += _popc(xv) << i
+                    if k == 2:  # W2, the common case: one pass over acc for both planes
+                        r0, r1 = wq[0, w], wq[1, w]
                         for oc in range(o):
-                            acc[oc] += _popc(xv & row[oc]) << sh
+                            acc[oc] += (_popc(xv & r0[oc]) + (_popc(xv & r1[oc]) << 1)) << i
+                    else:
+                        for j in range(k):
+                            sh = i + j
+                            row = wq[j, w]
+                            for oc in range(o):
+                                acc[oc] += _popc(xv & row[oc]) << sh
         return ones
 
     @njit(inline="always")
@@ -123,10 +126,10 @@ if HAVE_NUMBA:
             b = r // ho
             y = r - b * ho
             acc = np.empty(o, np.int64)
-            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            col = np.empty((x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
+            _columns(x, b, y * stride, kh, cin, col)
             for xx in range(wo):
-                _gather(x, b, y * stride, xx * stride, kh, kw, cin, xw)
-                ones = _dot(xw, wq, acc)
+                ones = _dot(col, xx * stride, kw, wq, acc)
                 for oc in range(o):
                     out[b, y, xx, oc] = 2 * acc[oc] - nw * ones
         return out
@@ -145,13 +148,14 @@ if HAVE_NUMBA:
             v = np.empty(o, np.int64)
             count = np.empty(o, np.uint8)
             lv = np.empty(o, np.uint8)
-            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            cols = np.empty((pool, x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
+            for dy in range(pool):
+                _columns(x, b, (yq * pool + dy) * stride, kh, cin, cols[dy])
             for xq in range(wq_):
                 lv[:] = 0
                 for dy in range(pool):
                     for dx in range(pool):
-                        _gather(x, b, (yq * pool + dy) * stride, (xq * pool + dx) * stride, kh, kw, cin, xw)
-                        ones = _dot(xw, wq, acc)
+                        ones = _dot(cols[dy], (xq * pool + dx) * stride, kw, wq, acc)
                         for oc in range(o):
                             v[oc] = 2 * acc[oc] - nw * ones
                         _levels_max(v, sign, thr, count, lv)
@@ -173,10 +177,10 @@ if HAVE_NUMBA:
             v = np.empty(o, np.float64)
             count = np.empty(o, np.uint8)
             lv = np.empty(o, np.uint8)
-            xw = np.empty((x.shape[3], wq.shape[1]), np.uint64)
+            col = np.empty((x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
+            _columns(x, b, y * stride, kh, cin, col)
             for xx in range(wo):
-                _gather(x, b, y * stride, xx * stride, kh, kw, cin, xw)
-                ones = _dot(xw, wq, acc)
+                ones = _dot(col, xx * stride, kw, wq, acc)
                 for oc in range(o):
                     v[oc] = (2 * acc[oc] - nw * ones) * mul[oc] + add[oc]
                 if levels_res:
@@ -191,24 +195,22 @@ if HAVE_NUMBA:
         return out_l, out_p
 
     @njit(inline="always")
-    def _conv_row(x, wt, b, y, stride, acc):
+    def _conv_row(x, wt, b, y, stride, acc, src):
         """One output row of the float conv: ``acc[oc, xx] += w * x`` over ``c, ky, kx`` in
-        that order (bias already in ``acc``); x is the vector loop."""
+        that order (bias already in ``acc``); x is the vector loop. Each tap's inputs are
+        first copied to the buffer ``src``: LLVM vectorises the loop only over arrays it
+        knows apart."""
         c, kh, kw, o = wt.shape
         wo = acc.shape[1]
         for ci in range(c):
             for ky in range(kh):
-                src = x[b, ci, y + ky]
                 for kx in range(kw):
+                    for xx in range(wo):
+                        src[xx] = x[b, ci, y + ky, xx * stride + kx]
                     for oc in range(o):
                         wv = wt[ci, ky, kx, oc]
-                        row = acc[oc]
-                        if stride == 1:
-                            for xx in range(wo):
-                                row[xx] += wv * src[xx + kx]
-                        else:
-                            for xx in range(wo):
-                                row[xx] += wv * src[xx * stride + kx]
+                        for xx in range(wo):
+                            acc[oc, xx] += wv * src[xx]
 
     @njit(parallel=True, cache=True)
     def conv_float(x, wt, bias, thr, sign, pool, bits, want_l, want_p, pad, stride):
@@ -222,12 +224,13 @@ if HAVE_NUMBA:
             b = r // hq
             yq = r - b * hq
             acc = np.empty((o, wo), np.float32)  # one output row; x is the vector loop
+            src = np.empty(wo, np.float32)
             count = np.empty(wo, np.uint8)
             lv = np.zeros((wq, o), np.uint8)
             for dy in range(pool):
                 for oc in range(o):
                     acc[oc, :] = bias[oc]
-                _conv_row(x, wt, b, (yq * pool + dy) * stride, stride, acc)
+                _conv_row(x, wt, b, (yq * pool + dy) * stride, stride, acc, src)
                 for oc in range(o):
                     s = sign[oc]
                     row = acc[oc]

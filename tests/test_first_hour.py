@@ -149,6 +149,17 @@ def test_a_resume_with_other_settings_names_the_keys_and_resume_alone_takes_the_
         f"--force to start over")
     assert cli.main(["student", "--resume", "--quiet", "--out", str(out)]) == 0  # nothing retyped
     assert RunDir(out).read_summary()["epochs"] == 2
+    # finished: a changed setting is named before what to do, so --force is not taken blindly
+    code, _, err = run([*args, "-T", "2", "--resume", "--out", out], capsys)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: run {out} already finished with another config (student.temperature: 4.0 -> 2.0); "
+        f"give another --out to keep it, or --force to replace it")
+    code, _, err = run([*args, "-T", "2", "--out", out], capsys)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: {out} already holds a finished run with another config (student.temperature: 4.0 -> "
+        f"2.0); use --force to overwrite")
+    code, _, err = run([*args, "--resume", "--out", out], capsys)
+    assert code == 2 and "already finished; use --force to train it again, or --extend" in one_line(err)
 
 
 def test_extend_trains_a_finished_run_on_exactly_when_its_schedule_allows(tmp_path, capsys):

@@ -117,16 +117,19 @@ class RunDir:
             return False
         if not (self.finished or self.started):
             return False
-        if existing == "new":
-            what = "a finished run" if self.finished else "an unfinished run (use --resume to continue it)"
-            raise RunError(f"{self.path} already holds {what}; use --force to overwrite")
         stored = self.read_config() if (self.path / CONFIG).is_file() else {}
         diff = configlib.differences(stored, configlib.tomllib.loads(configlib.run_text(cfg)))
+        differs = f" with another config ({'; '.join(diff)})" if diff else ""
+        if existing == "new":
+            what = "a finished run" if self.finished else "an unfinished run"
+            hint = "" if self.finished or diff else " (use --resume to continue it)"
+            raise RunError(f"{self.path} already holds {what}{differs}{hint}; use --force to overwrite")
         if existing == "extend":
             return self._extend(cfg, stored, diff)
         if self.finished:
-            raise RunError(f"run {self.path} already finished; use --force to train it again, or --extend with a "
-                           f"larger --epochs to train it on")
+            raise RunError(f"run {self.path} already finished{differs}; "
+                           + ("give another --out to keep it, or --force to replace it" if diff else
+                              "use --force to train it again, or --extend with a larger --epochs to train it on"))
         if diff:
             raise RunError(f"run {self.path} was started with another config ({'; '.join(diff)}): resume with "
                            f"the same settings (--resume alone takes the run's own), or --force to start over")

@@ -55,7 +55,7 @@ DEFAULTS: dict[str, dict] = {
         "quantize_first_last": False,
         "loss": "hard",               # hard, soft, hard+soft, hard+softgt
         "temperature": 4.0,
-        # "c": absent means T**2
+        # "c": absent means T**2 (config.default_c)
         "omit_class": -1,             # K >= 0: leave class K out of the student's training (the unseen-class probe)
         "kd": "kl",                   # the teacher term of Q2 and Q3: kl, dkd, ls, dist
         "dkd_alpha": 1.0,             # dkd: weight of the target-class term
@@ -84,7 +84,7 @@ DEFAULTS: dict[str, dict] = {
     },
     "study": {
         "temperatures": [1.0, 2.0, 4.0, 8.0, 15.0],
-        # "c": absent means T**2
+        # "c": absent means T**2 (config.default_c)
         "seeds": [0, 1, 2],
         "questions": ["q1", "q2", "q3", "q4"],
         "kd": ["kl"],                 # the teacher terms Q2 and Q3 sweep (each x T x seeds)
@@ -242,7 +242,7 @@ def check(cfg: dict) -> dict:
     if s["omit_class"] < -1:
         raise ConfigError(f"student.omit_class must be -1 (none) or a class index >= 0, got {s['omit_class']}")
     if s["loss"] in ("hard+soft", "hard+softgt") and "c" not in s:
-        s["c"] = s["temperature"] ** 2  # written out, so a run's config says what it used
+        s["c"] = default_c(s["temperature"])  # written out, so a run's config says what it used
     st = cfg["study"]
     st["temperatures"] = [_positive_number(v, "study.temperatures[]") for v in st["temperatures"]]
     for seed in st["seeds"]:
@@ -288,9 +288,15 @@ def absolute_paths(cfg: dict) -> dict:
     return cfg
 
 
+def default_c(temperature: float) -> float:
+    """The weight ``c`` of the soft term when none is given: ``T**2`` (why: `qdistill.nn.losses`).
+    The one place this default lives; the losses, the config and the study grid read it."""
+    return float(temperature) * float(temperature)
+
+
 def loss_c(student: dict) -> float:
-    """The weight c of the soft term: ``student.c`` or ``T**2``."""
-    return float(student["c"]) if "c" in student else float(student["temperature"]) ** 2
+    """The weight c of the soft term: ``student.c`` or `default_c`."""
+    return float(student["c"]) if "c" in student else default_c(student["temperature"])
 
 
 def differences(old: dict, new: dict, limit: int = 3) -> list[str]:

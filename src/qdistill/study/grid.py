@@ -51,7 +51,7 @@ def expand(cfg: dict) -> list[Condition]:
 
 def _condition(cfg: dict, q: str, kd: str, T: float, seed: int) -> Condition:
     st, loss = cfg["study"], QUESTION_LOSS[q]
-    c = None if q in ("q1", "q2") else (float(st["c"]) if "c" in st else T * T)
+    c = None if q in ("q1", "q2") else (float(st["c"]) if "c" in st else configlib.default_c(T))
     run_cfg = copy.deepcopy(cfg)
     del run_cfg["study"]
     run_cfg["run"]["role"] = "student"

@@ -235,3 +235,67 @@ def test_the_scheme_check_can_fail(tmp_path):
     g = tmp_path / "x.py"
     g.write_text('if m.scheme == "lsq":\n    pass\nok = kind in ("a", "b")\nif "homework" != s:\n    pass\n')
     assert scheme_comparisons(g) == ["x.py:1: m.scheme == 'lsq'", "x.py:4: 'homework' != s"]
+
+
+# ---------------------------------------------------------------- docs that name what the code has
+
+README_MAX_LINES = 250
+
+
+def registered_names() -> dict[tuple[str, str], tuple[str, ...]]:
+    """{(section, key): the names the code registers for that key}, read from the registries."""
+    from qdistill.data import DATASETS
+    from qdistill.nn import KD_TERMS, SCHEMES
+    from qdistill.training.recipes import RECIPES
+    return {("data", "dataset"): tuple(DATASETS), ("student", "scheme"): tuple(SCHEMES),
+            ("student", "kd"): tuple(KD_TERMS), ("study", "kd"): tuple(KD_TERMS), ("train", "recipe"): tuple(RECIPES)}
+
+
+def key_text(toml: str, section: str, key: str) -> str:
+    """The line of ``[section] key = ...`` in a commented TOML file and the comment lines
+    that continue it (indented ``#`` lines right below); "" when the key is absent."""
+    out, current = [], None
+    for line in toml.splitlines():
+        if out and re.match(r"^\s+#", line):
+            out.append(line)
+        elif out:
+            break
+        elif re.match(r"^\[\w+\]", line):
+            current = line.strip()[1:-1]
+        elif current == section and re.match(rf"^{re.escape(key)}\s*=", line):
+            out.append(line)
+    return "\n".join(out)
+
+
+def unnamed(names, text: str, code_span: bool = False) -> list[str]:
+    """The ``names`` that ``text`` never spells as a word (as a Markdown code span with
+    ``code_span``)."""
+    def found(n):
+        return f"`{n}`" in text if code_span else re.search(rf"(?<![\w+-]){re.escape(n)}(?![\w+-])", text)
+    return [n for n in names if not found(n)]
+
+
+def test_readme_and_default_toml_name_every_registered_choice():
+    """Every scheme, kd term, recipe and dataset the code registers is named in README.md
+    (as `name`) and in configs/default.toml on its key's line or the comments continuing it."""
+    readme, toml = (ROOT / "README.md").read_text(), (ROOT / "configs" / "default.toml").read_text()
+    bad = []
+    for (section, key), names in registered_names().items():
+        bad += [f"README.md does not name {section}.{key} {n!r}" for n in unnamed(names, readme, code_span=True)]
+        bad += [f"configs/default.toml [{section}] {key} does not name {n!r}"
+                for n in unnamed(names, key_text(toml, section, key))]
+    assert not bad, "\n".join(bad)
+
+
+def test_readme_is_at_most_250_lines():
+    n = len((ROOT / "README.md").read_text().splitlines())
+    assert n <= README_MAX_LINES, f"README.md has {n} lines; move detail to docs/ (at most {README_MAX_LINES})"
+
+
+def test_the_naming_check_can_fail():
+    toml = ('[student]\nscheme = "dorefa"   # dorefa, homework\n                   # lsq (learned)\n'
+            'loss = "hard"   # hard, lsqx\n[train]\nscheme = 1   # lsq2\n')
+    assert key_text(toml, "student", "scheme").count("\n") == 1
+    assert unnamed(("dorefa", "lsq", "lsq2", "made-up"), key_text(toml, "student", "scheme")) == ["lsq2", "made-up"]
+    assert unnamed(("dorefa", "hard"), "uses `dorefa` and hard", code_span=True) == ["hard"]
+    assert key_text(toml, "student", "missing") == ""

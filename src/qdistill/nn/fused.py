@@ -25,7 +25,7 @@ Every parameter holds the members' slices as contiguous blocks along its first
 dimension. Adam (with or without weight decay) is elementwise, so each member evolves
 exactly as it would alone, up to float rounding of the grouped kernels (bit-identical
 with one thread on the dev box; with several threads the grouped kernels split their
-reductions differently and training amplifies those last-bit differences). Two things
+reductions differently and training amplifies those last-bit differences). Three things
 never carry over bit for bit: random numbers (``Dropout`` masks and the noise of
 ``dorefa_gradient``) are drawn once for the fused tensor, so a fused member sees other
 draws than a separate run with the same seed; anything that reduces over *all*

@@ -230,7 +230,17 @@ def check(cfg: dict) -> dict:
     for key in ("warmup", "ema"):
         if not 0 <= t[key] < 1:
             raise ConfigError(f"train.{key} must be in [0, 1), got {t[key]}")
-    s = cfg["student"]
+    _check_student(cfg["student"], t["epochs"])
+    _check_study(cfg["study"])
+    _check_teacher_input(cfg["teacher"])
+    for section in ("teacher", "student"):
+        if not isinstance(cfg[section].get("model_args", {}), dict):
+            raise ConfigError(f"{section}.model_args must be a table, got {cfg[section]['model_args']!r}")
+    return cfg
+
+
+def _check_student(s: dict, epochs: int) -> None:
+    """``[student]``: ranges, ``c`` filled in, and no setting that would do nothing."""
     s["temperature"] = _positive_number(s["temperature"], "student.temperature")
     if "c" in s:
         if isinstance(s["c"], bool) or not isinstance(s["c"], (int, float)) or not 0 <= s["c"] < math.inf:
@@ -243,22 +253,36 @@ def check(cfg: dict) -> dict:
         raise ConfigError(f"student.omit_class must be -1 (none) or a class index >= 0, got {s['omit_class']}")
     if s["loss"] in ("hard+soft", "hard+softgt") and "c" not in s:
         s["c"] = default_c(s["temperature"])  # written out, so a run's config says what it used
-    st = cfg["study"]
+    if s["kd"] != "kl" and s["loss"] in ("hard", "hard+softgt"):
+        raise ConfigError(f"student.kd {s['kd']} does nothing with loss {s['loss']}: the teacher term enters "
+                          f"the soft and hard+soft losses only")
+    if s["loss"] != "hard" and s["kd_warmup"] > epochs:
+        raise ConfigError(f"student.kd_warmup {s['kd_warmup']:g} is longer than train.epochs {epochs}: the soft term "
+                          f"would never reach its full weight")
+
+
+def _check_study(st: dict) -> None:
     st["temperatures"] = [_positive_number(v, "study.temperatures[]") for v in st["temperatures"]]
     for seed in st["seeds"]:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"study.seeds must be integers >= 0, got {seed!r}")
+    for key in ("temperatures", "seeds", "questions", "kd"):
+        _no_repeats(st[key], f"study.{key}")
     if "c" in st:
         if isinstance(st["c"], bool) or not isinstance(st["c"], (int, float)) or not 0 <= st["c"] < math.inf:
             raise ConfigError(f"study.c must be a number >= 0, got {st['c']!r}")
     for key in ("teacher_epochs", "workers", "cpus_per_run", "retries"):
         if st[key] < 0:
             raise ConfigError(f"study.{key} must be >= 0, got {st[key]}")
-    _check_teacher_input(cfg["teacher"])
-    for section in ("teacher", "student"):
-        if not isinstance(cfg[section].get("model_args", {}), dict):
-            raise ConfigError(f"{section}.model_args must be a table, got {cfg[section]['model_args']!r}")
-    return cfg
+
+
+def _no_repeats(values: list, key: str) -> None:
+    """A study list names each value once: a repeat would train the same run twice into one folder."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ConfigError(f"{key} lists {_toml_value(v)} twice; give each value once")
+        seen.add(v)
 
 
 def _check_teacher_input(t: dict) -> None:

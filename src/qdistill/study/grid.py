@@ -81,3 +81,25 @@ def group_key(cond: Condition) -> str:
     """Conditions that may share a fused network: the same config but for the loss, T
     and c (so the same seed)."""
     return json.dumps(configlib.without_loss(cond.cfg), sort_keys=True)
+
+
+def check_grid(cfg: dict, num_classes: int | None) -> list[Condition]:
+    """The grid, once every run's config passes the checks a run would apply (each run
+    gets one line naming it), the runs' names are distinct (temperatures that print alike
+    share one), and ``student.omit_class`` is a class of the data (``num_classes``; None:
+    not known until the data is read). What a study refuses before it trains anything."""
+    conds = expand(cfg)
+    by_name: dict[str, Condition] = {}
+    for c in conds:
+        if c.name in by_name:
+            raise configlib.ConfigError(f"study runs {c.name} twice: temperatures {by_name[c.name].temperature!r} and "
+                                        f"{c.temperature!r} print alike; give temperatures that differ in 6 digits")
+        by_name[c.name] = c
+        try:
+            configlib.check({**copy.deepcopy(c.cfg), "study": copy.deepcopy(cfg["study"])})
+        except configlib.ConfigError as e:
+            raise configlib.ConfigError(f"study run {c.name}: {e}") from None
+    k = cfg["student"]["omit_class"]
+    if num_classes is not None and k >= num_classes:
+        raise configlib.ConfigError(f"student.omit_class {k} is not a class of the data (0..{num_classes - 1})")
+    return conds

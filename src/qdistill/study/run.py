@@ -29,7 +29,7 @@ from ..training.loop import Run, train
 from ..training.teacher import Teacher, open_teacher
 from ..training.teacher_files import Preprocess
 from . import cluster
-from .grid import Condition, expand, group_key, teacher_config
+from .grid import Condition, check_grid, expand, group_key, teacher_config
 from .plan import duration, estimate_lines, measure_rates
 from .results import write_results
 from .studydir import StudyDir
@@ -85,6 +85,7 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, progress: bo
     if plan:
         cluster.import_ray()
     data = load(cfg["data"])
+    check_grid(cfg, data.num_classes)  # what a run would refuse stops the study before anything trains
     given = open_teacher(cfg, data, cache=study.logits_cache)  # a bad teacher stops the study here
     s = Study(cfg, study, data, pick_device(cfg["train"]["device"]), given, progress)
     with locked(study.path, "study"), (cluster.session(*plan[:2]) if plan else

@@ -1,0 +1,66 @@
+"""What a run or study would refuse is refused before anything trains or is written: one
+line, exit 2 (issue 30, items 9 and 11). None of these tests trains a network."""
+import pytest
+
+from qdistill import cli
+
+from conftest import SMALL
+
+STUDY = ["study", *SMALL, "--epochs", "1", "--quiet", "--set", "study.seeds=[0]", "--set",
+         'study.questions=["q1", "q3"]', "--set", "study.temperatures=[4.0]"]
+
+
+def refused(argv, capsys) -> str:
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
+@pytest.mark.parametrize("key,value,shown", [("seeds", "[0, 1, 0]", "0"), ("temperatures", "[4, 2, 4.0]", "4.0"),
+                                             ("kd", '["kl", "dkd", "kl"]', '"kl"'),
+                                             ("questions", '["q1", "q1"]', '"q1"')])
+def test_a_study_list_that_repeats_a_value_is_refused_by_plan_and_study(key, value, shown, tmp_path, capsys):
+    for extra in (["--plan"], []):
+        line = refused([*STUDY, "--set", f"study.{key}={value}", *extra, "--out", tmp_path / "s"], capsys)
+        assert line == f"qdistill: error: study.{key} lists {shown} twice; give each value once"
+    assert not (tmp_path / "s").exists()
+
+
+def test_temperatures_that_print_alike_would_share_a_run_folder(tmp_path, capsys):
+    line = refused([*STUDY, "--set", "study.temperatures=[4.0, 4.0000001]", "--out", tmp_path / "s"], capsys)
+    assert line == ("qdistill: error: study runs q3-hard+soft-T4-s0 twice: temperatures 4.0 and 4.0000001 print "
+                    "alike; give temperatures that differ in 6 digits")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_study_refuses_an_omitted_class_the_data_lacks_before_its_teacher_trains(tmp_path, capsys):
+    line = refused([*STUDY, "--omit-class", "12", "--out", tmp_path / "s"], capsys)
+    assert line == "qdistill: error: student.omit_class 12 is not a class of the data (0..9)"
+    assert not (tmp_path / "s").exists()  # no teacher, no report of 0 ok runs
+
+
+def test_a_study_checks_every_runs_config_and_names_the_run(tmp_path, capsys):
+    # the study's own [student] trains no soft loss; its Q3 runs do, and would never warm up
+    line = refused([*STUDY, "--set", "student.kd_warmup=3", "--out", tmp_path / "s"], capsys)
+    assert line == ("qdistill: error: study run q3-hard+soft-T4-s0: student.kd_warmup 3 is longer than train.epochs "
+                    "1: the soft term would never reach its full weight")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("loss,kd", [("hard", "dkd"), ("hard+softgt", "ls")])
+def test_a_teacher_term_without_a_teacher_loss_is_refused(loss, kd, tmp_path, capsys):
+    line = refused(["student", *SMALL, "--loss", loss, "--kd", kd, "--out", tmp_path / "r"], capsys)
+    assert line == (f"qdistill: error: student.kd {kd} does nothing with loss {loss}: the teacher term enters the "
+                    f"soft and hard+soft losses only")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_warm_up_longer_than_the_run_is_refused(tmp_path, capsys):
+    line = refused(["student", *SMALL, "--loss", "soft", "--epochs", "2", "--set", "student.kd_warmup=10",
+                    "--out", tmp_path / "r"], capsys)
+    assert line == ("qdistill: error: student.kd_warmup 10 is longer than train.epochs 2: the soft term would never "
+                    "reach its full weight")
+    assert not (tmp_path / "r").exists()

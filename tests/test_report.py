@@ -136,8 +136,8 @@ def test_table_values_equal_stats_of_the_rows(full):
         vals = [float(r["val_best_acc"]) for r in rs]
         assert cell["seeds"] == str(len(rs))
         assert cell["val best (mean)"] == f"{100 * statistics.mean(vals):.2f}"
-        assert cell["test at val best (mean ± std)"] == \
-            f"{100 * statistics.mean(tests):.2f} ± {100 * statistics.stdev(tests):.2f}"
+        assert cell["test at val best (mean ± sd)"] == \
+            f"{100 * statistics.mean(tests):.2f} ± {100 * statistics.stdev(tests):.2f} (sd)"
     # the failed and the pending run are not counted
     assert next(c for c in table if c["question"].startswith("Q4") and c["T"] == "8")["seeds"] == "2"
     assert next(c for c in table if c["question"].startswith("Q3") and c["T"] == "1")["seeds"] == "2"

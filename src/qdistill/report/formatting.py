@@ -1,5 +1,12 @@
-"""How the report writes numbers: percentages, accuracy points, temperatures, CIs."""
+"""How the report writes numbers: percentages, accuracy points, temperatures, CIs.
+
+Every ``±`` the report writes is labelled: ``± x (sd)`` for the seed-to-seed standard
+deviation, ``± x (95% CI)`` for the half-width of a 95% interval. Seeds whose values are
+all equal give no interval: the report says so instead of writing ``± 0.00``."""
 from __future__ import annotations
+
+SD, CI95 = "sd", "95% CI"  # the two labels of a ±
+EQUAL_SEEDS = "equal seeds give no interval"
 
 
 def pct(x) -> str:
@@ -23,6 +30,8 @@ def ci_text(diff: dict | None) -> str:
         return "n/a (no Q1)"
     if diff["n"] < 2:
         return "n/a (1 seed)"
+    if diff["lo"] == diff["hi"]:
+        return f"n/a ({EQUAL_SEEDS})"
     return f"[{pts(diff['lo'])}, {pts(diff['hi'])}]"
 
 
@@ -33,9 +42,22 @@ def excludes_zero(diff: dict | None) -> bool | None:
     return diff["lo"] > 0 or diff["hi"] < 0
 
 
-def mean_pm(stat) -> str:
-    """A ``(mean, std)`` of fractions as ``mean ± std`` in percent."""
+def plus_minus(mean: str, spread, label: str, fmt=pct) -> str:
+    """``mean ± spread (label)``, ``label`` one of `SD`, `CI95`; a spread of 0 (equal
+    seeds) says that it gives no interval; none (one seed, ``nan``) gives ``mean`` alone."""
+    if spread is None or spread != spread:
+        return mean
+    if spread == 0:
+        return f"{mean} ({EQUAL_SEEDS})"
+    return f"{mean} ± {fmt(spread)} ({label})"
+
+
+def mean_pm(stat, unit: str = "") -> str:
+    """A ``(mean, sd)`` of fractions as ``mean ± sd (sd)`` in percent (``unit`` after the
+    mean); one seed: ``mean (1 seed)``."""
     if stat is None:
         return "n/a"
-    mean, std = stat
-    return f"{pct(mean)} ± {pct(std)}"
+    mean, sd = stat
+    if sd != sd:
+        return f"{pct(mean)}{unit} (1 seed)"
+    return plus_minus(pct(mean) + unit, sd, SD)

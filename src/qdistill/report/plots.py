@@ -70,7 +70,7 @@ def accuracy_vs_temperature(series: dict, q1: tuple | None, teacher_acc: float |
     if teacher_acc is not None:
         ax.axhline(100 * teacher_acc, color=TEACHER_COLOR, ls=":", label="teacher (full precision)")
     _log_temperature_axis(ax, all_t)
-    _finish(ax, "test accuracy at best val epoch (%)", "Student accuracy vs temperature (mean ± std over seeds)")
+    _finish(ax, "test accuracy at best val epoch (%)", "Student accuracy vs temperature (mean ± sd over seeds)")
     return _png(fig)
 
 

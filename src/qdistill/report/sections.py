@@ -91,13 +91,13 @@ def _summary(v: StudyView) -> list[str]:
                      f"test accuracy {pct(teacher['test_acc'])}%.")
     q1 = v.chosen.get("q1")
     if q1:
-        items.append(f"{TITLES['q1']}: test accuracy {pct(q1['test_mean'])}% ± {pct(q1['test_std'])} "
+        items.append(f"{TITLES['q1']}: test accuracy {mean_pm((q1['test_mean'], q1['test_std']), '%')} "
                      f"over {q1['n']} seed(s); the reference of every paired difference.")
     for q, info in v.chosen.items():
         if q == "q1":
             continue
         s = (f"{TITLES[q]}: T = {num(info['temperature'])} won on validation "
-             f"({pct(info['val_mean'])}%), test {pct(info['test_mean'])}% ± {pct(info['test_std'])}")
+             f"({pct(info['val_mean'])}%), test {mean_pm((info['test_mean'], info['test_std']), '%')}")
         s += _difference_words(v.diffs.get(q))
         if info["test_best_temperature"] != info["temperature"]:
             s += (f" (Test accuracy alone would have picked T = {num(info['test_best_temperature'])};"
@@ -131,7 +131,7 @@ def _results(v: StudyView) -> list:
                       pct(agr[0]) if agr else "n/a", f"{klv[0]:.4f}" if klv else "n/a",
                       "**chosen**" if info and condition_key(info["condition"]) == condition_key(c) else ""])
     b = [("h", 2, "Results by question and temperature"),
-         ("table", ["question", "loss", "T", "c", "seeds", "val best (mean)", "test at val best (mean ± std)",
+         ("table", ["question", "loss", "T", "c", "seeds", "val best (mean)", "test at val best (mean ± sd)",
                     "test last (mean)", "agreement (mean)", "KL to teacher (mean)", ""], table) if table
          else ("p", "No finished run yet: nothing to tabulate or choose.")]
     missing = [q for q in v.questions if q not in v.chosen]
@@ -147,12 +147,12 @@ def _chosen_table(v: StudyView) -> tuple:
         excl = excludes_zero(d)
         table.append([TITLES[q], "–" if q == "q1" else num(info["temperature"]),
                       "–" if info["c"] is None else num(info["c"]), info["n"], pct(info["val_mean"]),
-                      f"{pct(info['test_mean'])} ± {pct(info['test_std'])}",
+                      mean_pm((info['test_mean'], info['test_std'])),
                       "reference" if q == "q1" else pts(d["mean"]) if d else "n/a",
                       "–" if q == "q1" else ci_text(d),
                       "–" if q == "q1" or excl is None else ("yes" if excl else "no"),
                       f"`{info['run']}`"])
-    return ("table", ["question", "T", "c", "seeds", "val best (mean)", "test (mean ± std)",
+    return ("table", ["question", "T", "c", "seeds", "val best (mean)", "test (mean ± sd)",
                       "paired diff vs Q1 (points)", "95% CI (points)", "CI excludes 0", "config from run"],
             table)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from ..study.results import arms, mean_std, paired_difference
-from .formatting import num, pct, pts
+from .formatting import CI95, EQUAL_SEEDS, num, pct, plus_minus, pts
 from .view import TITLES, StudyView
 
 # (results.csv column, name, how a value is written, accuracy-like: in points)
@@ -23,6 +23,10 @@ QUANTITIES = (("test_acc_at_val_best", "test accuracy (%)", pct, True),
               ("kl_to_teacher", "KL to the teacher (nats)", lambda v: f"{v:.4f}", False),
               ("grad_ratio_soft_hard", "gradient ratio soft/hard, best epoch", lambda v: f"{v:.3g}", False),
               ("grad_ratio_soft_hard_init", "gradient ratio soft/hard, at init", lambda v: f"{v:.3g}", False))
+# Quantities fixed by the study's design rather than learned: every T of a seed starts from
+# the same weights, so the ratio at initialisation is a function of T and c alone.
+BY_DESIGN = {"grad_ratio_soft_hard_init": "the gradient ratio at initialisation, set by T and c by design "
+                                          "(every T starts from the same weights)"}
 Z_975, Z_80 = 1.959964, 0.841621  # standard normal quantiles: two-sided 5% level, 80% power
 DETECT = 0.005                     # the accuracy difference to detect: 0.5 points
 
@@ -41,7 +45,7 @@ def _cell(values, fmt) -> str:
     if not values:
         return "n/a"
     mean, half = t_interval(values)
-    return fmt(mean) + ("" if half is None else f" ± {fmt(half)}")
+    return plus_minus(fmt(mean), half, CI95, fmt)
 
 
 def seeds_needed(sd_diff: float) -> int:
@@ -57,7 +61,8 @@ def section(v: StudyView) -> list:
     if not swept:
         return []
     b = [("h", 2, "What temperature does"),
-         ("p", "Each cell: mean ± the 95% interval over seeds (t distribution). ECE: 15 equal-width bins of the "
+         ("p", "Each cell: mean ± the half-width of the 95% interval over seeds (t distribution), marked "
+               "(95% CI). ECE: 15 equal-width bins of the "
                "top softmax probability (Guo et al. 2017); NLL: mean negative log-likelihood of the true class. "
                "The gradient ratio is ||d soft/dz|| / ||d hard/dz|| on a fixed batch of 1,024 training images, "
                "c included (a run without a hard term: against the one it would have); with c = T^2 it stays in a band as T grows "
@@ -92,6 +97,8 @@ def _ci(d: dict | None, accuracy_like: bool) -> str:
     f = pts if accuracy_like else (lambda x: f"{x:+.4f}")
     if d["lo"] is None:
         return f"{f(d['mean'])} (1 seed)"
+    if d["lo"] == d["hi"]:
+        return f"{f(d['mean'])} ({EQUAL_SEEDS})"
     return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
 
@@ -136,9 +143,9 @@ def _probe(v: StudyView) -> list:
 
 
 def findings(v: StudyView, swept: list) -> list[str]:
-    """Directions claimed only where the paired interval excludes zero (lowest against
-    highest T); the quantity that moved most with T relative to its seed-to-seed spread;
-    the seeds a 0.5-point accuracy difference needs."""
+    """Directions claimed only where the paired interval excludes zero and has a width
+    (lowest against highest T); the learned quantity that moved most with T relative to its
+    seed-to-seed spread (`BY_DESIGN` left out); the seeds a 0.5-point accuracy difference needs."""
     items, moves, sds = [], [], []
     for q in swept:
         conds = sorted((c for c in v.conds if c.arm == q), key=lambda c: c.temperature)
@@ -148,21 +155,32 @@ def findings(v: StudyView, swept: list) -> list[str]:
         sds += [_diff_sd(c, lo, "test_acc_at_val_best") for c in conds[1:]]
         for key, name, _, acc in QUANTITIES:
             d, sd = _paired(hi, lo, key), _diff_sd(hi, lo, key)
-            if d is None or d["lo"] is None:
+            if d is None or d["lo"] is None or d["lo"] == d["hi"]:
                 continue
-            if sd > 0:
+            if sd > 0 and key not in BY_DESIGN:
                 moves.append((abs(d["mean"]) / sd, f"{TITLES[q]}: {name}"))
             if d["lo"] > 0 or d["hi"] < 0:
                 items.append(f"{TITLES[q]}: {name} {'rises' if d['mean'] > 0 else 'falls'} from T = "
-                             f"{num(lo.temperature)} to T = {num(hi.temperature)} by {_ci(d, acc)} (paired, 95%).")
+                             f"{num(lo.temperature)} to T = {num(hi.temperature)} by {_size(d, acc)}.")
     if not items:
         items.append("No quantity differs between the lowest and the highest T by more than its 95% paired interval.")
     if moves:
         size, what = max(moves)
-        items.append(f"The quantity that moved most with T, relative to its seed-to-seed spread: {what} "
-                     f"(|mean paired difference| / its sd = {size:.2f}, lowest against highest T).")
+        items.append(f"The learned quantity that moved most with T, relative to its seed-to-seed spread: {what} "
+                     f"(|mean paired difference| / its sd = {size:.2f}, lowest against highest T). Left out: "
+                     f"{'; '.join(BY_DESIGN.values())}.")
     items.append(_seeds_words([x for x in sds if x == x]))
     return items
+
+
+def _size(d: dict, accuracy_like: bool) -> str:
+    """A paired change after a direction word: its size, positive, and the 95% interval of
+    the size (flipped with it for a fall), ``by 3.95 [2.54, 5.36] points (paired, 95% CI)``."""
+    sign = 1 if d["mean"] > 0 else -1
+    lo, hi = sorted((sign * d["lo"], sign * d["hi"]))
+    f = (lambda x: f"{100 * x:.2f}") if accuracy_like else (lambda x: f"{x:.4f}")
+    unit = " points" if accuracy_like else ""
+    return f"{f(sign * d['mean'])} [{f(lo)}, {f(hi)}]{unit} (paired, 95% CI)"
 
 
 def _diff_sd(a, b, key: str) -> float:

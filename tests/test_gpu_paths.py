@@ -69,19 +69,28 @@ def test_a_declared_mean_and_std_are_made_once_not_per_batch(monkeypatch):
 
 
 # 3. (the conftest above) and 4. determinism on CUDA
-def test_deterministic_settings_on_cuda_only(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, warn_only=False: seen.update(
-        algorithms=on, warn_only=warn_only))
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+def test_deterministic_settings_on_cuda_only_and_restored_afterwards(monkeypatch):
+    """Set while a run trains, on CUDA only; afterwards every global flag and the variable
+    are as they were, also when the run raises (issue 30, item 4)."""
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    monkeypatch.setattr(cudnn, "benchmark", True)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    devicelib.deterministic(torch.device("cpu"), True)
-    assert seen == {} and torch.backends.cudnn.benchmark
-    devicelib.deterministic(CUDA, True)
-    assert seen == {"algorithms": True, "warn_only": True}
-    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    with devicelib.deterministic(torch.device("cpu"), True):
+        assert cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    try:
+        with pytest.raises(RuntimeError, match="inside"), devicelib.deterministic(CUDA, True):
+            assert cudnn.deterministic and not cudnn.benchmark
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            raise RuntimeError("inside")
+        assert not cudnn.deterministic and cudnn.benchmark
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 # 5. bf16 only where the hardware has it

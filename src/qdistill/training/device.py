@@ -54,17 +54,29 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return contextlib.nullcontext()
 
 
-def deterministic(device: torch.device, on: bool) -> None:
-    """On CUDA with ``on`` (``train.deterministic``): cuDNN's deterministic kernels, no
-    benchmarking, deterministic algorithms where PyTorch has them (a warning where it has
-    none) and cuBLAS's deterministic workspace. Identical metrics on CUDA then need the
-    same GPU model and driver too (README). Nothing elsewhere: CPU kernels are."""
+@contextlib.contextmanager
+def deterministic(device: torch.device, on: bool):
+    """Meanwhile, on CUDA with ``on`` (``train.deterministic``): cuDNN's deterministic
+    kernels, no benchmarking, deterministic algorithms where PyTorch has them (a warning
+    where it has none) and cuBLAS's deterministic workspace; every flag and the variable
+    are as before afterwards. Identical metrics on CUDA then need the same GPU model and
+    driver too (README). Nothing elsewhere: CPU kernels are."""
     if device.type != "cuda" or not on:
+        yield None
         return
+    cudnn = torch.backends.cudnn
+    before = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    cudnn.deterministic, cudnn.benchmark = True, False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield None
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+        if before[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def rng_state(device: torch.device) -> torch.Tensor | None:

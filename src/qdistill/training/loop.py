@@ -136,8 +136,11 @@ def train(runs, data, teacher: Teacher | None = None, *, group_dir: str | Path |
         for folder in [r.out.path for r in runs] + ([state.path] if len(runs) > 1 else []):
             held.enter_context(locked(folder, "run directory"))
         held.enter_context(board)
-        held.enter_context(threads(runs[0].cfg["train"]["threads"]))
-        s = _set_up(runs, data, teacher, state, existing)
+        t = runs[0].cfg["train"]
+        held.enter_context(threads(t["threads"]))
+        device = pick_device(t["device"])
+        held.enter_context(deterministic(device, t["deterministic"]))  # the global flags, restored at the end
+        s = _set_up(runs, data, teacher, state, existing, device)
         s.board, s.progress, s.remote = board, progress, remote or Remote(platform.node(), lambda: None)
         start = _resume(s) if s.resumes else 0
         for m in s.members:  # set-up succeeded: now the run directories are written
@@ -179,13 +182,12 @@ def _members(runs: list[Run], data, teacher: Teacher | None) -> list[Member]:
     return members
 
 
-def _set_up(runs: list[Run], data, teacher: Teacher | None, state: RunDir, existing: str) -> Session:
+def _set_up(runs: list[Run], data, teacher: Teacher | None, state: RunDir, existing: str,
+            device: torch.device) -> Session:
     """Check the folders, build the models, put the data on the device, make the
     optimizer; nothing is written yet."""
     cfg, t = runs[0].cfg, runs[0].cfg["train"]
     members = _members(runs, data, teacher)
-    device = pick_device(t["device"])
-    deterministic(device, t["deterministic"])
     models = []  # built before the folder is checked: a model that fails to build deletes nothing
     for m in members:
         torch.manual_seed(t["seed"])

@@ -109,3 +109,13 @@ def test_a_group_needs_configs_that_differ_only_in_the_loss(tmp_path):
     with pytest.raises(ValueError, match="but the loss"):
         loop.train(runs, data(100), group_dir=tmp_path / "g", progress=False)
     assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "g"))  # nothing written
+
+
+def test_a_session_is_built_from_named_parts_only():
+    """`Session` holds 18 parts: each is passed by its name, none by its position, so no
+    call can swap two of them silently (issue 30, item 5)."""
+    import dataclasses
+    fields = dataclasses.fields(loop.Session)
+    assert len(fields) > 8 and all(f.kw_only for f in fields)
+    with pytest.raises(TypeError, match="positional"):
+        loop.Session(*[None] * len(fields))

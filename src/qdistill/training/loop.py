@@ -89,9 +89,9 @@ class Member:
                 "best": self.best, "metrics": self.metrics, "prints": self.prints, "grad_init": self.grad_init}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
-    """Everything one call of `train` works with."""
+    """Everything one call of `train` works with, each part named where it is built."""
     members: list[Member]
     state: RunDir                   # holds checkpoint.pt: the run's folder, or the group's
     resumes: bool                   # whether the checkpoint there is continued
@@ -214,11 +214,11 @@ def _set_up(runs: list[Run], data, teacher: Teacher | None, state: RunDir, exist
             m.grad_init = grad_ratio(m.loss, z, targets, y)
     average = Average(net, t["ema"]) if t["ema"] else None
     images = t["epochs"] * len(train_idx) * len(members)
-    return Session(members, state, resumes, net, opt, average, data, splits, device, autocast,
-                   teacher, _teacher_for(members, teacher, train_idx, cfg, device),
-                   {"order": torch.Generator().manual_seed(t["seed"] + 1),
-                    "aug": torch.Generator().manual_seed(t["seed"] + 2)}, probe,
-                   compiled.CompiledStep() if compiled.wanted(cfg, images, device) else train_step)
+    rng = {"order": torch.Generator().manual_seed(t["seed"] + 1), "aug": torch.Generator().manual_seed(t["seed"] + 2)}
+    return Session(members=members, state=state, resumes=resumes, net=net, opt=opt, average=average, data=data,
+                   splits=splits, device=device, autocast=autocast, teacher=teacher, rng=rng, probe=probe,
+                   teacher_for=_teacher_for(members, teacher, train_idx, cfg, device),
+                   step=compiled.CompiledStep() if compiled.wanted(cfg, images, device) else train_step)
 
 
 def _teacher_for(members, teacher, train_idx, cfg, device) -> Callable:

@@ -31,9 +31,9 @@ def _data_of_teacher(cfg: dict) -> dict | None:
                      if k in configlib.DEFAULTS["data"]}}
 
 
-def _require_out(args) -> None:
+def _require_out(args, what: str = "RUN", unless: str = "") -> None:
     if not args.out:
-        raise ConfigError("--out RUN is required")
+        raise ConfigError(f"--out {what} is required{unless}")
 
 
 def _check_tensorboard(cfg: dict) -> None:
@@ -126,11 +126,14 @@ def cmd_eval(args) -> int:
     from ..training.device import threads
     with threads(cfg["train"]["threads"]):
         result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluate(model, data)}
+        probe = _probe(cfg, args, model, data)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "n"}))
+        print(json.dumps({**{k: v for k, v in result.items() if k != "n"}, "test_images": result["n"], **probe}))
         return 0
     names = data.class_names
     print(f"{args.run} ({args.checkpoint}.pt): test accuracy {result['test_acc']:.4f} on {result['n']} images")
+    if probe:
+        print(_probe_line(probe))
     print("per-class accuracy: " + "  ".join(f"{c}:{a:.3f}" for c, a in result["per_class_acc"].items()))
     width = max(5, *(len(c) for c in names)) + 1  # a space between columns, however long a name
     print("confusion (rows: true, columns: predicted)")
@@ -138,6 +141,37 @@ def cmd_eval(args) -> int:
     for name, row in zip(names, result["confusion"]):
         print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return 0
+
+
+def _probe(cfg: dict, args, model, data) -> dict:
+    """The unseen-class probe of a run trained without class K (``student.omit_class``):
+    K's accuracy and mean rank on its test images; for the best checkpoint, also the
+    accuracy after the shift of K's logit its training chose on the training images
+    (``omitted_class_bias`` in summary.json, which holds no shift for the last checkpoint)."""
+    import numpy as np
+    from ..training.evaluate import predict
+    from ..training.probes import omitted, omitted_class
+    k = omitted(cfg)
+    if k is None:
+        return {}
+    logits = predict(model, data.x_test)
+    out = omitted_class(logits, data, k)
+    bias = (RunDir(args.run).read_summary() or {}).get("omitted_class_bias")
+    if args.checkpoint == "best" and bias is not None:
+        z = logits.numpy()[(data.y_test == k).numpy()]
+        shifted = z + bias * np.eye(z.shape[1])[k]  # as `probes.omitted_class` shifts it
+        out.update(omitted_class_bias=bias, omitted_class_acc_bias_corrected=float((shifted.argmax(1) == k).mean())
+                   if len(z) else float("nan"))
+    return out
+
+
+def _probe_line(probe: dict) -> str:
+    line = (f"unseen class {probe['omitted_class']} (left out of training): accuracy {probe['omitted_class_acc']:.4f}, "
+            f"mean rank {probe['omitted_class_rank']:.2f}")
+    if "omitted_class_acc_bias_corrected" in probe:
+        line += (f"; bias-corrected accuracy {probe['omitted_class_acc_bias_corrected']:.4f} "
+                 f"(bias {probe['omitted_class_bias']:+.3f})")
+    return line
 
 
 def cmd_datasets(args) -> int:
@@ -159,6 +193,8 @@ def cmd_study(args) -> int:
     if args.config_file and args.config:
         raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
     args.config = args.config_file or args.config
+    if not args.plan:
+        _require_out(args, "STUDY", " (only --plan runs without one)")
     cfg = _config(args)
     _check_tensorboard(cfg)
     if args.plan:

@@ -87,14 +87,21 @@ def _add_training(p: argparse.ArgumentParser, model_key: str) -> None:
     _key(g, "--tensorboard", key="train.tensorboard", action="store_const", const=True,
          help="also write each epoch's scalars as TensorBoard event files in the run directory "
               "(pip install 'qdistill[tensorboard]')")
-    _key(g, "--compile", key="train.compile", type=_compile_value, choices=["auto", True, False],
+    _key(g, "--compile", key="train.compile", type=_compile_value, metavar="{auto,true,false}",
          help="torch.compile the training step (auto: where the run is long enough to repay compiling)")
     _threads_flag(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars (one line per finished run stays)")
 
 
+COMPILE_VALUES = {"auto": "auto", "true": True, "false": False}
+
+
 def _compile_value(text: str):
-    return {"true": True, "false": False}.get(text.lower(), text)
+    """``--compile``'s value as the config holds it; another word: one line naming the
+    spellings (the README's, not Python's ``True``/``False``)."""
+    if text.lower() not in COMPILE_VALUES:
+        raise argparse.ArgumentTypeError(f"choose from auto, true, false (got {text!r})")
+    return COMPILE_VALUES[text.lower()]
 
 
 def _threads_flag(g) -> None:
@@ -159,7 +166,7 @@ def _study(sub) -> None:
     _add_student(st)
     _key(st, "--teacher", key="teacher.run", help="reuse this teacher (a run directory or a teacher file) "
          "instead of training one")
-    st.add_argument("--out", required=True, help="study directory")
+    st.add_argument("--out", help="study directory (required, except with --plan)")
     _key(st, "--workers", key="study.workers", type=_at_least_one, help="runs at once, on a local Ray instance")
     _key(st, "--ray", key="study.ray_address", nargs="?", const="local", metavar="ADDRESS", action=_Ray,
          help="runs as Ray tasks (study.executor = ray): alone, a local Ray instance; or join the cluster at "

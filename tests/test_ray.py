@@ -270,6 +270,48 @@ def test_an_address_that_leads_to_no_cluster_exits_2_with_one_line_within_10_s(
     assert not (tmp_path / "S").exists()
 
 
+def test_a_head_on_loopback_that_ray_dials_elsewhere_is_one_line_and_a_hung_join_is_bounded(
+        ray_env, tmp_path, capfd, monkeypatch):
+    """Issue 30, item 2. A head listening on 127.0.0.1 only answers the probe, but Ray
+    dials a loopback address as the machine's own, where nothing listens, and retries for
+    ever. On loopback only: this driver's "own address" is 127.0.0.2. Then a join that
+    hangs for another reason is bounded (`cluster.JOIN_S`, shortened here)."""
+    from ray._private import services
+    from ray.cluster_utils import Cluster
+
+    from qdistill.study import cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                      "include_dashboard": False})
+    try:
+        port = c.address.rsplit(":", 1)[1]
+        with monkeypatch.context() as mp:
+            mp.setattr(services, "get_node_ip_address", lambda *a, **k: "127.0.0.2")
+            t0 = time.monotonic()
+            code = cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), "--ray", c.address])
+            elapsed = time.monotonic() - t0
+        out, err = capfd.readouterr()
+        assert code == 2 and out == "" and err == (
+            f"qdistill: error: the Ray cluster at {c.address} answers, but Ray dials a loopback address as this "
+            f"machine's own, 127.0.0.2:{port}, where nothing answers (Connection refused): its nodes were likely "
+            f"started with --node-ip-address=127.0.0.1; start them on this machine's address\n")
+        assert elapsed < 10 and not (tmp_path / "S").exists()
+        release = threading.Event()
+        monkeypatch.setattr(cluster, "JOIN_S", 0.5)
+        monkeypatch.setattr(ray, "init", lambda **kw: release.wait(20))
+        try:
+            code = cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), "--ray", c.address])
+        finally:
+            release.set()
+        out, err = capfd.readouterr()
+        assert code == 2 and out == "" and err == (
+            f"qdistill: error: Ray did not join the cluster at {c.address} within 0.5 s: the address it dials is "
+            f"likely not one its head listens on (a head started with --node-ip-address=127.0.0.1 listens on "
+            f"loopback only); set {cluster.LOGS}=1 to see Ray's own lines\n")
+        assert not (tmp_path / "S").exists()
+    finally:
+        c.shutdown()
+
+
 def test_without_ray_the_line_says_what_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray fails
     for flags in (["--ray"], ["--workers", "2"]):

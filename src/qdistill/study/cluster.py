@@ -1,29 +1,20 @@
 """A study's runs as Ray tasks: joining (or starting) Ray, and the driver that hands out
-the units of work, writes what comes back and resubmits what a lost worker or node
-interrupted.
+units of work, writes what comes back and resubmits what a lost worker or node interrupted.
 
 The driver is the only writer of the study folder; workers train in scratch folders
-(`worker.py`). After every epoch a task sends its folders' files back and the driver
-writes them into the study, so
-
-* a task whose worker or node died is resubmitted with those files and resumes from
-  its last finished epoch on whichever node Ray picks (the driver resubmits, rather than
-  Ray's own ``max_retries``, because a retry must start from the latest files, not from
-  the arguments of the first attempt);
+(`worker.py`) and send their folders' files back after every epoch, so
+* a task whose worker or node died is resubmitted with those files and resumes from its
+  last finished epoch wherever Ray puts it (the driver resubmits rather than Ray's
+  ``max_retries``: a retry must start from the latest files, not the first arguments);
 * a driver killed mid-study leaves run directories a rerun resumes, as a local study's;
-* when a unit finishes, each of its folders is replaced as a whole (`RunDir.replace`).
-
-Up to ``study.retries`` resubmissions per unit; then its runs are recorded as failed
-(``error.txt``), like a run whose training raised, and the study goes on. Each
-finished summary gets ``attempts``: for every attempt its node, its device (the GPU
-model, or "cpu": a retry may land on another model, and identical metrics on CUDA need
-the same one), the epoch it started from, and wall-clock times (``time.time()``): when
-the driver submitted it, when it started on its node (from its first message; none for
-an attempt lost before it sent one) and when it ended (its last message or its loss,
-as the driver saw it).
-Ray's own log lines stay out of the terminal unless ``QDISTILL_RAY_LOGS=1``; an address
-that leads to no cluster, or to one that refuses this driver's token, is one line
-within seconds (`_probe`), before ``ray.init`` writes any.
+* a finished unit's folders are each replaced as a whole (`RunDir.replace`).
+Up to ``study.retries`` resubmissions per unit, then its runs are failed (``error.txt``)
+and the study goes on. Each summary gets ``attempts``: per attempt its node, device (GPU
+model or "cpu"), starting epoch, and the ``time.time()`` the driver submitted it, it
+started (its first message) and it ended (its last message or its loss).
+Ray's log lines stay out of the terminal unless ``QDISTILL_RAY_LOGS=1``; an address that
+leads to no cluster, to one that refuses this driver's token, or to one Ray would dial
+elsewhere is one line within seconds (`_probe`, `_probe_dialled`), before ``ray.init``.
 """
 from __future__ import annotations
 
@@ -51,6 +42,7 @@ LOGS = "QDISTILL_RAY_LOGS"
 _ENDED = Failed("RunError: the task ended without a result", "", "")
 AUTH_MODE = "RAY_AUTH_MODE"  # token | disabled (Ray 2.52+)
 CONNECT_S, ANSWER_S = 3.0, 5.0   # a cluster's TCP port, then its first answer to the driver
+JOIN_S = 30.0                    # the whole of ray.init joining a cluster that passed the probes
 _ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -180,12 +172,16 @@ def session(address: str, num_cpus: int | None = None):
     # ray.init makes SIGTERM a bare sys.exit; the CLI's handler says how to continue
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
-        _probe(_find(address, verbose))
+        found = _find(address, verbose)
+        _probe(found)
+        _probe_dialled(found)
     try:
         if address:
-            ray.init(address=address, **common)
+            _join(ray, address, common)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+    except RunError:  # the join hung (`_join`): its thread holds Ray's state, left alone
+        raise
     except Exception as e:  # whatever Ray raises: a cluster that cannot be joined is one line
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
@@ -199,6 +195,46 @@ def session(address: str, num_cpus: int | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+def _probe_dialled(address: str) -> None:
+    """One line unless the address ``ray.init`` dials takes a connection: Ray dials a
+    loopback host as this machine's own address, where a head started with
+    ``--node-ip-address=127.0.0.1`` does not listen (and Ray would retry for ever)."""
+    if address.startswith("ray://"):
+        return
+    from ray._private import services
+    dialled = services.canonicalize_bootstrap_address(address)
+    if not dialled or dialled == address:
+        return
+    host, port = dialled.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+    except OSError as e:
+        raise RunError(f"the Ray cluster at {address} answers, but Ray dials a loopback address as this machine's "
+                       f"own, {dialled}, where nothing answers ({e.strerror or e}): its nodes were likely started "
+                       f"with --node-ip-address=127.0.0.1; start them on this machine's address") from None
+
+
+def _join(ray, address: str, common: dict) -> None:
+    """``ray.init(address=...)`` bounded by `JOIN_S` (Ray retries an unreachable GCS for
+    ever): past it, one line; the hung call stays in a daemon thread."""
+    done, failure = threading.Event(), []
+
+    def join():
+        try:
+            ray.init(address=address, **common)
+        except BaseException as e:  # re-raised in the caller's thread
+            failure.append(e)
+        finally:
+            done.set()
+    threading.Thread(target=join, name="qdistill-ray-join", daemon=True).start()
+    if not done.wait(JOIN_S):
+        raise RunError(f"Ray did not join the cluster at {address} within {JOIN_S:g} s: the address it dials is "
+                       f"likely not one its head listens on (a head started with --node-ip-address=127.0.0.1 "
+                       f"listens on loopback only); set {LOGS}=1 to see Ray's own lines")
+    if failure:
+        raise failure[0]
 
 
 def _quiet(ray) -> None:

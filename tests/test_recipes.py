@@ -155,6 +155,33 @@ def test_compiled_step_matches_eager_in_float64_with_one_graph_for_every_batch_s
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # no recompile for 17 images
 
 
+class _TwoMembers(torch.nn.Module):
+    """Logits (2, N, 3) of a shared linear layer: a group of two in the smallest form."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        z = self.fc(x.flatten(1))
+        return torch.stack([z, 2 * z])
+
+
+def test_the_compiled_step_checks_one_loss_per_member_as_the_eager_one():
+    """One step function run two ways: compiled, a group of two given one loss is refused
+    as eagerly, before any weight moves (issue 30, item 5)."""
+    torch._dynamo.reset()
+    net = _TwoMembers()
+    opt, before = torch.optim.SGD(net.parameters(), lr=0.1), copy.deepcopy(net.state_dict())
+    x, y, loss = torch.rand(4, 3, 2, 2), torch.randint(0, 3, (4,)), build_loss("hard")
+    step = compiled.CompiledStep()
+    for run in (train_step, step):
+        with pytest.raises(ValueError, match="1 losses for 2 members"):
+            run(net, opt, x, y, None, [loss], contextlib.nullcontext())
+    assert step.compiled  # refused by the compiled function, not by an eager fallback
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), before.values()))
+
+
 def _no_compiler():
     from torch._inductor.exc import InductorError
     return InductorError(RuntimeError("no C++ compiler found"), "trace")

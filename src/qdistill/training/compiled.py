@@ -1,6 +1,7 @@
-"""The compiled training step (``train.compile``): `qdistill.training.step.train_step`'s
-forward, losses and backward through ``torch.compile`` (Inductor fuses the elementwise
-passes of BatchNorm, the quantizers and pooling that dominate a student's step).
+"""The compiled training step (``train.compile``): `qdistill.training.step.train_step`
+itself, with its forward and losses (`step.forward_losses`, checks included) through
+``torch.compile`` (Inductor fuses the elementwise passes of BatchNorm, the quantizers and
+pooling that dominate a student's step; the backward is compiled with them).
 
 The optimizer's update stays eager (a few multi-tensor kernels over the weights):
 compiled, torch's Adam keeps its step count in a float32 tensor, which moved every
@@ -24,7 +25,7 @@ import warnings
 
 import torch
 
-from .step import train_step
+from .step import forward_losses, train_step
 
 # Student images a run must train for `auto` to compile it: the compile time over the
 # time a compiled image saves (README, "Compiled step"; 2-core Xeon, W2A1 vgg7).
@@ -49,7 +50,7 @@ class CompiledStep:
     for good, with one warning line, where compiling fails."""
 
     def __init__(self):
-        self._loss_fn = torch.compile(_forward_losses, dynamic=None)
+        self._loss_fn = torch.compile(forward_losses, dynamic=None)
         self._eager = False
 
     @property
@@ -75,20 +76,7 @@ class CompiledStep:
         torch._dynamo.mark_dynamic(yb, 0)
         if teacher_logits is not None:
             torch._dynamo.mark_dynamic(teacher_logits, 0)
-        dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else None
-        member_loss, z = self._loss_fn(net, xb, yb, teacher_logits, tuple(losses), dtype)
-        opt.zero_grad(set_to_none=True)
-        member_loss.sum().backward()
-        opt.step()
-        return member_loss.detach(), z.detach()
-
-
-def _forward_losses(net, xb, yb, teacher_logits, losses, dtype):
-    """`train_step`'s forward and losses: the forward under autocast to ``dtype`` (None:
-    none), the losses outside it."""
-    with torch.autocast(xb.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        z = net(xb)
-    return torch.stack([fn(z[k], teacher_logits, yb) for k, fn in enumerate(losses)]), z
+        return train_step(net, opt, xb, yb, teacher_logits, losses, autocast, forward=self._loss_fn)
 
 
 def _compile_error(e: Exception) -> bool:

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from qdistill.errors import ConfigError
+from qdistill import cli
+from qdistill.errors import UserError
 from qdistill.nn import KD_DEFAULTS, KD_TERMS
-from qdistill.nn.losses import build_loss, dkd_parts, standardize
+from qdistill.nn.losses import LossError, build_loss, dkd_parts, standardize
+
+from conftest import SMALL
 
 Z = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
 TL = np.array([[3.0, 1.0, 0.0], [0.0, 0.0, 4.0]])
@@ -82,11 +85,11 @@ def test_soft_at_T1_with_teacher_equal_to_student_has_zero_gradient():
 
 
 def test_bad_temperature_and_name():
-    with pytest.raises(ConfigError):
+    with pytest.raises(LossError):
         build_loss("soft", 0.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(LossError):
         build_loss("soft", -1.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(LossError):
         build_loss("kl")
     with pytest.warns(UserWarning):
         build_loss("soft", 0.5)
@@ -317,10 +320,23 @@ def test_kd_names_and_options_are_checked():
     assert (loss.loss_name, loss.temperature, loss.c, loss.kd) == ("hard+soft", 2.0, 4.0, "dkd")
     assert loss.needs_teacher
     assert loss.options == KD_DEFAULTS
-    with pytest.raises(ConfigError, match="unknown distillation term"):
+    with pytest.raises(LossError, match="unknown distillation term"):
         build_loss("soft", kd="crd")
-    with pytest.raises(ConfigError, match="unknown distillation option"):
+    with pytest.raises(LossError, match="unknown distillation option"):
         build_loss("soft", kd="dkd", dkd_gamma=1.0)
-    with pytest.raises(ConfigError, match="dkd_beta"):
+    with pytest.raises(LossError, match="dkd_beta"):
         build_loss("soft", kd="dkd", dkd_beta=float("nan"))
     assert not build_loss("hard+softgt", kd="dist").needs_teacher
+
+
+def test_a_bad_loss_is_the_librarys_own_value_error_and_one_line_exit_2_at_the_cli(tmp_path, capsys):
+    """The library raises its own `LossError` (a ValueError, not the CLI's ConfigError);
+    the CLI prints the same bad input as one line, exit 2 (issue 30, item 4)."""
+    with pytest.raises(LossError, match="dkd_beta must be a finite number") as refused:
+        build_loss("hard", dkd_beta=float("inf"))
+    assert isinstance(refused.value, ValueError) and not isinstance(refused.value, UserError)
+    out = tmp_path / "r"
+    code = cli.main(["student", *SMALL, "--epochs", "1", "--set", "student.dkd_beta=inf", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "dkd_beta" in err[0] and err[0].startswith("qdistill: error: ")
+    assert not out.exists()

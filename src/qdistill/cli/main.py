@@ -1,5 +1,6 @@
-"""``qdistill``'s entry point: one line and exit code 2 for a `UserError`, Ctrl-C and
-SIGTERM stop with the line that says how to continue."""
+"""``qdistill``'s entry point: one line and exit code 2 for a `UserError` (or a library
+error that bad input causes: `_library_error`), Ctrl-C and SIGTERM stop with the line
+that says how to continue."""
 from __future__ import annotations
 
 import os
@@ -35,6 +36,14 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     return f"qdistill: warning: {text[0] if text else category.__name__}\n"
 
 
+def _library_error(e: Exception) -> bool:
+    """Whether ``e`` is the error a library layer raises for bad input, its own
+    `ValueError` (`qdistill.nn.losses.LossError`). Looked up only where that module is
+    loaded: the CLI imports no torch for it."""
+    losses = sys.modules.get("qdistill.nn.losses")
+    return losses is not None and isinstance(e, losses.LossError)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
     parser = build_parser()
@@ -44,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     _terminate.received = False
     try:
         return args.func(args)
-    except UserError as e:
+    except (UserError, ValueError) as e:
+        if not isinstance(e, UserError) and not _library_error(e):
+            raise  # a bug: it keeps its traceback
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -20,15 +20,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from . import KD_DEFAULTS, KD_TERMS, LOSSES
 
-__all__ = ["build_loss", "Loss", "hard", "kl_term", "dkd_term", "ls_term", "dist_term", "soft_cross_entropy"]
+__all__ = ["build_loss", "Loss", "LossError", "hard", "kl_term", "dkd_term", "ls_term", "dist_term",
+           "soft_cross_entropy"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 NEEDS_TEACHER = dict(zip(LOSSES, (False, True, True, False)))
 LS_EPS = 1e-7     # logit standardisation: added to the standard deviation
 DIST_EPS = 1e-8   # DIST: added to the product of the norms
+
+
+class LossError(ValueError):
+    """A loss asked for by a name, temperature or option it does not take. The library's
+    own error (the CLI prints it as one line, exit code 2)."""
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
@@ -126,15 +131,15 @@ def dist_term(z, t, y, T, beta, gamma):
 
 def _options(kd: str, kd_options: dict) -> dict:
     if kd not in KD_TERMS:
-        raise ConfigError(f"unknown distillation term {kd!r}; choose one of {', '.join(KD_TERMS)}")
+        raise LossError(f"unknown distillation term {kd!r}; choose one of {', '.join(KD_TERMS)}")
     unknown = set(kd_options) - set(KD_DEFAULTS)
     if unknown:
-        raise ConfigError(f"unknown distillation option(s) {', '.join(sorted(unknown))}; "
+        raise LossError(f"unknown distillation option(s) {', '.join(sorted(unknown))}; "
                           f"known: {', '.join(KD_DEFAULTS)}")
     out = {**KD_DEFAULTS, **kd_options}
     for key, v in out.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{key} must be a finite number >= 0, got {v!r}")
+            raise LossError(f"{key} must be a finite number >= 0, got {v!r}")
     return {key: float(v) for key, v in out.items()}
 
 
@@ -205,11 +210,11 @@ def build_loss(name: str, temperature: float = 1.0, c: float | None = None, *, k
     with a warning.
     """
     if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+        raise LossError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     options = _options(kd, kd_options)
     T = float(temperature)
     if not T > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
+        raise LossError(f"temperature must be > 0, got {temperature}")
     if T < 1:
         warnings.warn(f"temperature {T} < 1 sharpens the targets; the task statement uses T >= 1")
     return Loss(name, T, T * T if c is None else float(c), kd, options)

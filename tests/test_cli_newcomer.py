@@ -30,7 +30,7 @@ def test_compile_takes_the_readmes_spellings_and_names_them_when_refused(tmp_pat
 
 def test_plan_needs_no_out_and_a_study_still_does(monkeypatch, capsys):
     from qdistill.study import plan
-    monkeypatch.setattr(plan, "measured_estimate", lambda cfg: ["estimate: not measured in this test"])
+    monkeypatch.setattr(plan, "measured_estimate", lambda cfg, left=None: ["estimate: not measured in this test"])
     assert cli.main(["study", "configs/demo.toml", "--plan"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("plan: ") and "estimate: not measured in this test" in out

@@ -64,3 +64,43 @@ def test_a_warm_up_longer_than_the_run_is_refused(tmp_path, capsys):
     assert line == ("qdistill: error: student.kd_warmup 10 is longer than train.epochs 2: the soft term would never "
                     "reach its full weight")
     assert not (tmp_path / "r").exists()
+
+
+def test_plan_refuses_what_the_study_would_refuse(tmp_path, capsys, monkeypatch):
+    line = refused([*STUDY, "--plan", "--omit-class", "12"], capsys)
+    assert line == "qdistill: error: student.omit_class 12 is not a class of the data (0..9)"
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray fails
+    assert "studies on Ray (--ray, --workers N) need Ray" in refused([*STUDY, "--plan", "--ray"], capsys)
+
+
+def _study_folder(tmp_path, finished: bool):
+    """A study folder as ``STUDY`` makes it, without training: its config, and with
+    ``finished`` a summary for the teacher and every run, as a finished study leaves them."""
+    from qdistill.cli import commands
+    from qdistill.cli.parser import build_parser
+    from qdistill.study.grid import expand
+    from qdistill.study.studydir import StudyDir
+    args = build_parser().parse_args([*STUDY, "--out", str(tmp_path / "s")])
+    cfg = commands._config(args)
+    study = StudyDir(tmp_path / "s")
+    study.prepare(cfg, False)
+    if finished:
+        for run in [study.teacher, *(study.run(c.name) for c in expand(cfg))]:
+            run.path.mkdir(parents=True, exist_ok=True)
+            (run.path / "summary.json").write_text("{}")
+    return study
+
+
+def test_plan_on_a_folder_of_another_study_is_refused_and_on_a_finished_one_counts_nothing_left(tmp_path, capsys):
+    study = _study_folder(tmp_path, finished=True)
+    line = refused([*STUDY, "--plan", "--lr", "0.02", "--out", study.path], capsys)
+    assert line.startswith(f"qdistill: error: {study.path} holds a study with another config (train.lr: ")
+    capsys.readouterr()
+    assert cli.main([str(a) for a in [*STUDY, "--plan", "--out", study.path]]) == 0
+    assert "estimate: every run of this study is finished; a rerun trains nothing" in capsys.readouterr().out
+
+
+def test_resume_or_extend_with_force_is_refused(tmp_path, capsys):
+    for flag in ("--resume", "--extend"):
+        line = refused(["student", *SMALL, flag, "--force", "--out", tmp_path / "r"], capsys)
+        assert line == (f"qdistill: error: --force starts the run over and {flag} continues it: give one of them")

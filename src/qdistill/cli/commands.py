@@ -68,7 +68,11 @@ def _load(cfg: dict):
 # --- commands -------------------------------------------------------------------------------
 
 def _existing(args) -> str:
-    """What to do with a run already in ``--out`` (`RunDir.prepare`)."""
+    """What to do with a run already in ``--out`` (`RunDir.prepare`): --force starts it
+    over, which contradicts continuing it."""
+    if args.force and (args.resume or args.extend):
+        raise ConfigError(f"--force starts the run over and --{'resume' if args.resume else 'extend'} continues it: "
+                          f"give one of them")
     return "force" if args.force else "extend" if args.extend else "resume" if args.resume else "new"
 
 
@@ -189,7 +193,7 @@ def cmd_datasets(args) -> int:
 def cmd_study(args) -> int:
     from ..report.report import write_report
     from ..study.plan import announces, measured_estimate, plan_lines
-    from ..study.run import run_study
+    from ..study.run import check_plan, run_study
     if args.config_file and args.config:
         raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
     args.config = args.config_file or args.config
@@ -197,8 +201,9 @@ def cmd_study(args) -> int:
         _require_out(args, "STUDY", " (only --plan runs without one)")
     cfg = _config(args)
     _check_tensorboard(cfg)
-    if args.plan:
-        print("\n".join(plan_lines(cfg) + measured_estimate(cfg)), flush=True)
+    if args.plan:  # what the study would refuse, refused here too
+        left = check_plan(cfg, args.out, args.force)
+        print("\n".join(plan_lines(cfg) + measured_estimate(cfg, left)), flush=True)
         return 0
     if announces(cfg, from_file=bool(args.config)):
         print("\n".join(plan_lines(cfg)), flush=True)

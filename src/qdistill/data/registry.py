@@ -52,6 +52,13 @@ def train_size(data: dict) -> int | None:
     return None if n is None else min(n, data["max_train"] or n)
 
 
+def num_classes(data: dict) -> int | None:
+    """The classes of the ``[data]`` section's dataset, known without its files for the
+    fixed datasets; ``None`` for the user's own."""
+    classes = {"svhn": 10, "digits": 10, "fake": 10, **{name: spec.classes for name, spec in cifar.SPECS.items()}}
+    return classes.get(data["dataset"])
+
+
 def _own_dir(data: dict) -> str | None:
     """``data_dir`` unless it is left empty or at its default, SVHN's folder."""
     d = data.get("data_dir")

@@ -101,12 +101,15 @@ def duration(seconds: float) -> str:
 COMPILED_BUDGET_S = 25.0  # the compiled rates' share of --plan's 30 s; the eager ones take ~3 s
 
 
-def measured_estimate(cfg: dict) -> list[str]:
+def measured_estimate(cfg: dict, left: tuple[bool, int] | None = None) -> list[str]:
     """``study --plan``'s estimate: the rates measured as the runs will train (compiled
     where `compiled.wanted`), then at one thread each for ``--workers``. Compiled rates
     are measured in a fresh process given `COMPILED_BUDGET_S`: with Inductor's cache cold
     the two compiles take over a minute here, and then the estimate says it uses eager
-    rates instead."""
+    rates instead. ``left``: what a rerun still trains (`estimate_lines`); nothing is
+    measured when nothing is."""
+    if left == (False, 0):
+        return ["estimate: every run of this study is finished; a rerun trains nothing"]
     import os
     import torch
     from ..training.compiled import wanted
@@ -115,7 +118,7 @@ def measured_estimate(cfg: dict) -> list[str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     measured = _within(COMPILED_BUDGET_S, _rates, cfg, True, cores) if compiled_steps else None
     rates, one = measured or _rates(cfg, False, cores)
-    lines = estimate_lines(cfg, n, rates, one, cores)
+    lines = estimate_lines(cfg, n, rates, one, cores, left)
     if measured:
         lines.append(f"          (each run first compiles its step, included: {rates.compile_s[1]:.0f} s for a "
                      f"student here)")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..data.registry import load
+from ..data.registry import load, num_classes
 from ..nn import FLAT_MODELS
 from ..errors import ConfigError, RunError, UserError, WriteError
 from ..lock import locked
@@ -245,6 +245,24 @@ def fuses(cfg: dict, device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------- where runs train
+
+def check_plan(cfg: dict, out: str | Path | None, force: bool = False) -> tuple[bool, int] | None:
+    """What `run_study` would refuse before it trains, asked without training or writing
+    (``study --plan``): Ray missing or a bad address, the grid (`check_grid`; the classes
+    where known without reading the data), a folder ``out`` holding another config.
+    Returns what is left to train there, (the teacher, student runs), or None without ``out``."""
+    if on_ray(cfg):
+        _ray_plan(cfg)
+        cluster.import_ray()
+    conds = check_grid(cfg, num_classes(cfg["data"]))
+    if out is None:
+        return None
+    study = StudyDir(out)
+    if study.holds_another(cfg, force):
+        return not cfg["teacher"]["run"], len(conds)
+    return (not cfg["teacher"]["run"] and not study.teacher.finished,
+            sum(not study.run(c.name).finished for c in conds))
+
 
 def on_ray(cfg: dict) -> bool:
     """Whether the study's runs are Ray tasks: ``study.executor = "ray"`` (``--ray``) or

@@ -106,17 +106,25 @@ class StudyDir:
         a changed config made stale (runs and the teacher whose config differs, caches,
         results and unfinished groups)."""
         text = configlib.dumps(cfg)
-        if self.config_file.exists() and _what_runs(self.config_file.read_text()) != _what_runs(text):
-            if not force:
-                old = configlib.tomllib.loads(_what_runs(self.config_file.read_text()) or "")
-                diff = configlib.differences(old, configlib.tomllib.loads(_what_runs(text)))
-                raise RunError(f"{self.path} holds a study with another config ({'; '.join(diff)}); use --force "
-                               f"to redo what that changes (runs whose own config is unchanged are kept)")
+        if self.holds_another(cfg, force):
             self._drop_stale(cfg)
         self.path.mkdir(parents=True, exist_ok=True)
         for folder in (self.path, self.path / RUNS, self.path / GROUPS):
             recover(folder)  # a driver killed while it replaced a run directory
         atomic_write_text(self.config_file, text)
+
+    def holds_another(self, cfg: dict, force: bool) -> bool:
+        """Whether the folder holds a study of another config: a `RunError` naming the keys
+        that differ unless ``force``. Writes nothing (``study --plan`` asks it too)."""
+        text = configlib.dumps(cfg)
+        if not self.config_file.exists() or _what_runs(self.config_file.read_text()) == _what_runs(text):
+            return False
+        if not force:
+            old = configlib.tomllib.loads(_what_runs(self.config_file.read_text()) or "")
+            diff = configlib.differences(old, configlib.tomllib.loads(_what_runs(text)))
+            raise RunError(f"{self.path} holds a study with another config ({'; '.join(diff)}); use --force "
+                           f"to redo what that changes (runs whose own config is unchanged are kept)")
+        return True
 
     def _drop_stale(self, cfg: dict) -> None:
         for path in (self.logits_cache, self.teacher_test, self.teacher_json, self.results):

@@ -104,3 +104,18 @@ def test_resume_or_extend_with_force_is_refused(tmp_path, capsys):
     for flag in ("--resume", "--extend"):
         line = refused(["student", *SMALL, flag, "--force", "--out", tmp_path / "r"], capsys)
         assert line == (f"qdistill: error: --force starts the run over and {flag} continues it: give one of them")
+
+
+def test_c_defaults_to_t_squared_in_one_place(monkeypatch):
+    """Issue 30, item 3: the loss, a run's config and the study grid all read `config.default_c`."""
+    from qdistill import config
+    from qdistill.nn.losses import build_loss
+    from qdistill.resolve import resolve
+    from qdistill.study.grid import expand
+    assert build_loss("hard+soft", 3.0).c == 9.0
+    monkeypatch.setattr(config, "default_c", lambda T: 100.0 + T)
+    assert build_loss("hard+soft", 3.0).c == 103.0
+    assert resolve(None, None, ["student.loss=\"hard+soft\"", "student.temperature=3.0"], role="student")[
+        "student"]["c"] == 103.0
+    study = resolve(None, None, ["study.temperatures=[2.0]", "study.seeds=[0]"])
+    assert {c.c for c in expand(study) if c.question in ("q3", "q4")} == {102.0}

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import config as configlib
 from . import KD_DEFAULTS, KD_TERMS, LOSSES
 
 __all__ = ["build_loss", "Loss", "LossError", "hard", "kl_term", "dkd_term", "ls_term", "dist_term",
@@ -217,4 +218,4 @@ def build_loss(name: str, temperature: float = 1.0, c: float | None = None, *, k
         raise LossError(f"temperature must be > 0, got {temperature}")
     if T < 1:
         warnings.warn(f"temperature {T} < 1 sharpens the targets; the task statement uses T >= 1")
-    return Loss(name, T, T * T if c is None else float(c), kd, options)
+    return Loss(name, T, configlib.default_c(T) if c is None else float(c), kd, options)

@@ -8,6 +8,7 @@ inequalities decide), and make the wrong variants differ: Q_P = 2**b instead of 
 no grad scale or the batch in N, floor for round, inclusive bounds, a mean over the
 whole fused tensor instead of per member.
 """
+import copy
 import math
 
 import numpy as np
@@ -197,6 +198,27 @@ def test_activation_step_is_initialised_on_the_first_training_batch():
     act.load_state_dict(QuantAct(2, "lsq").double().state_dict())
     act(x2)
     assert act.step.item() == pytest.approx(2 * x2.abs().mean().item() / math.sqrt(3), rel=1e-12)
+
+
+def test_an_activation_step_follows_its_state_dict_however_the_module_was_made():
+    """The flag lives in the state_dict alone: a trained quantizer whose flag is cleared in
+    place (as a state copied in may say), its deep copy, and a fresh one loading that state
+    all initialise alike on the next training batch (issue 30, item 4). A quantizer called
+    twice in one forward still trains."""
+    torch.manual_seed(6)
+    x1, x2 = torch.randn(8, 3, 4, 4, dtype=F64), torch.randn(8, 3, 4, 4, dtype=F64) * 5
+    trained = QuantAct(2, "lsq").double().train()
+    trained(x1)
+    trained.initialized.fill_(False)
+    copied, fresh = copy.deepcopy(trained), QuantAct(2, "lsq").double().train()
+    fresh.load_state_dict(trained.state_dict())
+    want = 2 * x2.abs().mean().item() / math.sqrt(3)
+    for act in (trained, copied, fresh):
+        act(x2)
+        assert act.step.item() == pytest.approx(want, rel=1e-12) and bool(act.initialized)
+    shared = QuantAct(2, "lsq").double().train()
+    shared(shared(x1) * 2).sum().backward()
+    assert shared.step.grad.abs().item() > 0
 
 
 @pytest.mark.parametrize("name", names())

@@ -100,7 +100,9 @@ class QuantAct(nn.Module):
     fused group) and the bool buffer ``initialized`` records that the first batch seen in
     training mode set it (``step = 2 * mean(|x|) / sqrt(Q_P)`` over that batch); both are
     in the ``state_dict``, so a resumed run does not initialise again and export can refuse
-    a step never set. Until then (an untrained model in eval mode) the step is 1."""
+    a step never set. Until then (an untrained model in eval mode) the step is 1. The
+    buffer alone decides, on the device (no host read per step, no state outside the
+    ``state_dict``): a model behaves as its ``state_dict`` says, however it was made."""
 
     members: int | None = None
 
@@ -112,25 +114,22 @@ class QuantAct(nn.Module):
         learned = self.quant.learned and bits < FULL
         self.register_parameter("step", nn.Parameter(torch.ones(1)) if learned else None)
         self.register_buffer("initialized", torch.tensor(False) if learned else None)
-        # The flag as Python sees it without a device round-trip each step: True only once
-        # the buffer was seen True (or set); a loaded state clears it, to be read again.
-        self._ready = False
 
     def forward(self, x):
-        if self.step is not None and self.training and not self._ready:
+        step = self.step
+        if step is not None and self.training:
             self._init_step(x)
-        return self.quant.activation(x, self.bits, self.members, self.step)
+            # what the quantizer saves for backward: a second call of this module in the
+            # same forward writes the step again (the same value), which must not touch it
+            step = step.clone()
+        return self.quant.activation(x, self.bits, self.members, step)
 
     @torch.no_grad()
     def _init_step(self, x: torch.Tensor) -> None:
-        if not bool(self.initialized):  # one read of the flag, until it is set
-            self.step.copy_(lsq_activation_init(x, self.bits, self.members, self.step.dtype))
-            self.initialized.fill_(True)
-        self._ready = True
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._ready = False
+        """The step from ``x`` where ``initialized`` is false, else kept; then the flag set."""
+        first = lsq_activation_init(x, self.bits, self.members, self.step.dtype)
+        self.step.copy_(torch.where(self.initialized, self.step, first))
+        self.initialized.fill_(True)
 
     def extra_repr(self):
         return f"bits={self.bits}, scheme={self.scheme}"

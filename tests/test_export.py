@@ -277,6 +277,18 @@ def test_qdz_is_12x_smaller_than_fp32(tmp_path):
     assert ratio >= 12, ratio
 
 
+def test_the_manifest_names_the_model_its_meta_names_not_how_it_was_built(tmp_path):
+    """The same layers from the registry or put together by hand export alike: the name
+    comes from the meta the caller gives (a run's checkpoint holds it), never from an
+    attribute attached to the object by whoever built it (issue 30, item 4)."""
+    built = student("vgg7", 2, 1, "dorefa")
+    by_hand = nn.Sequential(*built)
+    a, b = (export_model(m, tmp_path / f"{i}.qdz", class_names=CLASSES) for i, m in enumerate((built, by_hand)))
+    assert a == b and a["arch"] is None
+    named = export_model(by_hand, tmp_path / "n.qdz", class_names=CLASSES, meta={"arch": "vgg7"})
+    assert named["arch"] == "vgg7"
+
+
 def test_export_is_deterministic(tmp_path):
     model = student("vgg7", 2, 1, "dorefa")
     a, _ = _export(model, tmp_path, "a.qdz")
@@ -286,7 +298,7 @@ def test_export_is_deterministic(tmp_path):
 
 def test_manifest_describes_the_model(tmp_path):
     model = student("dorefa-svhn", 2, 1, "homework")
-    _, manifest = _export(model, tmp_path)
+    manifest = export_model(model, tmp_path / "m.qdz", class_names=CLASSES, meta={"arch": "dorefa-svhn"})
     assert manifest["format_version"] == 1  # no version-2 feature: older readers run it
     assert manifest["arch"] == "dorefa-svhn" and manifest["class_names"] == CLASSES
     assert manifest["bits"] == {"weight_bits": [2], "act_bits": [1], "schemes": ["dorefa", "homework"]}

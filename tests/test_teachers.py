@@ -63,6 +63,13 @@ def made(tmp_path_factory, small_teacher):
     return paths, model, data, run
 
 
+def test_a_run_teacher_names_its_model_as_the_runs_meta_does(made):
+    """teacher.json's "model": the name in the run's checkpoint meta (issue 30, item 4);
+    a teacher file names none."""
+    paths, _, data, run = made
+    assert run.arch == "vgg7" and Teacher.open(paths["torchscript"], data).arch == ""
+
+
 def _student(teacher, out, *extra):
     assert cli.main(["student", *FLAGS, "--teacher", str(teacher), *STUDENT, *extra, "--out", str(out)]) == 0
     metrics = [{k: v for k, v in json.loads(line).items() if k not in TIMING}

@@ -66,7 +66,7 @@ def run(model: torch.nn.Module | None = None, *, runs: int = 200, batch: int = 2
     if model is None:
         students = [(DEFAULT_STUDENT.format(arch), default_student(arch)) for arch in STUDENTS]
     else:
-        students = [(f"{getattr(model, 'arch', type(model).__name__)} (given)", model.eval())]
+        students = [(f"{type(model).__name__} (given)", model.eval())]
     return {"cpu": cpu_name(), "threads": threads, "batch": batch, "runs": runs,
             "torch_version": torch.__version__, "date": date.today().isoformat(),
             "models": [_measure(m, described, threads, runs, batch) for described, m in students]}

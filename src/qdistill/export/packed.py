@@ -81,7 +81,9 @@ def export_model(model: nn.Module, path: str | Path, *, class_names, meta: dict 
     at ``path`` (atomically) and return its manifest. A flat ``nn.Sequential`` is written as
     a chain of layers (format 1 or 2, what older readers run), any other network (a
     Sequential holding blocks of its own too) as its node graph (format 3); ``graph=True``
-    writes a flat Sequential as a graph too. `ExportError` if it cannot be exported."""
+    writes a flat Sequential as a graph too. The manifest's ``arch`` and ``build`` are
+    ``meta``'s (a run's checkpoint meta), ``None`` without. `ExportError` if it cannot be
+    exported."""
     if graph is None:
         graph = not (isinstance(model, nn.Sequential) and all(not list(m.children()) for m in model))
     if graph:
@@ -97,7 +99,7 @@ def export_model(model: nn.Module, path: str | Path, *, class_names, meta: dict 
     meta = dict(meta or {})
     manifest = {
         "qdistill_version": __version__,
-        "arch": meta.get("arch", getattr(model, "arch", None)),
+        "arch": meta.get("arch"),
         "build": meta.get("build"),
         "bits": _model_bits(model),
         "class_names": class_names,

@@ -212,7 +212,7 @@ def _check_members(members) -> list[nn.Sequential]:
             raise ValueError(f"fused members must be flat nn.Sequential models, got {type(m).__name__}")
     ref = members[0]
     for i, m in enumerate(members[1:], 1):
-        if getattr(m, "arch", None) != getattr(ref, "arch", None) or len(m) != len(ref):
+        if len(m) != len(ref):
             raise ValueError(f"member {i} has another architecture than member 0")
         for j, (a, b) in enumerate(zip(ref, m)):
             if _signature(a) != _signature(b):

@@ -72,7 +72,6 @@ def build(name: str, *, num_classes: int = 10, in_channels: int = 3, model_args:
     else:
         model = quantize(_REGISTRY[name].make(num_classes=num_classes, in_channels=in_channels, **(model_args or {})),
                          **quant)
-    model.arch = name
     return model
 
 

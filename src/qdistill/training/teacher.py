@@ -52,14 +52,14 @@ def open_teacher(cfg: dict, data, *, cache: str | Path | None = None) -> Teacher
     return teacher
 
 
-def _run_model(run: RunDir, data) -> torch.nn.Module:
-    """The eval-mode teacher of a finished run, checked against ``data``'s classes."""
+def _run_model(run: RunDir, data) -> tuple[torch.nn.Module, dict]:
+    """The eval-mode teacher of a finished run, checked against ``data``'s classes, and its meta."""
     run.require_finished("teacher run")
     model, meta = load_model(run.path, "best")
     if meta["build"]["num_classes"] != data.num_classes or meta["class_names"] != list(data.class_names):
         raise RunError(f"teacher {run} was trained on {meta['build']['num_classes']} classes "
                        f"{meta['class_names']}, but the data has {data.num_classes} {list(data.class_names)}")
-    return model
+    return model, meta
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Teacher:
     val_acc: float | None = None  # the teacher's own validation accuracy, when known
     logits: dict = field(default_factory=dict)  # split -> (N, K) float32 on the CPU
     device: object = None         # where it last ran: later logits are computed there too
+    arch: str = ""                # a run teacher's model as its meta names it; "" for a file
 
     @classmethod
     def open(cls, path: str | Path, data, section: dict | None = None, *, augment: bool = False) -> "Teacher":
@@ -89,9 +90,9 @@ class Teacher:
                 raise TeacherError(f"teacher {path} is a qdistill run, which takes the data as it is: [teacher] "
                                    f"input_range, mean, std, layout and input_size are for teacher files")
             run = RunDir(path)
-            model = _run_model(run, data)
+            model, meta = _run_model(run, data)
             return cls(data, model, "run", str(path), str(run.best), file_sha256(run.best), prep,
-                       val_acc=run.read_summary().get("val_best_acc"))
+                       val_acc=run.read_summary().get("val_best_acc"), arch=meta["arch"])
         if kind == "logits" and augment:
             raise TeacherError(f"teacher {path} is a file of logits, fixed per image, but augmentation is on: "
                                f"set data.augment = \"none\" or give a teacher that runs here")
@@ -104,10 +105,6 @@ class Teacher:
         """What the teacher's logits depend on: the key of its cache."""
         return {"teacher": self.sha256, "kind": self.kind, "preprocess": self.preprocess.key(),
                 "data": self.data.fingerprint}
-
-    @property
-    def arch(self) -> str:
-        return getattr(self.model, "arch", "")
 
     # ------------------------------------------------------------ logits and accuracy
 

@@ -415,6 +415,48 @@ def test_load_limits_and_unknown():
         registry.load({"dataset": "mnist"})
 
 
+def test_every_dataset_has_one_record_whose_sizes_are_the_datas():
+    """One record per dataset, in the order of `DATASETS`; its sizes and classes are what
+    `train_size`, `num_classes` and `describe` say, and digits loads to them (issue 30, item 6)."""
+    assert tuple(registry.RECORDS) == DATASETS
+    described = {d["name"]: d for d in registry.describe(None)}
+    for name, rec in registry.RECORDS.items():
+        own = name in ("npz", "imagefolder")  # the user's data: no fixed sizes, a key it needs
+        assert rec.description and (rec.sizes is None) == (rec.classes is None) == (rec.needs is not None) == own
+        assert registry.num_classes({"dataset": name}) == rec.classes
+        assert registry.train_size({"dataset": name}) == (None if own else rec.sizes["train"])
+        fixed = rec.sizes or {"train": None, "test": None}
+        assert {k: described[name].get(k) for k in fixed} == fixed
+    ds = registry.load({"dataset": "digits"})
+    assert {"train": len(ds.y_train), "test": len(ds.y_test)} == registry.RECORDS["digits"].sizes
+    assert registry.train_size({"dataset": "svhn", "extra": True}) == svhn.SIZES["train"] + svhn.SIZES["extra"]
+
+
+def test_an_unknown_dataset_is_refused_in_one_line(tmp_path, capsys):
+    from qdistill import cli
+    with pytest.raises(DataError) as refused:
+        registry.load({"dataset": "mnist"})
+    assert str(refused.value) == f"unknown dataset 'mnist'; known: {', '.join(DATASETS)}"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\ndataset = "mnist"\n')
+    assert cli.main(["datasets", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mnist" in err[0] and err[0].startswith("qdistill: error: ")
+
+
+def test_no_folder_given_is_none_and_means_the_datasets_own_folder(monkeypatch):
+    """``data_dir`` absent, empty or the schema's unset value: the registry passes the
+    record's own folder (CIFAR-10's, not SVHN's); imagefolder, which has none, refuses."""
+    seen, small = [], fake.load(20, 10)
+    monkeypatch.setattr(registry.cifar, "load", lambda name, folder, verify=True: seen.append(folder) or small)
+    for given in ({}, {"data_dir": None}, {"data_dir": ""}, {"data_dir": registry.UNSET_DIR}, {"data_dir": "/c10"}):
+        registry.load({"dataset": "cifar10", **given})
+    assert seen == ["~/.cache/qdistill/cifar10"] * 4 + ["/c10"]
+    for given in ({}, {"data_dir": None}, {"data_dir": ""}):
+        with pytest.raises(DataError, match=r"^dataset imagefolder needs data_dir \(--data-dir ROOT"):
+            registry.load({"dataset": "imagefolder", **given})
+
+
 def test_fake_deterministic_and_sized():
     a, b = fake.load(40, 10), fake.load(40, 10)
     assert torch.equal(a.x_train, b.x_train) and a.fingerprint == b.fingerprint

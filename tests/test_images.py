@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from qdistill import cli
-from qdistill.data import DATASETS, cifar, imagefolder, registry, svhn
+from qdistill.data import DATASETS, cifar, imagefolder, registry
 from qdistill.data.images import resize_to_uint8
 from qdistill.errors import DataError
 
@@ -243,7 +243,7 @@ def test_bad_folders_are_one_line_data_errors_and_leave_no_cache(tmp_path, break
 def test_missing_root_and_data_dir(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_folder(tmp_path / "nope")
-    for data in ({"dataset": "imagefolder"}, {"dataset": "imagefolder", "data_dir": svhn.DEFAULT_DIR}):
+    for data in ({"dataset": "imagefolder"}, {"dataset": "imagefolder", "data_dir": registry.UNSET_DIR}):
         with pytest.raises(DataError, match="--data-dir ROOT"):
             registry.load(data)
 
@@ -451,9 +451,8 @@ def test_cifar_downloads_when_missing_into_its_default_folder(tmp_path, monkeypa
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
     try:
-        # data_dir left at its (SVHN) default: CIFAR's own default folder
-        ds = cifar.load("cifar10", registry._own_dir({"data_dir": svhn.DEFAULT_DIR}), verify=True,
-                        base_url=url)
+        # no data_dir given: CIFAR's own default folder
+        ds = cifar.load("cifar10", registry.RECORDS["cifar10"].default_dir, verify=True, base_url=url)
     finally:
         srv.shutdown()
         srv.server_close()
@@ -464,7 +463,7 @@ def test_cifar_downloads_when_missing_into_its_default_folder(tmp_path, monkeypa
     assert info["cifar10"]["data_dir"] == str(dest.parent) and info["cifar10"]["files"] == {archive.name: True}
     assert info["cifar100"]["files"] == {"cifar-100-python.tar.gz": False}
     # through the registry, with the default data_dir, the same folder is used (no download now)
-    assert registry.load({"dataset": "cifar10", "data_dir": svhn.DEFAULT_DIR}).fingerprint == ds.fingerprint
+    assert registry.load({"dataset": "cifar10", "data_dir": registry.UNSET_DIR}).fingerprint == ds.fingerprint
 
 
 class _Quiet(SimpleHTTPRequestHandler):

@@ -178,7 +178,9 @@ def test_extend_trains_a_finished_run_on_exactly_when_its_schedule_allows(tmp_pa
         f"the course schedule's rates for its 3 epochs depend on the number of epochs (its drops fall at a "
         f"fraction of them); train a new run with --epochs 4")
     code, _, err = run(["student", "--epochs", "5", "--resume", "--quiet", "--out", tmp_path / "three"], capsys)
-    assert code == 2 and "--extend" in one_line(err)
+    assert code == 2 and one_line(err) == (
+        f"qdistill: error: run {tmp_path / 'three'} already finished with another config (train.epochs: 3 -> 5); "
+        f"use --force to train it again, or --extend with a larger --epochs to train it on")
 
 
 def test_extend_trains_an_unfinished_run_on_and_changes_nothing_else(tmp_path, capsys, monkeypatch):

@@ -127,9 +127,10 @@ class RunDir:
         if existing == "extend":
             return self._extend(cfg, stored, diff)
         if self.finished:
+            more = all(d.startswith("train.epochs:") for d in diff)  # only the epochs: --extend may do it
             raise RunError(f"run {self.path} already finished{differs}; "
-                           + ("give another --out to keep it, or --force to replace it" if diff else
-                              "use --force to train it again, or --extend with a larger --epochs to train it on"))
+                           + ("use --force to train it again, or --extend with a larger --epochs to train it on"
+                              if more else "give another --out to keep it, or --force to replace it"))
         if diff:
             raise RunError(f"run {self.path} was started with another config ({'; '.join(diff)}): resume with "
                            f"the same settings (--resume alone takes the run's own), or --force to start over")

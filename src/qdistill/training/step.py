@@ -3,7 +3,6 @@ benchmark times. One step function; `qdistill.training.compiled` runs the same o
 its forward and losses through ``torch.compile``."""
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -15,12 +14,12 @@ def forward_losses(net, xb: torch.Tensor, yb: torch.Tensor, teacher_logits: torc
                    losses: tuple[LossFn, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``z = net(xb)`` (under autocast to ``dtype``; ``None``: none), shape ``(K, N,
     classes)``, and each member's loss ``losses[k](z[k], teacher_logits, yb)`` (outside
-    autocast): ``(loss per member (K,), z)``. One loss per member, else `ValueError`."""
-    with torch.autocast(xb.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+    autocast): ``(loss per member (K,), z)``, over the members that have a loss
+    (`train_step` checks that each has one, outside the traced code)."""
+    # one autocast expression, enabled or not: torch.compile traces it without a graph break
+    with torch.autocast(xb.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         z = net(xb)
-    if len(losses) != z.shape[0]:
-        raise ValueError(f"{len(losses)} losses for {z.shape[0]} members")
-    return torch.stack([fn(z[k], teacher_logits, yb) for k, fn in enumerate(losses)]), z
+    return torch.stack([fn(zk, teacher_logits, yb) for zk, fn in zip(z.unbind(0), losses)]), z
 
 
 def train_step(net, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
@@ -33,6 +32,8 @@ def train_step(net, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tens
     synchronisation)."""
     dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else None
     member_loss, z = forward(net, xb, yb, teacher_logits, tuple(losses), dtype)
+    if len(losses) != z.shape[0]:
+        raise ValueError(f"{len(losses)} losses for {z.shape[0]} members")
     opt.zero_grad(set_to_none=True)
     member_loss.sum().backward()
     opt.step()

@@ -48,6 +48,13 @@ if HAVE_NUMBA:
                             col[i, xx, d + 1] |= v >> np.uint64(64 - sh)
 
     @njit(inline="always")
+    def _row_columns(x, b, y0, kh, kw, cin, wq):
+        """`_columns` of input rows ``y0 .. y0 + kh - 1`` in a new array, as ``wq``'s columns."""
+        col = np.empty((x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
+        _columns(x, b, y0, kh, cin, col)
+        return col
+
+    @njit(inline="always")
     def _dot(col, x0, kw, wq, acc):
         """Fill ``acc[o]`` with ``sum_ij 2^(i+j) popcount(x_i & c_j)`` over the field whose
         columns are ``col[:, x0 : x0 + kw]`` and return ``sum_i 2^i popcount(x_i)``."""
@@ -126,8 +133,7 @@ if HAVE_NUMBA:
             b = r // ho
             y = r - b * ho
             acc = np.empty(o, np.int64)
-            col = np.empty((x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
-            _columns(x, b, y * stride, kh, cin, col)
+            col = _row_columns(x, b, y * stride, kh, kw, cin, wq)
             for xx in range(wo):
                 ones = _dot(col, xx * stride, kw, wq, acc)
                 for oc in range(o):
@@ -177,8 +183,7 @@ if HAVE_NUMBA:
             v = np.empty(o, np.float64)
             count = np.empty(o, np.uint8)
             lv = np.empty(o, np.uint8)
-            col = np.empty((x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
-            _columns(x, b, y * stride, kh, cin, col)
+            col = _row_columns(x, b, y * stride, kh, kw, cin, wq)
             for xx in range(wo):
                 ones = _dot(col, xx * stride, kw, wq, acc)
                 for oc in range(o):

@@ -119,3 +119,9 @@ def test_c_defaults_to_t_squared_in_one_place(monkeypatch):
         "student"]["c"] == 103.0
     study = resolve(None, None, ["study.temperatures=[2.0]", "study.seeds=[0]"])
     assert {c.c for c in expand(study) if c.question in ("q3", "q4")} == {102.0}
+
+
+@pytest.mark.parametrize("key", ["dkd_beta", "dist_gamma"])
+def test_an_infinite_term_weight_is_refused_by_the_config(key, tmp_path, capsys):
+    line = refused(["student", *SMALL, "--loss", "soft", "--set", f"student.{key}=inf", "--out", tmp_path / "r"], capsys)
+    assert line == f"qdistill: error: student.{key} must be a finite number >= 0, got inf"

@@ -247,8 +247,8 @@ def _check_student(s: dict, epochs: int) -> None:
             raise ConfigError(f"student.c must be a number >= 0, got {s['c']!r}")
         s["c"] = float(s["c"])
     for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma", "kd_warmup"):
-        if not s[key] >= 0:
-            raise ConfigError(f"student.{key} must be >= 0, got {s[key]}")
+        if not 0 <= s[key] < math.inf:
+            raise ConfigError(f"student.{key} must be a finite number >= 0, got {s[key]}")
     if s["omit_class"] < -1:
         raise ConfigError(f"student.omit_class must be -1 (none) or a class index >= 0, got {s['omit_class']}")
     if s["loss"] in ("hard+soft", "hard+softgt") and "c" not in s:

@@ -125,3 +125,17 @@ def test_c_defaults_to_t_squared_in_one_place(monkeypatch):
 def test_an_infinite_term_weight_is_refused_by_the_config(key, tmp_path, capsys):
     line = refused(["student", *SMALL, "--loss", "soft", "--set", f"student.{key}=inf", "--out", tmp_path / "r"], capsys)
     assert line == f"qdistill: error: student.{key} must be a finite number >= 0, got inf"
+
+
+@pytest.mark.parametrize("bits,said", [(["--scheme", "lsq", "--weight-bits", "5"], "W5A1"),
+                                       (["--weight-bits", "32"], "W32A1"), (["--weight-bits", "4"], None)])
+def test_a_student_the_packer_cannot_hold_is_said_as_training_starts(bits, said, tmp_path, capsys):
+    """Issue 30, item 11: one warning line before anything trains (the run then stops at
+    a missing teacher, so the warning came first), not only at export; none at 4 bits."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in ["student", *SMALL, *bits, "--loss", "soft", "--teacher", tmp_path / "none",
+                                      "--out", tmp_path / "r"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("qdistill: error: ")
+    assert err[:-1] == ([f"qdistill: warning: a {said} student trains, but `qdistill export` packs 1..4-bit weights "
+                         f"and activations only; `qdistill export --out student.onnx` exports it"] if said else [])

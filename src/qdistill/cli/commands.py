@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .. import config as configlib
@@ -42,6 +43,14 @@ def _check_tensorboard(cfg: dict) -> None:
     if cfg["train"]["tensorboard"]:
         from ..training.scalars import summary_writer
         summary_writer()
+
+
+def _say_packing(cfg: dict) -> None:
+    """A warning line, as a student starts to train, where `export` could not pack it."""
+    from ..nn import packing_note
+    note = packing_note(cfg["student"]["weight_bits"], cfg["student"]["act_bits"])
+    if note:
+        warnings.warn(note)
 
 
 def _print_run(role: str, out, summary: dict) -> None:
@@ -106,6 +115,7 @@ def cmd_student(args) -> int:
         cfg = _config(args, role="student", base=_data_of_teacher(first),
                       base_origin=str(RunDir(first["teacher"]["run"]) / CONFIG))
     _check_tensorboard(cfg)
+    _say_packing(cfg)
     if not cfg["teacher"]["run"] and cfg["student"]["loss"] != "hard":
         # hard+softgt trains without the teacher, but its run is compared with it
         # (agreement, KL) and takes its data from it, as every distillation question does.
@@ -201,6 +211,7 @@ def cmd_study(args) -> int:
         _require_out(args, "STUDY", " (only --plan runs without one)")
     cfg = _config(args)
     _check_tensorboard(cfg)
+    _say_packing(cfg)
     if args.plan:  # what the study would refuse, refused here too
         left = check_plan(cfg, args.out, args.force)
         print("\n".join(plan_lines(cfg) + measured_estimate(cfg, left)), flush=True)

@@ -16,11 +16,12 @@ import torch.nn as nn
 from ..deploy import qdz
 from ..deploy.engine import INPUT_SHAPE
 from ..errors import ExportError
+from ..nn import PACKED_MAX_BITS
 from ..nn.layers import Clip01, QuantConv2d
 from ..nn.quantizers import FULL
 from .plan import Block, act_step, f32, fold, thresholds, weight_codes, weight_f32
 
-MAX_BITS = 4  # weight and activation bits the packed format supports: 1..MAX_BITS
+MAX_BITS = PACKED_MAX_BITS  # weight and activation bits the packed format supports: 1..MAX_BITS
 
 
 @dataclass

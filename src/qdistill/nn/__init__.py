@@ -14,12 +14,23 @@ MODELS = ("dorefa-svhn", "resnet20", "vgg7", "vgg7-wide")
 ``package.module:FUNCTION`` name a user's own (`qdistill.nn.reference`)."""
 FLAT_MODELS = ("dorefa-svhn", "vgg7", "vgg7-wide")
 """The models a fused group can hold (`qdistill.nn.fused`: flat ``nn.Sequential`` stacks)."""
+PACKED_MAX_BITS = 4
+"""Weight and activation bits the packed ``.qdz`` format holds: 1..PACKED_MAX_BITS."""
 LOSSES = ("hard", "soft", "hard+soft", "hard+softgt")
 KD_TERMS = ("kl", "dkd", "ls", "dist")
 """The teacher terms of Q2 and Q3 (`qdistill.nn.losses`): ``kl`` Hinton et al. 2015,
 ``dkd`` Zhao et al. CVPR 2022, ``ls`` Sun et al. CVPR 2024, ``dist`` Huang et al. NeurIPS 2022."""
 KD_DEFAULTS = {"dkd_alpha": 1.0, "dkd_beta": 8.0, "dist_beta": 1.0, "dist_gamma": 1.0}
 """The weights inside the terms, as their papers set them (DKD's beta is 8 on CIFAR-100)."""
+
+
+def packing_note(weight_bits: int, act_bits: int) -> str | None:
+    """A student these bits train for but `qdistill export` cannot pack, said when it
+    starts to train; None where it can."""
+    if weight_bits <= PACKED_MAX_BITS and act_bits <= PACKED_MAX_BITS:
+        return None
+    return (f"a W{weight_bits}A{act_bits} student trains, but `qdistill export` packs 1..{PACKED_MAX_BITS}-bit "
+            f"weights and activations only; `qdistill export --out student.onnx` exports it")
 
 
 def scheme_bits_error(scheme: str, weight_bits: int, act_bits: int) -> str | None:

@@ -11,6 +11,7 @@
   studies, or check the engine over thousands of images; ``make test-fast`` skips them.
 """
 import os
+import tempfile
 
 # The suite runs on the CPU in fp32 whatever the machine: with a GPU visible, "auto" would
 # train on it in bf16 and the exact-equality tests assume CPU arithmetic. The GPU check
@@ -24,6 +25,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # cache warm, a compiled vgg7 step took 5.7 s against 13.2 s with the pool (2 cores; cold:
 # 36 s against 33 s)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# the plan's kept compiled rates go to a temp folder, never the user's ~/.cache
+os.environ.setdefault("QDISTILL_CACHE", tempfile.mkdtemp(prefix="qd-cache-"))
 
 import pytest  # noqa: E402
 

@@ -1,4 +1,6 @@
 """A study's cost before it starts: ``study --plan`` and the estimate's arithmetic."""
+import pytest
+
 from qdistill import cli
 from qdistill.resolve import resolve
 from qdistill.study.plan import Rates, duration, estimate_lines
@@ -55,9 +57,10 @@ def test_within_answers_in_time_or_stops_the_process_and_says_none():
     assert time.monotonic() - t0 < 10
 
 
-def test_compiled_rates_that_miss_the_budget_give_eager_rates_and_say_so(monkeypatch):
+def test_compiled_rates_that_miss_the_budget_give_eager_rates_and_say_so(monkeypatch, tmp_path):
     from qdistill.study import plan
     from qdistill.training import compiled
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path))
     monkeypatch.setattr(compiled, "wanted", lambda *a: True)
     monkeypatch.setattr(plan, "_within", lambda seconds, fn, *args: None)  # as a cold compile does
     measured = []
@@ -65,8 +68,33 @@ def test_compiled_rates_that_miss_the_budget_give_eager_rates_and_say_so(monkeyp
                         or Rates(100.0, 50.0, compiled_steps, max(threads, 1)))
     lines = plan.measured_estimate(resolve("configs/homework.toml"))
     assert set(measured) == {False} and "eager steps" in lines[0]
-    assert lines[-1] == "          (compiled rates not measured within 25 s, as with Inductor's cache cold: " \
-                        "these are eager rates)"
+    assert lines[-1] == "          (compiled rates not measured within 240 s: these are eager rates)"
+    assert not (tmp_path / "rates.json").exists()  # nothing kept: the next plan measures again
+
+
+def test_compiled_rates_are_measured_once_per_machine_and_models_and_kept(monkeypatch, tmp_path, capsys):
+    """Issue 30, item 12: a 2-core machine reaches the compiled estimate. The first plan
+    measures (as long as two cold compiles take), later ones read the kept rates; another
+    student model is measured anew."""
+    from qdistill.study import plan
+    from qdistill.training import compiled
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled, "wanted", lambda *a: True)
+    runs = []
+
+    def within(seconds, fn, cfg, compiled_steps, cores):
+        runs.append((seconds, cfg["student"]["model"]))
+        return Rates(200.0, 80.0, True, 2, (30.0, 40.0)), Rates(120.0, 50.0, True, 1, (30.0, 40.0))
+    monkeypatch.setattr(plan, "_within", within)
+    monkeypatch.setattr(plan, "measure_rates", lambda *a: pytest.fail("no eager rates where compiled ones exist"))
+    cfg = resolve("configs/homework.toml")
+    first, again = plan.measured_estimate(cfg), plan.measured_estimate(cfg)
+    assert runs == [(240.0, "vgg7")] and first[:-1] == again[:-1] and "compiled steps, 2 threads" in first[0]
+    assert first[-1].endswith(f"40 s for a student here; measured now, kept in {tmp_path / 'rates.json'})")
+    assert f"kept in {tmp_path / 'rates.json'})" in again[-1] and "measured now" not in again[-1]
+    assert capsys.readouterr().err.count("measuring compiled rates once") == 1
+    plan.measured_estimate(resolve("configs/homework.toml", sets=['student.model="resnet20"']))
+    assert runs == [(240.0, "vgg7"), (240.0, "resnet20")]
 
 
 def test_the_estimate_times_the_configured_models_and_scheme(monkeypatch):

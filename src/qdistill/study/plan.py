@@ -2,8 +2,13 @@
 each trains, in all. Needs no dataset files: the fixed datasets' sizes are known."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..data.registry import train_size
 from . import QUESTIONS
 from .grid import expand
@@ -98,16 +103,17 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-COMPILED_BUDGET_S = 25.0  # the compiled rates' share of --plan's 30 s; the eager ones take ~3 s
+COMPILED_BUDGET_S = 240.0  # a first measurement of compiled rates: two cold Inductor compiles on 2 cores
 
 
 def measured_estimate(cfg: dict, left: tuple[bool, int] | None = None) -> list[str]:
     """``study --plan``'s estimate: the rates measured as the runs will train (compiled
     where `compiled.wanted`), then at one thread each for ``--workers``. Compiled rates
-    are measured in a fresh process given `COMPILED_BUDGET_S`: with Inductor's cache cold
-    the two compiles take over a minute here, and then the estimate says it uses eager
-    rates instead. ``left``: what a rerun still trains (`estimate_lines`); nothing is
-    measured when nothing is."""
+    are measured once per machine, torch version, models and batch (in a fresh process,
+    given `COMPILED_BUDGET_S`: Inductor's first compiles take a minute or two on 2 cores)
+    and kept in the user's cache (`rates_file`); the eager ones take a few seconds each
+    time. ``left``: what a rerun still trains (`estimate_lines`); nothing is measured
+    when nothing is."""
     if left == (False, 0):
         return ["estimate: every run of this study is finished; a rerun trains nothing"]
     import os
@@ -116,16 +122,63 @@ def measured_estimate(cfg: dict, left: tuple[bool, int] | None = None) -> list[s
     n = trained_images(cfg)
     compiled_steps = wanted(cfg, cfg["train"]["epochs"] * (n or 0), torch.device("cpu"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    measured = _within(COMPILED_BUDGET_S, _rates, cfg, True, cores) if compiled_steps else None
+    measured, kept = _compiled_rates(cfg, cores) if compiled_steps else (None, "")
     rates, one = measured or _rates(cfg, False, cores)
     lines = estimate_lines(cfg, n, rates, one, cores, left)
     if measured:
         lines.append(f"          (each run first compiles its step, included: {rates.compile_s[1]:.0f} s for a "
-                     f"student here)")
+                     f"student here; {kept})")
     elif compiled_steps:
-        lines.append(f"          (compiled rates not measured within {COMPILED_BUDGET_S:.0f} s, as with Inductor's "
-                     f"cache cold: these are eager rates)")
+        lines.append(f"          (compiled rates not measured within {COMPILED_BUDGET_S:.0f} s: these are eager "
+                     f"rates)")
     return lines
+
+
+def rates_file() -> Path:
+    """Where measured compiled rates are kept: ``$QDISTILL_CACHE/rates.json`` (default
+    ``~/.cache/qdistill``)."""
+    import os
+    return Path(os.environ.get("QDISTILL_CACHE") or "~/.cache/qdistill").expanduser() / "rates.json"
+
+
+def _rates_key(cfg: dict, cores: int) -> str:
+    """What the rates depend on: the machine, torch, the models, their bits and the batch."""
+    import torch
+    from ..bench.machine import cpu_name
+    t, s = cfg["teacher"], cfg["student"]
+    return json.dumps({"cpu": cpu_name(), "cores": cores, "torch": torch.__version__,
+                       "teacher": None if t["run"] else [t["model"], t.get("model_args", {})],
+                       "student": [s["model"], s.get("model_args", {}), s["scheme"], s["weight_bits"], s["act_bits"],
+                                   s["grad_bits"], s["quantize_first_last"]],
+                       "train": [cfg["train"][k] for k in ("batch_size", "optimizer", "threads", "precision")]},
+                      sort_keys=True)
+
+
+def _compiled_rates(cfg: dict, cores: int) -> tuple[tuple[Rates, Rates | None] | None, str]:
+    """The compiled rates and where they come from: kept from an earlier plan on this
+    machine, or measured now (then kept); None where they could not be measured."""
+    path, key = rates_file(), _rates_key(cfg, cores)
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    if isinstance(kept, dict) and isinstance(kept.get(key), dict):
+        entry = kept[key]
+        return tuple(None if r is None else Rates(**{**r, "compile_s": tuple(r["compile_s"])})
+                     for r in entry["rates"]), f"measured {entry['date']}, kept in {path}"
+    print(f"measuring compiled rates once for this machine and these models (up to {COMPILED_BUDGET_S:.0f} s); "
+          f"later plans read them from {path}", file=sys.stderr, flush=True)
+    measured = _within(COMPILED_BUDGET_S, _rates, cfg, True, cores)
+    if measured is None:
+        return None, ""
+    kept = kept if isinstance(kept, dict) else {}
+    kept[key] = {"date": time.strftime("%Y-%m-%d"), "rates": [None if r is None else asdict(r) for r in measured]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(kept, indent=1))
+    except OSError:
+        pass  # a cache that cannot be written costs the next plan the measurement, nothing else
+    return measured, f"measured now, kept in {path}"
 
 
 def _rates(cfg: dict, compiled_steps: bool, cores: int) -> tuple[Rates, Rates | None]:

@@ -3,26 +3,12 @@ besides time: peak memory, and TF32 as the convolutions use it."""
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 import resource
 import sys
-from pathlib import Path
 
 import torch
 
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` where there is one) and its logical CPUs."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs"
+from ..training.device import cpu_name  # noqa: F401  (the name reports use; it lives with the device)
 
 
 def device_name(device: torch.device) -> str:

@@ -144,7 +144,7 @@ def rates_file() -> Path:
 def _rates_key(cfg: dict, cores: int) -> str:
     """What the rates depend on: the machine, torch, the models, their bits and the batch."""
     import torch
-    from ..bench.machine import cpu_name
+    from ..training.device import cpu_name
     t, s = cfg["teacher"], cfg["student"]
     return json.dumps({"cpu": cpu_name(), "cores": cores, "torch": torch.__version__,
                        "teacher": None if t["run"] else [t["model"], t.get("model_args", {})],

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -108,3 +110,16 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (timing on CUDA); a no-op elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one) and its logical CPUs."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"

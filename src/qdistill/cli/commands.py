@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from .. import config as configlib
@@ -50,7 +49,7 @@ def _say_packing(cfg: dict) -> None:
     from ..nn import packing_note
     note = packing_note(cfg["student"]["weight_bits"], cfg["student"]["act_bits"])
     if note:
-        warnings.warn(note)
+        print(f"qdistill: warning: {note}", file=sys.stderr, flush=True)
 
 
 def _print_run(role: str, out, summary: dict) -> None:

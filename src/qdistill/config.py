@@ -97,6 +97,11 @@ DEFAULTS: dict[str, dict] = {
         "gpus_per_run": "auto",       # GPUs per Ray task: auto (none without GPUs; with --workers N, min(1, GPUs / N); else 1) or a number
         "retries": 3,                 # Ray: resubmissions of a run whose worker or node died
         "allow_weak_teacher": False,  # use a teacher within 5 points of chance (--allow-weak-teacher)
+        "search": "grid",             # grid (every seed of every arm), race (seeds added until a question is decided)
+        "max_seeds": 0,               # race: the seeds an arm may run (0: those listed; more count on from the last)
+        "first_test": 4,              # race: the seeds run before the first test
+        "confidence": 0.95,           # race: the tests' level
+        "race_test": "friedman",      # race: friedman (Conover's difference; Wilcoxon for two arms), t-holm
     },
     "run": {
         "role": "student",            # teacher, student (written by the command)
@@ -271,9 +276,15 @@ def _check_study(st: dict) -> None:
     if "c" in st:
         if isinstance(st["c"], bool) or not isinstance(st["c"], (int, float)) or not 0 <= st["c"] < math.inf:
             raise ConfigError(f"study.c must be a number >= 0, got {st['c']!r}")
-    for key in ("teacher_epochs", "workers", "cpus_per_run", "retries"):
+    for key in ("teacher_epochs", "workers", "cpus_per_run", "retries", "max_seeds"):
         if st[key] < 0:
             raise ConfigError(f"study.{key} must be >= 0, got {st[key]}")
+    if st["first_test"] < 2 or not 0 < st["confidence"] < 1:
+        raise ConfigError(f"study.first_test must be >= 2 (a test needs two seeds) and study.confidence in (0, 1), "
+                          f"got {st['first_test']} and {st['confidence']!r}")
+    if st["search"] == "race" and (st["max_seeds"] or len(st["seeds"])) < st["first_test"]:
+        raise ConfigError(f"study.max_seeds {st['max_seeds'] or len(st['seeds'])} is below study.first_test "
+                          f"{st['first_test']}: the race would never test")
 
 
 def _no_repeats(values: list, key: str) -> None:

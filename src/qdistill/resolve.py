@@ -9,13 +9,14 @@ from . import config as configlib
 from .data import AUGMENTS, DATASETS
 from .errors import ConfigError
 from .nn import FLAT_MODELS, KD_TERMS, LOSSES, MODELS, SCHEMES, reference, scheme_bits_error
-from .study import EXECUTORS, QUESTIONS
+from .study import EXECUTORS, QUESTIONS, RACE_TESTS, SEARCHES
 from .training import OPTIMIZERS, PRECISIONS, RECIPES, ROLES, SCHEDULES, TEACHER_LAYOUTS, TEACHER_RANGES
 
 CHOICES = {("data", "dataset"): DATASETS, ("data", "augment"): AUGMENTS, ("student", "scheme"): SCHEMES,
            ("student", "loss"): LOSSES, ("train", "schedule"): SCHEDULES, ("train", "precision"): PRECISIONS,
            ("run", "role"): ROLES, ("student", "kd"): KD_TERMS, ("teacher", "input_range"): TEACHER_RANGES,
-           ("teacher", "layout"): TEACHER_LAYOUTS, ("study", "executor"): EXECUTORS, ("train", "recipe"): RECIPES,
+           ("teacher", "layout"): TEACHER_LAYOUTS, ("study", "executor"): EXECUTORS, ("study", "search"): SEARCHES,
+           ("study", "race_test"): RACE_TESTS, ("train", "recipe"): RECIPES,
            ("train", "optimizer"): OPTIMIZERS}
 
 

@@ -11,3 +11,6 @@ QUESTIONS = ("q1", "q2", "q3", "q4")
 QUESTION_LOSS = {"q1": "hard", "q2": "soft", "q3": "hard+soft", "q4": "hard+softgt"}
 # where a study's runs train: in this process, or as Ray tasks (`cluster.py`)
 EXECUTORS = ("local", "ray")
+# how a study spends its seeds: every seed of every arm, or a race (`race.py`)
+SEARCHES = ("grid", "race")
+RACE_TESTS = ("friedman", "t-holm")  # the race's tests (`racetests.py`)

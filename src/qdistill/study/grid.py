@@ -28,6 +28,11 @@ class Condition:
     cfg: dict
     kd: str = "kl"
 
+    @property
+    def arm(self) -> str:
+        """The run's name without its seed: one arm of a race (`race.arm_of`)."""
+        return self.name.rsplit("-s", 1)[0]
+
 
 def _terms(q: str, st: dict) -> list[str]:
     """The teacher terms a question sweeps: ``study.kd`` for Q2 and Q3, which learn from
@@ -41,11 +46,34 @@ def expand(cfg: dict) -> list[Condition]:
     (``q3-hard+soft-dkd-T4-s0``)."""
     st = cfg["study"]
     out = []
-    for seed in st["seeds"]:
+    for seed in study_seeds(st):
         for q in (q for q in QUESTIONS if q in st["questions"]):
             for kd in _terms(q, st):
                 for T in [1.0] if q == "q1" else st["temperatures"]:
                     out.append(_condition(cfg, q, kd, float(T), seed))
+    return out
+
+
+def study_seeds(st: dict) -> list[int]:
+    """The seeds in the order they run: ``study.seeds``; for a race, ``max_seeds`` of
+    them, counting on from the largest listed where it asks for more."""
+    if st["search"] != "race" or not st["max_seeds"]:
+        return list(st["seeds"])
+    seeds = list(st["seeds"][:st["max_seeds"]])
+    nxt = max(seeds) + 1
+    while len(seeds) < st["max_seeds"]:
+        seeds.append(nxt)
+        nxt += 1
+    return seeds
+
+
+def arms_by_question(conds: list[Condition]) -> dict[str, list[str]]:
+    """Each question's arms (its runs' names without the seed), in grid order."""
+    out: dict[str, list[str]] = {}
+    for c in conds:
+        arms = out.setdefault(c.question, [])
+        if c.arm not in arms:
+            arms.append(c.arm)
     return out
 
 
@@ -99,6 +127,9 @@ def check_grid(cfg: dict, num_classes: int | None) -> list[Condition]:
             configlib.check({**copy.deepcopy(c.cfg), "study": copy.deepcopy(cfg["study"])})
         except configlib.ConfigError as e:
             raise configlib.ConfigError(f"study run {c.name}: {e}") from None
+    if cfg["study"]["search"] == "race" and all(len(a) < 2 for a in arms_by_question(conds).values()):
+        raise configlib.ConfigError("study.search = \"race\" needs a question of two arms or more (temperatures or "
+                                    "kd terms) to race; every question here has one")
     k = cfg["student"]["omit_class"]
     if num_classes is not None and k >= num_classes:
         raise configlib.ConfigError(f"student.omit_class {k} is not a class of the data (0..{num_classes - 1})")

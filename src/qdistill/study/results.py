@@ -25,7 +25,8 @@ COLUMNS = ["run", "question", "loss", "kd", "temperature", "c", "seed", "weight_
            "grad_bits", "scheme", "epochs", "val_best_acc", "test_acc_at_val_best",
            "test_acc_last", "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s", "node",
            "test_ece", "test_nll", "grad_ratio_soft_hard", "grad_ratio_soft_hard_init", "omitted_class",
-           "omitted_class_acc", "omitted_class_rank", "omitted_class_acc_bias_corrected", "status", "error"]
+           "omitted_class_acc", "omitted_class_rank", "omitted_class_acc_bias_corrected", "race_dropped_after",
+           "race_test", "race_statistic", "race_p", "status", "error"]
 # the summary's fields each row copies (empty where a run has none)
 SUMMARY_COLUMNS = ("val_best_acc", "test_acc_at_val_best", "test_acc_last", "teacher_agreement", "kl_to_teacher",
                    "wall_s", "img_per_s", "node", "test_ece", "test_nll", "grad_ratio_soft_hard",
@@ -33,13 +34,14 @@ SUMMARY_COLUMNS = ("val_best_acc", "test_acc_at_val_best", "test_acc_last", "tea
                    "omitted_class_acc_bias_corrected")
 # columns a results.csv written before they existed may lack (read as empty)
 LATER_COLUMNS = ("kd", "node", "test_ece", "test_nll", "grad_ratio_soft_hard", "grad_ratio_soft_hard_init",
-                 "omitted_class", "omitted_class_acc", "omitted_class_rank", "omitted_class_acc_bias_corrected")
+                 "omitted_class", "omitted_class_acc", "omitted_class_rank", "omitted_class_acc_bias_corrected",
+                 "race_dropped_after", "race_test", "race_statistic", "race_p")
 STATUSES = ("ok", "failed", "pending")
 _FLOATS = ("temperature", "c", "val_best_acc", "test_acc_at_val_best", "test_acc_last",
            "teacher_agreement", "kl_to_teacher", "wall_s", "img_per_s", "test_ece", "test_nll",
            "grad_ratio_soft_hard", "grad_ratio_soft_hard_init", "omitted_class_acc", "omitted_class_rank",
-           "omitted_class_acc_bias_corrected")
-_INTS = ("seed", "weight_bits", "act_bits", "grad_bits", "epochs", "omitted_class")
+           "omitted_class_acc_bias_corrected", "race_statistic", "race_p")
+_INTS = ("seed", "weight_bits", "act_bits", "grad_bits", "epochs", "omitted_class", "race_dropped_after")
 
 # ---------------------------------------------------------------- reading a study
 
@@ -103,8 +105,9 @@ def read_teacher_logits(path: Path) -> tuple[np.ndarray, list[str]] | None:
     return logits, names or [str(k) for k in range(logits.shape[1])]
 
 
-def write_results(study: StudyDir, conds) -> list[dict]:
-    """One row per condition of the grid from its run directory (ok, failed or pending),
+def write_results(study: StudyDir, conds, race=None) -> list[dict]:
+    """One row per condition of the grid (or of those a race has run) from its run
+    directory (ok, failed or pending), with the race's verdict on its arm (`race_columns`),
     written to ``STUDY/results.csv``; returns the rows."""
     rows = []
     for cond in conds:
@@ -124,6 +127,7 @@ def write_results(study: StudyDir, conds) -> list[dict]:
             row["status"], row["error"] = "failed", error
         else:
             row["status"] = "pending"
+        row.update(race_columns(race, cond.arm))
         rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -131,6 +135,19 @@ def write_results(study: StudyDir, conds) -> list[dict]:
     writer.writerows(rows)
     atomic_write_text(study.results, buf.getvalue())
     return rows
+
+
+def race_columns(race, arm: str) -> dict:
+    """A race's verdict on ``arm`` (`race.RaceState`): the seed after which it was dropped
+    (empty for a survivor), and the test, statistic and p-value that dropped it (a
+    survivor: the last test it took). All empty outside a race or before its first test."""
+    for r in (race.races.values() if race else ()):
+        if arm in r.arms:
+            info = r.dropped.get(arm) or r.last.get(arm)
+            if info:
+                return {"race_dropped_after": r.dropped[arm]["seed"] if arm in r.dropped else "",
+                        "race_test": info["test"], "race_statistic": info["statistic"], "race_p": info["p"]}
+    return {}
 
 
 # ---------------------------------------------------------------- statistics

@@ -29,8 +29,9 @@ from ..training.loop import Run, train
 from ..training.teacher import Teacher, open_teacher
 from ..training.teacher_files import Preprocess
 from . import cluster
-from .grid import Condition, check_grid, expand, group_key, teacher_config
+from .grid import Condition, arms_by_question, check_grid, expand, group_key, study_seeds, teacher_config
 from .plan import duration, estimate_lines, measure_rates
+from .race import RaceState, Rule, race_state
 from .results import write_results
 from .studydir import StudyDir
 from .worker import Unit
@@ -66,9 +67,11 @@ class Study:
     ray: object = None                   # the ray module, connected, for a study on Ray
     tasks: cluster.Tasks | None = None   # what each Ray task asks for
     clock: "Clock | None" = None         # runs done and time left (`_say_done`)
+    held: list[Condition] | None = None  # the runs results.csv holds: the grid, or those a race has run
+    race: RaceState | None = None        # a race's state (`race.py`), as the runs have it
 
-    def results(self, conds: list[Condition]) -> list[dict]:
-        return write_results(self.dir, conds)
+    def results(self) -> list[dict]:
+        return write_results(self.dir, self.held, self.race)
 
 
 def run_study(cfg: dict, study: str | Path, *, force: bool = False, progress: bool = True) -> dict:
@@ -100,15 +103,53 @@ def run_study(cfg: dict, study: str | Path, *, force: bool = False, progress: bo
 def _run_study(s: Study, force: bool) -> dict:
     s.dir.prepare(s.cfg, force)
     conds = expand(s.cfg)
-    todo = [c for c in conds if not s.dir.run(c.name).finished]
+    racing = s.cfg["study"]["search"] == "race"
+    todo = [c for c in conds if not s.dir.run(c.name).finished]  # a race's: at most these
     _say_estimate(s, todo)
     teacher = study_teacher(s)
-    s.results(conds)
+    s.held = _race_now(s, conds) if racing else conds
+    s.results()
     if todo:
         s.clock = Clock(len(todo))
-        _train_runs(s, conds, todo, teacher)
-    rows = s.results(conds)
+        _race(s, conds, teacher) if racing else _train_runs(s, conds, todo, teacher)
+    rows = s.results()
     return {"rows": rows, "failed": [r["run"] for r in rows if r["status"] != "ok"]}
+
+
+# ---------------------------------------------------------------- the race
+
+def _race_now(s: Study, conds: list[Condition]) -> list[Condition]:
+    """Replay the race on the finished runs (`race.race_state`), write ``race.json``,
+    and return the runs it has run or runs next."""
+    values: dict[str, dict[int, float]] = {}
+    for c in conds:
+        summary = s.dir.run(c.name).read_summary()
+        if summary is not None:
+            values.setdefault(c.arm, {})[c.seed] = summary["val_best_acc"]
+    s.race = race_state(arms_by_question(conds), values, study_seeds(s.cfg["study"]), Rule.of(s.cfg["study"]))
+    atomic_write_text(s.dir.race, json.dumps(s.race.to_json(), indent=1) + "\n")
+    return [c for c in conds if c.seed in s.race.seeds_of(c.arm)]
+
+
+def _race(s: Study, conds: list[Condition], teacher: Teacher) -> None:
+    """Train the race seed by seed: the unfinished runs of the earliest seed, then the
+    race replayed on them, until every question is decided. A run that fails stops the
+    race there (its pairs are missing); a rerun retries it."""
+    order = study_seeds(s.cfg["study"])
+    while True:
+        todo = [c for c in s.held if not s.dir.run(c.name).finished]
+        if not todo:
+            return
+        seed = min((c.seed for c in todo), key=order.index)
+        batch = [c for c in todo if c.seed == seed]
+        if s.progress:
+            alive = {q: len(r.alive) for q, r in s.race.races.items() if not r.decided}
+            print(f"race: seed {seed}, {', '.join(f'{q.upper()} {k} arms' for q, k in alive.items()) or 'references'}",
+                  flush=True)
+        _train_runs(s, [c for c in s.held if c.seed == seed], batch, teacher)
+        s.held = _race_now(s, conds)
+        if any(not s.dir.run(c.name).finished for c in batch):
+            return
 
 
 # ---------------------------------------------------------------- the teacher
@@ -162,7 +203,7 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
                   for members, folder in unfinished_groups(conds, s.dir)] if grouped else
                  [Unit.of(c.name, ((c.cfg, StudyDir.run_folder(c.name)),)) for c in todo])
         bundle = teacher.bundle(s.cfg["teacher"] if s.given else None, s.cfg["data"]["augment"] != "none")
-        cluster.run_units(s.ray, s.dir, units, s.data, bundle, s.tasks, on_done=lambda: s.results(conds))
+        cluster.run_units(s.ray, s.dir, units, s.data, bundle, s.tasks, on_done=s.results)
     elif grouped:
         groups = unfinished_groups(conds, s.dir)
         for i, (members, folder) in enumerate(groups):
@@ -170,7 +211,7 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
                 print(f"[group {i + 1}/{len(groups)}{s.clock.left()}] seed {members[0].seed}: {len(members)} "
                       f"students fused", flush=True)
             _train_recorded(s, members, teacher, group=folder)
-            s.results(conds)
+            s.results()
             for c in members:
                 _say_done(s, c)
     else:
@@ -179,7 +220,7 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
                 print(f"[{i + 1}/{len(todo)}{s.clock.left()}] {cond.name}", flush=True)
             s.dir.run(cond.name).clear_error()
             _train_recorded(s, [cond], teacher)
-            s.results(conds)
+            s.results()
             _say_done(s, cond)
 
 

@@ -13,6 +13,7 @@ Layout of ``STUDY/``:
 * ``runs/<question>-<loss>-T<T>-s<seed>/``  one run directory (`RunDir`) per condition
 * ``groups/s<seed>/checkpoint.pt``  a fused group's checkpoint while it trains
 * ``results.csv``          one row per run (`qdistill.study.results`)
+* ``race.json``            a race's state, replayed from the runs (`qdistill.study.race`)
 * ``report.md``, ``report.html``, ``plots/``, ``chosen/``  the report (`qdistill.report`)
 
 Folders inside the study are named by their path relative to it (``runs/NAME``,
@@ -32,7 +33,7 @@ from .grid import expand, teacher_config
 
 STUDY_CONFIG, RESULTS, TEACHER_JSON, TEACHER_TEST, LOGITS_CACHE = (
     "study.toml", "results.csv", "teacher.json", "teacher_test.npz", "teacher_logits.pt")
-REPORT_MD, REPORT_HTML, PLOTS, CHOSEN = "report.md", "report.html", "plots", "chosen"
+REPORT_MD, REPORT_HTML, PLOTS, CHOSEN, RACE = "report.md", "report.html", "plots", "chosen", "race.json"
 TEACHER, RUNS, GROUPS = "teacher", "runs", "groups"
 # How a study's runs are scheduled, not what they are: a study started one way resumes
 # another way (in this process, fused, on Ray) without --force.
@@ -75,6 +76,7 @@ class StudyDir:
     report_html = property(lambda self: self.path / REPORT_HTML)
     plots = property(lambda self: self.path / PLOTS)
     chosen = property(lambda self: self.path / CHOSEN)
+    race = property(lambda self: self.path / RACE)
 
     @property
     def teacher(self) -> RunDir:
@@ -127,7 +129,7 @@ class StudyDir:
         return True
 
     def _drop_stale(self, cfg: dict) -> None:
-        for path in (self.logits_cache, self.teacher_test, self.teacher_json, self.results):
+        for path in (self.logits_cache, self.teacher_test, self.teacher_json, self.results, self.race):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / GROUPS, ignore_errors=True)
         wanted = {c.name: configlib.run_text(c.cfg) for c in expand(cfg)}

@@ -201,8 +201,8 @@ def cmd_datasets(args) -> int:
 
 def cmd_study(args) -> int:
     from ..report.report import write_report
-    from ..study.plan import announces, measured_estimate, plan_lines
-    from ..study.run import check_plan, run_study
+    from ..study.plan import announces, measured_estimate, plan_lines, race_lines
+    from ..study.run import check_plan, pilot_values, run_study
     if args.config_file and args.config:
         raise ConfigError("give the study config either as CONFIG.toml or --config, not both")
     args.config = args.config_file or args.config
@@ -213,7 +213,8 @@ def cmd_study(args) -> int:
     _say_packing(cfg)
     if args.plan:  # what the study would refuse, refused here too
         left = check_plan(cfg, args.out, args.force)
-        print("\n".join(plan_lines(cfg) + measured_estimate(cfg, left)), flush=True)
+        race = race_lines(cfg, pilot_values(cfg, args.out)) if cfg["study"]["search"] == "race" else []
+        print("\n".join(plan_lines(cfg) + race + measured_estimate(cfg, left)), flush=True)
         return 0
     if announces(cfg, from_file=bool(args.config)):
         print("\n".join(plan_lines(cfg)), flush=True)
@@ -230,9 +231,29 @@ def cmd_report(args) -> int:
     from ..report.report import write_report
     if not StudyDir(args.study).results.is_file():
         raise RunError(f"{args.study} is not a study (no {RESULTS})")
+    if args.replay_race:
+        from ..study.replay import replay_lines
+        from ..study.results import read_results
+        print("\n".join(replay_lines(read_results(StudyDir(args.study).results), _race_rule(args), args.orders)))
+        return 0
+    if args.set or args.orders != 1:
+        raise ConfigError("--set and --orders go with --replay-race; a report reads the study as it ran")
     paths = write_report(args.study)
     print(f"report: {paths['html']}")
     return 0
+
+
+def _race_rule(args):
+    """The race's keys for ``report --replay-race``: the study's config, then ``--set``."""
+    from ..study import RACE_TESTS
+    from ..study.race import Rule
+    cfg = configlib.merge(configlib.defaults(), StudyDir(args.study).read_config(), "study.toml")
+    for item in args.set:
+        configlib.merge(cfg, configlib.parse_set(item), "--set")
+    cfg["study"]["search"] = "race"
+    configlib.check(cfg)
+    configlib.check_choice(cfg, "study", "race_test", RACE_TESTS)
+    return Rule.of(cfg["study"])
 
 
 EXPORT_FORMATS = {".qdz": "qdz", ".onnx": "onnx"}

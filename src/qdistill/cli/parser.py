@@ -201,6 +201,13 @@ def _readers(sub) -> None:
 
     r = sub.add_parser("report", help="(re)write the report of a study")
     r.add_argument("study")
+    r.add_argument("--replay-race", action="store_true", help="apply the race (study.race_test, first_test, "
+                   "max_seeds, confidence from the study's config or --set) to a finished grid study, seed by seed, "
+                   "and print what it would have decided; writes nothing")
+    r.add_argument("--orders", type=_at_least_one, default=1, metavar="N",
+                   help="with --replay-race: also replay in N random seed orders and judge the race against the grid")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --replay-race: override the study's race keys (repeatable)")
     r.set_defaults(func=commands.cmd_report)
 
     d = sub.add_parser("datasets", help="list datasets and whether the SVHN and CIFAR files are present")

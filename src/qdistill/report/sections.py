@@ -5,13 +5,13 @@ from __future__ import annotations
 from ..study.results import STATUSES, condition_key
 from ..training import CHANCE_MARGIN, near_chance
 from .formatting import ci_text, excludes_zero, mean_pm, num, pct, pts
-from . import temperature
+from . import race, temperature
 from .view import TITLES, StudyView
 
 
 def blocks(v: StudyView, images: dict, configs: dict, diff_text: dict) -> list:
     """The whole report, top to bottom."""
-    b = _header(v) + [("h", 2, "Summary"), ("ul", _summary(v))] + _teacher(v) + _results(v)
+    b = _header(v) + [("h", 2, "Summary"), ("ul", _summary(v))] + _teacher(v) + _results(v) + race.section(v.meta, v.rows)
     if v.chosen:
         b += [("h", 2, "Chosen temperature per question"), _chosen_table(v),
               ("p", "Paired difference: for each seed, the chosen condition's test accuracy minus Q1's "

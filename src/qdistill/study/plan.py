@@ -11,7 +11,7 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from ..data.registry import train_size
 from . import QUESTIONS
-from .grid import expand
+from .grid import arms_by_question, expand, study_seeds
 
 ANNOUNCE_ABOVE = 20  # a study of more runs says its plan first, even from a config file
 
@@ -32,13 +32,32 @@ def plan_lines(cfg: dict) -> list[str]:
     n = trained_images(cfg)
     teacher = "teacher.run, already trained" if cfg["teacher"]["run"] else \
         f"a {cfg['teacher']['model']} teacher of {st['teacher_epochs'] or epochs} epochs"
-    lines = [f"plan: {teacher}, then {len(conds)} student runs of {epochs} epochs "
+    race = "at most " if st["search"] == "race" else ""
+    lines = [f"plan: {teacher}, then {race}{len(conds)} student runs of {epochs} epochs "
              f"({', '.join(f'{q.upper()} {k}' for q, k in per_q.items())}; "
-             f"T in {', '.join(f'{t:g}' for t in st['temperatures'])}; seeds {', '.join(map(str, st['seeds']))})"]
+             f"T in {', '.join(f'{t:g}' for t in st['temperatures'])}; seeds {', '.join(map(str, study_seeds(st)))})"]
     if n is not None:
         lines.append(f"      each on {n:,} training images: {len(conds) * epochs * n / 1e6:,.1f} million student "
                      f"images in all")
     return lines
+
+
+def race_lines(cfg: dict, values: dict) -> list[str]:
+    """A race's plan: at most the full grid, at least every arm's first test, and the
+    runs expected from a pilot (``values``: {arm: {seed: val_best_acc}} of the finished
+    runs, `replay.expected_runs`), or that it cannot know them yet."""
+    from .race import Rule
+    from .replay import expected_runs
+    st, conds = cfg["study"], expand(cfg)
+    arms, rule, order = arms_by_question(conds), Rule.of(cfg["study"]), study_seeds(cfg["study"])
+    least = sum(len(a) for a in arms.values()) * rule.first_test
+    expected = expected_runs(arms, values, order, rule)
+    head = f"race: at most {len(conds)} student runs (the grid of {len(order)} seeds), at least {least}"
+    if expected is None:
+        return [f"{head}; how many it needs is unknown until every arm has run the first {rule.first_test} seeds "
+                f"(a pilot: this study with study.max_seeds = {rule.first_test})"]
+    return [f"{head}; about {expected:.0f} expected (the race replayed on the pilot's {rule.first_test} seeds, "
+            f"each later seed drawn from them, 200 draws)"]
 
 
 def announces(cfg: dict, from_file: bool) -> bool:

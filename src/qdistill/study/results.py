@@ -265,7 +265,7 @@ def conditions(rows, seeds=None) -> list[Condition]:
 
 def choose(rows, seeds=None) -> dict:
     """Per question (per `arm`: each teacher term apart), the condition with the highest
-    mean ``val_best_acc`` over its seeds;
+    mean ``val_best_acc`` over its seeds, among the survivors of a race;
     an exact tie goes to the lower T (then lower c). Test accuracy plays no part.
 
     Returns {question: info} with info keys: question, loss, temperature, c, n, seeds,
@@ -275,6 +275,7 @@ def choose(rows, seeds=None) -> dict:
     chosen, every = {}, conditions(rows, seeds)
     for q in arms(every):
         conds = [c for c in every if c.arm == q]
+        conds = [c for c in conds if c.rows[0]["race_dropped_after"] is None] or conds  # a race: its survivors
         best = conds[0]  # sorted by T: a strict > keeps the lower T on a tie
         for cond in conds[1:]:
             if cond.stat("val_best_acc")[0] > best.stat("val_best_acc")[0]:

@@ -121,14 +121,20 @@ def _run_study(s: Study, force: bool) -> dict:
 def _race_now(s: Study, conds: list[Condition]) -> list[Condition]:
     """Replay the race on the finished runs (`race.race_state`), write ``race.json``,
     and return the runs it has run or runs next."""
-    values: dict[str, dict[int, float]] = {}
-    for c in conds:
-        summary = s.dir.run(c.name).read_summary()
-        if summary is not None:
-            values.setdefault(c.arm, {})[c.seed] = summary["val_best_acc"]
+    values = finished_values(s.dir, conds)
     s.race = race_state(arms_by_question(conds), values, study_seeds(s.cfg["study"]), Rule.of(s.cfg["study"]))
     atomic_write_text(s.dir.race, json.dumps(s.race.to_json(), indent=1) + "\n")
     return [c for c in conds if c.seed in s.race.seeds_of(c.arm)]
+
+
+def finished_values(study: StudyDir, conds: list[Condition]) -> dict[str, dict[int, float]]:
+    """{arm: {seed: val_best_acc}} of the finished runs of ``conds``: what a race reads."""
+    values: dict[str, dict[int, float]] = {}
+    for c in conds:
+        summary = study.run(c.name).read_summary()
+        if summary is not None:
+            values.setdefault(c.arm, {})[c.seed] = summary["val_best_acc"]
+    return values
 
 
 def _race(s: Study, conds: list[Condition], teacher: Teacher) -> None:
@@ -303,6 +309,14 @@ def check_plan(cfg: dict, out: str | Path | None, force: bool = False) -> tuple[
         return not cfg["teacher"]["run"], len(conds)
     return (not cfg["teacher"]["run"] and not study.teacher.finished,
             sum(not study.run(c.name).finished for c in conds))
+
+
+def pilot_values(cfg: dict, out: str | Path | None) -> dict[str, dict[int, float]]:
+    """What ``--plan`` knows of a race's pilot: the finished runs of the folder ``out``
+    (none without one, or where it holds another config)."""
+    if out is None or StudyDir(out).holds_another(cfg, force=True):
+        return {}
+    return finished_values(StudyDir(out), expand(cfg))
 
 
 def on_ray(cfg: dict) -> bool:

@@ -140,3 +140,15 @@ def test_a_race_replays_identically_from_any_prefix_of_its_runs():
         part = race("q3", arms, seen, order, rule)
         assert part.tests == final.tests[:len(part.tests)]
         assert all(final.dropped[a] == d for a, d in part.dropped.items())
+
+
+def test_choose_picks_among_a_races_survivors_only():
+    from qdistill.study.results import choose
+    rows = []
+    for T, vals, dropped in ((1.0, [0.99, 0.99], 1), (4.0, [0.90, 0.91], None), (8.0, [0.92, 0.90], None)):
+        for seed, v in enumerate(vals):
+            rows.append({"run": f"q2-soft-T{T:g}-s{seed}", "question": "q2", "loss": "soft", "kd": "kl",
+                         "temperature": T, "c": None, "seed": seed, "val_best_acc": v, "test_acc_at_val_best": v,
+                         "status": "ok", "race_dropped_after": dropped})
+    assert choose(rows)["q2"]["temperature"] == 8.0  # T = 1 has the higher mean but was dropped
+    assert choose([{**r, "race_dropped_after": None} for r in rows])["q2"]["temperature"] == 1.0

@@ -146,3 +146,34 @@ def test_plan_says_the_worst_case_and_the_expected_runs_after_a_pilot(race_cfg, 
     out = capsys.readouterr().out
     expected = float(out.split("; about ")[1].split(" expected")[0])
     assert 35 <= expected <= 56 - 2 * 3  # T = 1 goes at the pilot's own test in every draw
+
+
+def test_replay_race_on_a_finished_grid(race_cfg, monkeypatch, tmp_path, capsys):
+    cfg, teacher = race_cfg
+    grid = tmp_path / "grid.toml"
+    grid.write_text(CONFIG.replace('search = "race"', 'search = "grid"').replace("seeds = [0, 1]",
+                                                                                 "seeds = [0, 1, 2, 3, 4, 5, 6, 7]"))
+    calls: list[str] = []
+    assert run_race(monkeypatch, grid, teacher, tmp_path / "G", calls) == 0 and len(calls) == 56
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "G"), "--replay-race", "--orders", "5"]) == 0
+    out = capsys.readouterr().out
+    # as the race above: T = 1 goes after 5 seeds in both questions; 50 of 56 runs
+    assert "Q2: T = 4 and T = 8 remain after 8 seeds; no test separates them at 95%." in out
+    assert "50 of the grid's 56 student runs (11% saved)" in out
+    # T = 1 is last at every seed, so it goes at the first test in every order; T = 8 - T = 4 is the wobble
+    # (4 seeds each way: no 6, 7 or 8 of them reject), so every order decides alike
+    assert "in 5 random seed orders: 11% of the runs saved on average" in out
+    assert "  Q2 | T = 8 | 5/5 | 0/5 | 0/5 | 8.0" in out and "  Q3 | T = 8 | 5/5 | 0/5 | 0/5 | 8.0" in out
+    assert cli.main(["report", str(tmp_path / "G"), "--replay-race", "--set", "study.first_test=9"]) == 2
+    assert "study.max_seeds 8 is below study.first_test 9" in capsys.readouterr().err
+    assert not (tmp_path / "G" / "race.json").exists()  # the replay writes nothing
+
+
+def test_replay_race_needs_a_finished_grid(race_cfg, monkeypatch, tmp_path, capsys):
+    cfg, teacher = race_cfg
+    assert run_race(monkeypatch, cfg, teacher, tmp_path / "S", []) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "S"), "--replay-race"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "qdistill: error: the replay needs a finished grid: q2-soft-T1 has no ok run at seed 5"

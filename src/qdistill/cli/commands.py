@@ -247,7 +247,8 @@ def _race_rule(args):
     """The race's keys for ``report --replay-race``: the study's config, then ``--set``."""
     from ..study import RACE_TESTS
     from ..study.race import Rule
-    cfg = configlib.merge(configlib.defaults(), StudyDir(args.study).read_config(), "study.toml")
+    study = StudyDir(args.study)
+    cfg = configlib.merge(configlib.defaults(), study.read_config(), str(study.config_file))
     for item in args.set:
         configlib.merge(cfg, configlib.parse_set(item), "--set")
     cfg["study"]["search"] = "race"

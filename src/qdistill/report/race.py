@@ -20,7 +20,7 @@ def section(meta: dict, rows: list) -> list:
     study: one whose config does not say ``search = "race"``)."""
     if meta.get("study", {}).get("search") != "race":
         return []
-    cfg = configlib.merge(configlib.defaults(), meta, "study.toml")
+    cfg = configlib.merge(configlib.defaults(), meta, "the study's config")
     arms, values, _ = grid_values(rows)
     st = race_state(arms, values, study_seeds(cfg["study"]), Rule.of(cfg["study"]))
     rule = st.rule

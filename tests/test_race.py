@@ -152,3 +152,12 @@ def test_choose_picks_among_a_races_survivors_only():
                          "status": "ok", "race_dropped_after": dropped})
     assert choose(rows)["q2"]["temperature"] == 8.0  # T = 1 has the higher mean but was dropped
     assert choose([{**r, "race_dropped_after": None} for r in rows])["q2"]["temperature"] == 1.0
+
+
+def test_t_holm_race_records_the_best_arms_untestable_statistic_as_null():
+    rule = Rule("t-holm", first_test=3, max_seeds=3, confidence=0.95)
+    values = {"T1": {0: 0.80, 1: 0.82, 2: 0.81}, "T4": {0: 0.95, 1: 0.96, 2: 0.94}}
+    r = race("q2", ["T1", "T4"], values, [0, 1, 2], rule)
+    assert r.last["T4"] == {"test": "t-holm", "statistic": None, "p": 1.0}  # the best against itself
+    t, p = paired_t(np.array([0.95, 0.96, 0.94]), np.array([0.80, 0.82, 0.81]))
+    assert r.last["T1"]["statistic"] == pytest.approx(t) and r.last["T1"]["p"] == pytest.approx(min(1.0, 2 * p))

@@ -16,6 +16,7 @@ finished grid study (`replay.py`) applies the same function to its ``results.csv
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -81,10 +82,11 @@ def race(question: str, arms: list[str], values: dict[str, dict[int, float]], or
         if i + 1 >= rule.first_test:
             x = np.array([[values[a][s] for a in alive] for s in r.seeds])
             v = race_test(x, rule.test, alpha)
+            stat = [None if math.isnan(q) else q for q in v.statistic]  # nan (no test possible) as JSON's null
             for j, a in enumerate(alive):
-                r.last[a] = {"test": v.test, "statistic": v.statistic[j], "p": v.p[j]}
+                r.last[a] = {"test": v.test, "statistic": stat[j], "p": v.p[j]}
             r.tests.append({"seed": seed, "n": i + 1, "test": v.test, "alive": alive,
-                            "statistic": v.statistic, "p": v.p, "dropped": [alive[j] for j in v.drop]})
+                            "statistic": stat, "p": v.p, "dropped": [alive[j] for j in v.drop]})
             for j in v.drop:
                 r.dropped[alive[j]] = {"seed": seed, "n": i + 1, **r.last[alive[j]]}
     return r

@@ -164,7 +164,7 @@ def test_replay_race_on_a_finished_grid(race_cfg, monkeypatch, tmp_path, capsys)
     # T = 1 is last at every seed, so it goes at the first test in every order; T = 8 - T = 4 is the wobble
     # (4 seeds each way: no 6, 7 or 8 of them reject), so every order decides alike
     assert "in 5 random seed orders: 11% of the runs saved on average" in out
-    assert "  Q2 | T = 8 | 5/5 | 0/5 | 0/5 | 8.0" in out and "  Q3 | T = 8 | 5/5 | 0/5 | 0/5 | 8.0" in out
+    assert "  Q2 | T = 8 | 1 of 2 | 5/5 | 0/5 | 0/5 | 8.0" in out and "  Q3 | T = 8 | 1 of 2 | 5/5 | 0/5 | 0/5 | 8.0" in out
     assert cli.main(["report", str(tmp_path / "G"), "--replay-race", "--set", "study.first_test=9"]) == 2
     assert "study.max_seeds 8 is below study.first_test 9" in capsys.readouterr().err
     assert not (tmp_path / "G" / "race.json").exists()  # the replay writes nothing

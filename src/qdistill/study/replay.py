@@ -94,7 +94,8 @@ def judge(arms: dict, values: dict, seeds: list[int], rule: Rule, orders: list[l
             o["drops_unseparated"] += any(a not in below for a in r.dropped)  # the choice itself too
             o["seeds"] += len(r.seeds) / len(orders)
     return {"orders": len(orders), "saved": float(np.mean(saved)), "questions": out,
-            "choice": {q: v[0] for q, v in verdicts.items()}}
+            "choice": {q: v[0] for q, v in verdicts.items()},
+            "separated": {q: f"{len(v[1])} of {len(arms[q]) - 1}" for q, v in verdicts.items()}}
 
 
 def expected_runs(arms: dict, values: dict, order: list[int], rule: Rule, draws: int = 200,
@@ -140,9 +141,9 @@ def replay_lines(rows, rule: Rule, n_orders: int = 1, rng_seed: int = 0) -> list
 def _judgement_lines(j: dict) -> list[str]:
     n = j["orders"]
     lines = [f"in {n} random seed orders: {100 * j['saved']:.0f}% of the runs saved on average",
-             "  question | grid's choice | survivors hold it | keep an arm the grid separates | "
-             "drop an arm the grid does not | mean seeds"]
+             "  question | grid's choice | arms the grid separates from it | survivors hold it | "
+             "keep an arm the grid separates | drop an arm the grid does not | mean seeds"]
     for q, o in j["questions"].items():
-        lines.append(f"  {q.upper()} | {label(j['choice'][q])} | {o['holds_choice']}/{n} | {o['keeps_below']}/{n} | "
-                     f"{o['drops_unseparated']}/{n} | {o['seeds']:.1f}")
+        lines.append(f"  {q.upper()} | {label(j['choice'][q])} | {j['separated'][q]} | {o['holds_choice']}/{n} | "
+                     f"{o['keeps_below']}/{n} | {o['drops_unseparated']}/{n} | {o['seeds']:.1f}")
     return lines

@@ -57,4 +57,4 @@ def _table(st: RaceState, values: dict) -> tuple:
             rows.append([q.upper(), label(a)] + cells +
                          ["survives" if not drop else f"after seed {drop['seed']}",
                           f"{info['p']:.3g}" if info else "–"])
-    return ("table", ["question", "arm"] + [f"s{s}" for s in st.order] + ["dropped", "p"], rows)
+    return ("table", ["question", "arm"] + [f"s{s}" for s in st.order] + ["dropped", "p (the drop, or the last test)"], rows)

@@ -177,3 +177,38 @@ def test_replay_race_needs_a_finished_grid(race_cfg, monkeypatch, tmp_path, caps
     assert cli.main(["report", str(tmp_path / "S"), "--replay-race"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "qdistill: error: the replay needs a finished grid: q2-soft-T1 has no ok run at seed 5"
+
+
+def test_on_ray_each_seeds_surviving_arms_go_out_together(race_cfg, monkeypatch, tmp_path):
+    """With ``--workers 2`` the driver hands Ray one batch per seed: every surviving arm's
+    run of that seed at once (`cluster.run_units` runs a batch's units side by side,
+    tests/test_ray.py). Ray itself is replaced here by a stand-in that writes the
+    scripted summaries, so only the driver's scheduling is under test."""
+    from contextlib import contextmanager
+    from qdistill.study import cluster
+    cfg, teacher = race_cfg
+    batches: list[list[str]] = []
+
+    @contextmanager
+    def session(address, num_cpus=None):
+        yield object()
+
+    def run_units(ray, study, units, data, bundle, tasks, on_done=lambda: None):
+        batches.append([u.label for u in units])
+        for u in units:
+            for _, folder in u.runs:
+                run = study.folder(folder)
+                run.path.mkdir(parents=True, exist_ok=True)
+                run.write_summary({"val_best_acc": accuracy(run.name), "test_acc_at_val_best": 0.5, "wall_s": 0.0})
+            on_done()
+
+    monkeypatch.setattr(cluster, "import_ray", lambda: None)
+    monkeypatch.setattr(cluster, "session", session)
+    monkeypatch.setattr(cluster, "resources", lambda *a: (1.0, 0.0))
+    monkeypatch.setattr(cluster, "run_units", run_units)
+    assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S"), "--quiet", "--teacher", teacher,
+                     "--workers", "2"]) == 0
+    arms = ["q1-hard-T1", "q2-soft-T1", "q2-soft-T4", "q2-soft-T8", "q3-hard+soft-T1", "q3-hard+soft-T4",
+            "q3-hard+soft-T8"]
+    assert batches == [[f"{a}-s{s}" for a in arms] for s in range(5)] + \
+        [[f"{a}-s{s}" for a in arms if "-T1" not in a or a.startswith("q1")] for s in range(5, 8)]

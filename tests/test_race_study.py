@@ -73,6 +73,7 @@ def test_the_race_drops_t1_and_runs_no_more_of_it(race_cfg, monkeypatch, tmp_pat
     cfg, teacher = race_cfg
     calls: list[str] = []
     assert run_race(monkeypatch, cfg, teacher, tmp_path / "S", calls) == 0
+    assert "estimate: at most " in capsys.readouterr().out  # the full grid's time: the race may stop sooner
     study = tmp_path / "S"
     rows = read_results(study / "results.csv")
     by_run = {r["run"]: r for r in rows}

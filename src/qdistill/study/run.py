@@ -239,7 +239,10 @@ def _say_estimate(s: Study, todo: list[Condition]) -> None:
         n -= max(1, round(n * frac)) if frac > 0 else 0
         rates = measure_rates(s.cfg, threads=s.cfg["train"]["threads"] or s.cfg["study"]["cpus_per_run"],
                               device=s.device if not s.ray else "cpu")
-        print("\n".join(estimate_lines(s.cfg, n, rates, left=(teacher_left, len(todo)))[:1]), flush=True)
+        line = estimate_lines(s.cfg, n, rates, left=(teacher_left, len(todo)))[0]
+        if s.cfg["study"]["search"] == "race":  # the full grid's runs: a race trains fewer
+            line = line.replace("estimate: ", "estimate: at most ", 1)
+        print(line, flush=True)
 
 
 def _say_done(s: Study, cond: Condition) -> None:

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import fresh
 from qdistill import atomic, cli
 from qdistill.lock import locked
 from qdistill.training.rundir import RunDir, recover
@@ -50,8 +51,12 @@ def results(study):
     return [[row.split(",")[i] for i in keep] for row in lines]
 
 
-def cmd(*args):
-    return [sys.executable, "-m", "qdistill.cli", *map(str, args)]
+@pytest.fixture(scope="module", autouse=True)
+def fork_server():
+    """The commands below run in fresh processes (`fresh.Command`: as ``python -m
+    qdistill.cli``, less its 5 s of imports); their fork server ends with the module."""
+    yield
+    fresh.stop()
 
 
 def wait_for(path, timeout=60.0):
@@ -69,9 +74,8 @@ def uninterrupted(tmp_path_factory):
     out = {}
     for name, extra in (("separate", ""), ("fused", "fused = true\n")):
         root = tmp_path_factory.mktemp(name)
-        proc = subprocess.run(cmd("study", study_config(root, extra), "--out", root / "S", "--quiet"),
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+        proc = fresh.Command("study", study_config(root, extra), "--out", root / "S", "--quiet", err=root / "err")
+        assert proc.wait() == 0, proc.err()
         out[name] = results(root / "S")
     return out
 
@@ -93,15 +97,14 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_results(tmp_path, u
     for _ in range(kills):
         waiting = [m for m in marks if not m.exists()]
         mark = rng.choice(waiting[:2])  # the next epoch to finish, or the one after
-        proc = subprocess.Popen(cmd("study", cfg, "--out", study, "--quiet"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = fresh.Command("study", cfg, "--out", study, "--quiet")
         while not mark.exists() and proc.poll() is None:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         killed += proc.wait() == -signal.SIGKILL
     assert killed >= 1  # (a kill that comes after the study finished lands on nothing)
-    assert subprocess.run(cmd("study", cfg, "--out", study, "--quiet"), capture_output=True).returncode == 0
+    assert fresh.run("study", cfg, "--out", study, "--quiet") == 0
     assert results(study) == uninterrupted[variant]
     assert not list(study.rglob("*.tmp"))  # no half-written file survived
 
@@ -111,10 +114,11 @@ def test_sigterm_mid_epoch_stops_like_ctrl_c_and_resume_gives_the_same_metrics(t
             "--epochs", "3", "--loss", "hard", "--quiet"]
     assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
     run = tmp_path / "b"
-    proc = subprocess.Popen(cmd(*args, "--out", run), stderr=subprocess.PIPE, text=True)
+    proc = fresh.Command(*args, "--out", run, err=tmp_path / "err")
     wait_for(run / "metrics.jsonl")  # epoch 1 is done: epoch 2 is training
     proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=60)[1]
+    proc.wait(timeout=60)
+    err = proc.err()
     assert proc.returncode == 143, err
     assert err.strip().count("\n") == 0 and "SIGTERM" in err and "--resume" in err
     epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
@@ -149,9 +153,8 @@ def test_sigterm_that_ray_turns_into_keyboard_interrupt_exits_143(monkeypatch, c
 def test_two_studies_on_one_folder_one_trains_the_other_exits_2(tmp_path, uninterrupted):
     cfg = study_config(tmp_path)
     study = tmp_path / "S"
-    procs = [subprocess.Popen(cmd("study", cfg, "--out", study, "--quiet"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outcomes = sorted((p.wait(timeout=120), p.stderr.read()) for p in procs)
+    procs = [fresh.Command("study", cfg, "--out", study, "--quiet", err=tmp_path / f"err{i}") for i in range(2)]
+    outcomes = sorted((p.wait(timeout=120), p.err()) for p in procs)
     (ok, _), (refused, err) = outcomes
     assert (ok, refused) == (0, 2), outcomes
     assert err.strip().count("\n") == 0 and "in use by pid" in err and "Traceback" not in err

@@ -104,9 +104,21 @@ RATIOS: dict[str, float] = {}  # largest |diff| / bound seen per comparison (for
 
 # ---------------------------------------------------------------- the float64 reference
 
+_doubles: dict | None = None  # id(module) -> `double_module(module)` while a `Chunked` runs its pieces
+
+
 def double_module(m: nn.Module) -> nn.Module:
     """A float64 copy of ``m`` computing the same function on the same float32 values:
-    a quantized conv / linear becomes a plain one holding its float32 quantized weight."""
+    a quantized conv / linear becomes a plain one holding its float32 quantized weight.
+    (Made once per module for all the pieces of a `Chunked`; a `Ref` only reads it.)"""
+    if _doubles is not None:
+        if id(m) not in _doubles:
+            _doubles[id(m)] = _double_module(m)
+        return _doubles[id(m)]
+    return _double_module(m)
+
+
+def _double_module(m: nn.Module) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         w = m.quantized_weight() if isinstance(m, QuantConv2d) else m.weight
         out = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
@@ -181,18 +193,19 @@ class Ref:
             s.k32 += self._cost(kind, op, n)
             s.k64 += n if k64 is None else k64
 
-    def _close(self):
+    def _close(self, goes_on: bool = True):
         """``p + g32 |a| + 2 g64 (|a| + cut)``, written ``(g32 + 2 g64) |a| + 2 g64 cut + p`` to
         make one full-size temporary instead of five (the suite's hottest loop); ``cut`` is 1
-        but before an LSQ quantizer (see the module docstring)."""
-        x_abs = self.x.abs()
+        but before an LSQ quantizer (see the module docstring). ``goes_on``: a next segment
+        starts here and needs ``|a| = |x| + p`` (at a quantizer none does: only ``p`` is read)."""
+        x_abs = self.x.abs() if goes_on else None
         for s in self.segs.values():
             g64 = 2 * float(gamma(s.k64 + 4, U64))
             e = s.a * (float(gamma(s.k32)) + g64)
             e.add_(g64 * self._cut)
             if s.p is not None:
                 e.add_(s.p)
-            s.p, s.a, s.k32, s.k64 = e, x_abs + e, 0, 0
+            s.p, s.a, s.k32, s.k64 = e, x_abs + e if goes_on else None, 0, 0
 
     def _monotone(self, f):
         """A nondecreasing ``f`` (ReLU, clip): an implementation's ``f(x')`` with ``|x' - x| <= e``
@@ -203,6 +216,13 @@ class Ref:
             s.p = torch.maximum(f(self.x + s.p) - y, y - f(self.x - s.p))
             s.a = y.abs() + s.p
         self.x = y
+
+    def _abs_is_x(self) -> bool:
+        """Every error model's ``a`` is one tensor equal to ``|x| = x`` and none carries an
+        input bound yet (a segment's start from non-negative values)."""
+        segs = list(self.segs.values())
+        return (all(s.p is None and s.a is segs[0].a for s in segs)
+                and torch.equal(segs[0].a, self.x))
 
     def _linear(self, f, absf, n: int, op: str):
         """``x -> f(x)``, bounds through ``absf`` (``f`` with absolute coefficients)."""
@@ -246,8 +266,17 @@ class Ref:
             conv = lambda t, wt, bias: F.conv2d(t, wt, bias, d.stride, d.padding, d.dilation, d.groups)
             babs = None if b is None else b.detach().abs()
             n = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] + (b is not None)
-            self._linear(lambda t: conv(t, w, None if b is None else b.detach()),
-                         lambda t, mag: conv(t, w.abs(), babs if mag else None), n, "conv")
+            if d.groups == 1 and self._abs_is_x():
+                # |x| = x (levels, images): the value and its magnitude in one convolution with
+                # the weights stacked [W; |W|] (one im2col of x; the same sums)
+                both = conv(self.x, torch.cat([w, w.abs()]), None if b is None else torch.cat([b.detach(), babs]))
+                self.x, a = both[:, :m.out_channels], both[:, m.out_channels:]
+                for s in self.segs.values():
+                    s.a = a
+                self._add("conv", n)
+            else:
+                self._linear(lambda t: conv(t, w, None if b is None else b.detach()),
+                             lambda t, mag: conv(t, w.abs(), babs if mag else None), n, "conv")
         elif isinstance(m, nn.Linear):
             d = double_module(m)
             w, b = d.weight.detach(), None if d.bias is None else d.bias.detach()
@@ -318,10 +347,10 @@ class Ref:
         self._add("quant", k64=1)
         if s is not None:
             self._cut = max(1.0, self.m * abs(s))
-        self._close()
-        self._cut, self.u, self.lsq_step = 1.0, self.x, s
-        self.x = (torch.round(torch.clamp(self.x, 0, 1) * self.m) / self.m if s is None
-                  else torch.round(torch.clamp(self.x / s, 0, self.m)) * s)
+        self._close(goes_on=False)
+        # After a quantizer only `levels` and `near` are read (from ``u``; `_apply` takes
+        # nothing but max-pools, which `_spread` applies): no value ``x`` past it.
+        self._cut, self.u, self.lsq_step, self.x = 1.0, self.x, s, None
 
     def _level_units(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (the quantizer's input, or a bound on it) in levels."""
@@ -370,11 +399,52 @@ class Ref:
         return nhwc(near)
 
 
-def block_ref(model, first: int, last: int, images, inputs, kinds, resize: int | None = None) -> Ref:
-    """A `Ref` of the conv block ``model[first:last + 1]`` from PyTorch's float32 input to
-    it (levels, or the images for a first conv); the block right after a resize (module
-    ``resize``) starts from the images through the float64 resize instead, so an
-    implementation's own resize is bounded, not PyTorch's."""
+CHUNK = 32  # images per piece of a `Chunked` reference
+
+
+class Chunked:
+    """A `Ref` run on ``x`` in pieces of ``chunk`` images, with the same values: every op of
+    a Ref acts on each image alone (convolutions, BatchNorm in eval, pools, the resize, the
+    bound's elementwise arithmetic), so a piece's results are those rows of the whole
+    one's, bit for bit. On pieces the float64 temporaries stay in the CPU's cache: over
+    768 vgg7 images, 2.3x faster than one Ref here. ``e_in``: None or one bound per value."""
+
+    def __init__(self, x, *, kinds=("f32",), e_in=None, levels_in: bool = False, chunk: int = CHUNK):
+        x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+        self.parts = [Ref(x[i:i + chunk], kinds=kinds, e_in=None if e_in is None else e_in[i:i + chunk],
+                          levels_in=levels_in) for i in range(0, len(x), chunk)]
+
+    def run(self, modules) -> "Chunked":
+        global _doubles
+        modules, _doubles = list(modules), {}
+        try:
+            for part in self.parts:
+                part.run(modules)
+        finally:
+            _doubles = None
+        return self
+
+    def cast32(self, kind: str) -> "Chunked":
+        for part in self.parts:
+            part.cast32(kind)
+        return self
+
+    def value(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        values, bounds = zip(*(part.value(kind) for part in self.parts))
+        return torch.cat(values), torch.cat(bounds)
+
+    def levels(self, spread: bool = True) -> np.ndarray:
+        return np.concatenate([part.levels(spread) for part in self.parts])
+
+    def near(self, kinds, spread: bool = True) -> np.ndarray:
+        return np.concatenate([part.near(kinds, spread) for part in self.parts])
+
+
+def block_ref(model, first: int, last: int, images, inputs, kinds, resize: int | None = None) -> Chunked:
+    """A reference (`Ref`, run in pieces: `Chunked`) of the conv block ``model[first:last + 1]``
+    from PyTorch's float32 input to it (levels, or the images for a first conv); the block
+    right after a resize (module ``resize``) starts from the images through the float64
+    resize instead, so an implementation's own resize is bounded, not PyTorch's."""
     if resize is not None and resize + 1 == first:
-        return Ref(images, kinds=kinds).run(model[resize:last + 1])
-    return Ref(inputs[first], kinds=kinds, levels_in=first != 0).run(model[first:last + 1])
+        return Chunked(images, kinds=kinds).run(model[resize:last + 1])
+    return Chunked(inputs[first], kinds=kinds, levels_in=first != 0).run(model[first:last + 1])

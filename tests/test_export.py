@@ -19,7 +19,7 @@ from qdistill.nn.layers import QuantAct, QuantConv2d
 from qdistill.nn.models import build
 from qdistill.training.checkpoint import save as atomic_torch_save
 
-from bounds import U32, U64, Ref, block_ref, gamma, nhwc, within
+from bounds import U32, U64, Chunked, block_ref, gamma, nhwc, within
 from qdz_students import CLASSES, CONFIGS, act_before, eval_images, levels, student, torch_trace
 
 
@@ -113,7 +113,7 @@ def _check_engine_against_torch(cfg, tmp_path) -> tuple[int, int]:
         if getattr(stage, "out_pad", None) is not None:
             out = kernels.unpack(out, stage.cout, stage.out_pad)
         levels_in = spec["op"] == "conv_packed" or (spec["op"] == "avgpool" and spec.get("in_bits") is not None)
-        ref = Ref(ref_in, kinds=("engine", "f32"), levels_in=levels_in)
+        ref = Chunked(ref_in, kinds=("engine", "f32"), levels_in=levels_in)
         if _is_levels(spec):
             # Engine margin (bounds.Ref "engine"): its accumulator is exact, so its
             # pre-activation is off the float64 reference only by the float32 operands
@@ -166,7 +166,7 @@ def _check_engine_against_torch(cfg, tmp_path) -> tuple[int, int]:
     # plus the linear's gamma_(n+1); PyTorch's: any float32 order, gamma_n per layer.
     k_tail = max(quantized) + 1
     tail = layers[k_tail]["modules"][0]
-    ref = Ref(inputs[tail][ok], kinds=("engine", "f32"), levels_in=True)
+    ref = Chunked(inputs[tail][ok], kinds=("engine", "f32"), levels_in=True)
     ref.run(model[tail:layers[k_tail]["modules"][1] + 1])
     if layers[k_tail]["op"] == "conv_packed":
         ref.cast32("engine")

@@ -58,9 +58,12 @@ def ray_here(**env):
     only, the variables ``env`` set; afterwards they are as before, ``~/.ray`` is as it
     was and no process of it is left. The folder sits right under the system's temp
     folder: Ray's socket paths inside it must stay under 108 bytes, which pytest's own
-    temp folders (per xdist worker) can exceed."""
+    temp folders (per xdist worker) can exceed. Ray's workers run at the priority of the
+    rest of the suite (Ray's default, nice 15, left them a few percent of a core beside
+    the other xdist worker on a busy machine: a task's epochs then took minutes)."""
     tmp = Path(tempfile.mkdtemp(prefix="qd-ray-"))
-    env = {"RAY_TMPDIR": str(tmp), "TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", **env}
+    env = {"RAY_TMPDIR": str(tmp), "TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",
+           **env}
     home_ray = Path.home() / ".ray"
     had_home_ray = home_ray.exists()
     with pytest.MonkeyPatch.context() as mp:
@@ -147,29 +150,60 @@ def _two_studies(s: Path, tmp_path: Path, marker: Path, capsys):
     return first, out, snapshot, second
 
 
-def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, tmp_path, monkeypatch, capsys):
-    """--workers 2, where one run's worker dies and retries = 0: that run is recorded as
-    failed and the other goes on. Rerun on Ray with retries, where the resumed run's
-    worker dies again: it is retried and resumes from the last epoch that came back.
-    Then every run's metrics (the teacher's, a Ray task too) equal the in-process study's."""
-    s = tmp_path / "S"
-    # dies once the driver has taken its 2nd epoch: the 1st is written, the 2nd may be
-    marker = tmp_path / "exited"
-    monkeypatch.setattr(cluster, "run_unit", exits_after("q2-soft-T4-s0", 2, marker))
-    # One local instance for both studies (a study uses a connection its caller made),
-    # started as the CLI starts one. ray.init installs its own SIGTERM handler (a bare
-    # exit, no line, code 15); the session puts the caller's back, so a Ray study stops
-    # with the CLI's line and code 143 (`tests/test_faults.py::
-    # test_sigterm_that_ray_turns_into_keyboard_interrupt_exits_143`).
+@pytest.fixture(scope="class")
+def local_instance(ray_env):
+    """The instance, started by `cluster.session` as the CLI starts it; yields whether
+    the caller's SIGTERM handler was still in place once it had started. ray.init
+    installs its own (a bare exit, no line, code 15); the session puts the caller's
+    back, so a Ray study stops with the CLI's line and code 143 (`tests/test_faults.py::
+    test_sigterm_that_ray_turns_into_keyboard_interrupt_exits_143`)."""
     def mine(signum, frame):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         with cluster.session("", num_cpus=2):
-            assert signal.getsignal(signal.SIGTERM) is mine
-            first, out, snapshot, second = _two_studies(s, tmp_path, marker, capsys)
+            kept = signal.getsignal(signal.SIGTERM) is mine
+            signal.signal(signal.SIGTERM, previous)
+            yield kept
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class TestOnOneLocalInstance:
+    """The studies of these tests run on one local instance (a study uses a connection its
+    caller made), started as the CLI starts one, and stopped after the last of them."""
+
+    def test_a_local_ray_instance_gives_the_in_process_metrics(self, local_instance, in_process, tmp_path,
+                                                               monkeypatch, capsys):
+        """--workers 2, where one run's worker dies and retries = 0: that run is recorded as
+        failed and the other goes on. Rerun on Ray with retries, where the resumed run's
+        worker dies again: it is retried and resumes from the last epoch that came back.
+        Then every run's metrics (the teacher's, a Ray task too) equal the in-process study's."""
+        s = tmp_path / "S"
+        # dies once the driver has taken its 2nd epoch: the 1st is written, the 2nd may be
+        marker = tmp_path / "exited"
+        monkeypatch.setattr(cluster, "run_unit", exits_after("q2-soft-T4-s0", 2, marker))
+        assert local_instance  # the caller's SIGTERM handler stayed (the class's fixture)
+        first, out, snapshot, second = _two_studies(s, tmp_path, marker, capsys)
+        _check_two_studies(s, first, out, snapshot, second, in_process)
+
+    def test_a_model_file_trains_on_ray_workers_that_never_saw_it(self, local_instance, tmp_path):
+        """The driver reads the model file once (the config check keeps its text); the file
+        is then deleted, so the workers (fresh processes) can only build the model from the
+        text the task carries. The teacher and the run finish."""
+        net = tmp_path / "own.py"
+        net.write_text(OWN_NET)
+        cfg = resolve(config(tmp_path, f'[student]\nmodel = "{net}:net"\n[teacher]\nmodel = "{net}:net"\n'),
+                      sets=["train.epochs=1", 'study.questions=["q1"]'])
+        cfg["study"]["executor"] = "ray"
+        net.unlink()
+        with cluster.session("", num_cpus=2):  # the class's instance, as a caller's connection
+            result = run_study(cfg, tmp_path / "S", progress=False)
+        assert not result["failed"], result
+        assert RunDir(tmp_path / "S" / "runs" / "q1-hard-T1-s0").finished
+
+
+def _check_two_studies(s: Path, first, out, snapshot, second, in_process: Path):
     assert first == 1 and not second["failed"]
     assert snapshot["error"].startswith("WorkerCrashedError") and snapshot["rows"] in (1, 2)
     status = {line.split(",")[0]: line for line in snapshot["results"].splitlines()[1:]}
@@ -186,40 +220,88 @@ def test_a_local_ray_instance_gives_the_in_process_metrics(ray_env, in_process, 
     assert metrics(s) == metrics(in_process)
 
 
-def test_a_cluster_that_loses_a_node_mid_run_completes_with_the_same_metrics(ray_env, in_process, tmp_path):
+@pytest.fixture(scope="class")
+def loopback_cluster(ray_env):
+    """A head without CPUs, listening on 127.0.0.1 only."""
     from ray.cluster_utils import Cluster
-    head = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    c = Cluster(initialize_head=True, head_node_args=head)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                      "include_dashboard": False})
     try:
-        nodes = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
-        ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
-        s, codes = tmp_path / "S", []
-        cfg = resolve(config(tmp_path), {"teacher": {"run": str(in_process / "teacher")},
-                                         "study": {"executor": "ray", "ray_address": c.address}})
-        driver = threading.Thread(target=lambda: codes.append(len(run_study(cfg, s, progress=False)["failed"])))
-        driver.start()
-        victim = None
-        deadline = time.monotonic() + 60
-        while victim is None and driver.is_alive() and time.monotonic() < deadline:
-            for name in RUNS:  # a run with an epoch back at the driver and more to go
-                rows = RunDir(s / "runs" / name).read_metrics() if (s / "runs" / name).is_dir() else []
-                if 1 <= len(rows) < 4 and RunDir(s / "runs" / name).read_summary() is None:
-                    victim = name, rows[-1]["node"], len(rows)
-                    break
-            time.sleep(0.01)
-        assert victim, "no run was caught mid-way"
-        name, node, done = victim
-        c.remove_node(next(n for n in nodes if node.endswith(n.node_id[:8])))
-        driver.join(120)
-        assert codes == [0]
-        rows = RunDir(s / "runs" / name).read_metrics()
-        moved = [r["epoch"] for r in rows if r["node"] != node]
-        assert moved and moved[0] > done and moved == list(range(moved[0], 5)), rows  # resumed, not restarted
-        assert RunDir(s / "runs" / name).read_summary()["attempts"][1]["from_epoch"] >= done
-        assert metrics(s, teacher=False) == metrics(in_process, teacher=False)
+        yield c
     finally:
-        ray.shutdown()
         c.shutdown()
+
+
+class TestOnOneLoopbackCluster:
+    """A simulated cluster on the loopback address, its head started once for these tests
+    (each adds what it needs) and stopped after the last of them."""
+
+    def test_a_head_on_loopback_that_ray_dials_elsewhere_is_one_line_and_a_hung_join_is_bounded(
+            self, loopback_cluster, tmp_path, capfd, monkeypatch):
+        """Issue 30, item 2. A head listening on 127.0.0.1 only answers the probe, but Ray
+        dials a loopback address as the machine's own, where nothing listens, and retries for
+        ever. On loopback only: this driver's "own address" is 127.0.0.2. Then a join that
+        hangs for another reason is bounded (`cluster.JOIN_S`, shortened here)."""
+        from ray._private import services
+        c = loopback_cluster
+        port = c.address.rsplit(":", 1)[1]
+        with monkeypatch.context() as mp:
+            mp.setattr(services, "get_node_ip_address", lambda *a, **k: "127.0.0.2")
+            t0 = time.monotonic()
+            code = cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), "--ray", c.address])
+            elapsed = time.monotonic() - t0
+        out, err = capfd.readouterr()
+        assert code == 2 and out == "" and err == (
+            f"qdistill: error: the Ray cluster at {c.address} answers, but Ray dials a loopback address as this "
+            f"machine's own, 127.0.0.2:{port}, where nothing answers (Connection refused): its nodes were likely "
+            f"started with --node-ip-address=127.0.0.1; start them on this machine's address\n")
+        assert elapsed < 10 and not (tmp_path / "S").exists()
+        release = threading.Event()
+        monkeypatch.setattr(cluster, "JOIN_S", 0.5)
+        monkeypatch.setattr(ray, "init", lambda **kw: release.wait(20))
+        try:
+            code = cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), "--ray", c.address])
+        finally:
+            release.set()
+        out, err = capfd.readouterr()
+        assert code == 2 and out == "" and err == (
+            f"qdistill: error: Ray did not join the cluster at {c.address} within 0.5 s: the address it dials is "
+            f"likely not one its head listens on (a head started with --node-ip-address=127.0.0.1 listens on "
+            f"loopback only); set {cluster.LOGS}=1 to see Ray's own lines\n")
+        assert not (tmp_path / "S").exists()
+
+    def test_a_cluster_that_loses_a_node_mid_run_completes_with_the_same_metrics(self, loopback_cluster, in_process,
+                                                                                  tmp_path):
+        c = loopback_cluster
+        try:
+            nodes = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+            ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
+            s, codes = tmp_path / "S", []
+            cfg = resolve(config(tmp_path), {"teacher": {"run": str(in_process / "teacher")},
+                                             "study": {"executor": "ray", "ray_address": c.address}})
+            driver = threading.Thread(target=lambda: codes.append(len(run_study(cfg, s, progress=False)["failed"])))
+            driver.start()
+            victim = None
+            deadline = time.monotonic() + 60
+            while victim is None and driver.is_alive() and time.monotonic() < deadline:
+                for name in RUNS:  # a run with an epoch back at the driver and more to go
+                    rows = RunDir(s / "runs" / name).read_metrics() if (s / "runs" / name).is_dir() else []
+                    if 1 <= len(rows) < 4 and RunDir(s / "runs" / name).read_summary() is None:
+                        victim = name, rows[-1]["node"], len(rows)
+                        break
+                time.sleep(0.01)
+            assert victim, "no run was caught mid-way"
+            name, node, done = victim
+            c.remove_node(next(n for n in nodes if node.endswith(n.node_id[:8])))
+            driver.join(120)
+            assert codes == [0]
+            rows = RunDir(s / "runs" / name).read_metrics()
+            moved = [r["epoch"] for r in rows if r["node"] != node]
+            assert moved and moved[0] > done and moved == list(range(moved[0], 5)), rows  # resumed, not restarted
+            assert RunDir(s / "runs" / name).read_summary()["attempts"][1]["from_epoch"] >= done
+            assert metrics(s, teacher=False) == metrics(in_process, teacher=False)
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture
@@ -268,48 +350,6 @@ def test_an_address_that_leads_to_no_cluster_exits_2_with_one_line_within_10_s(
     assert elapsed < 10, elapsed
     assert bool(silent_port[1]) == (address == silent_port[0])  # the silent port was reached, and only it
     assert not (tmp_path / "S").exists()
-
-
-def test_a_head_on_loopback_that_ray_dials_elsewhere_is_one_line_and_a_hung_join_is_bounded(
-        ray_env, tmp_path, capfd, monkeypatch):
-    """Issue 30, item 2. A head listening on 127.0.0.1 only answers the probe, but Ray
-    dials a loopback address as the machine's own, where nothing listens, and retries for
-    ever. On loopback only: this driver's "own address" is 127.0.0.2. Then a join that
-    hangs for another reason is bounded (`cluster.JOIN_S`, shortened here)."""
-    from ray._private import services
-    from ray.cluster_utils import Cluster
-
-    from qdistill.study import cluster
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                      "include_dashboard": False})
-    try:
-        port = c.address.rsplit(":", 1)[1]
-        with monkeypatch.context() as mp:
-            mp.setattr(services, "get_node_ip_address", lambda *a, **k: "127.0.0.2")
-            t0 = time.monotonic()
-            code = cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), "--ray", c.address])
-            elapsed = time.monotonic() - t0
-        out, err = capfd.readouterr()
-        assert code == 2 and out == "" and err == (
-            f"qdistill: error: the Ray cluster at {c.address} answers, but Ray dials a loopback address as this "
-            f"machine's own, 127.0.0.2:{port}, where nothing answers (Connection refused): its nodes were likely "
-            f"started with --node-ip-address=127.0.0.1; start them on this machine's address\n")
-        assert elapsed < 10 and not (tmp_path / "S").exists()
-        release = threading.Event()
-        monkeypatch.setattr(cluster, "JOIN_S", 0.5)
-        monkeypatch.setattr(ray, "init", lambda **kw: release.wait(20))
-        try:
-            code = cli.main(["study", str(config(tmp_path)), "--out", str(tmp_path / "S"), "--ray", c.address])
-        finally:
-            release.set()
-        out, err = capfd.readouterr()
-        assert code == 2 and out == "" and err == (
-            f"qdistill: error: Ray did not join the cluster at {c.address} within 0.5 s: the address it dials is "
-            f"likely not one its head listens on (a head started with --node-ip-address=127.0.0.1 listens on "
-            f"loopback only); set {cluster.LOGS}=1 to see Ray's own lines\n")
-        assert not (tmp_path / "S").exists()
-    finally:
-        c.shutdown()
 
 
 def test_without_ray_the_line_says_what_to_install(tmp_path, capsys, monkeypatch):
@@ -445,18 +485,3 @@ def net(num_classes=10):
                          nn.Flatten(), nn.Linear(8, num_classes))
 '''
 
-
-def test_a_model_file_trains_on_ray_workers_that_never_saw_it(ray_env, tmp_path):
-    """The driver reads the model file once (the config check keeps its text); the file
-    is then deleted, so the workers (fresh processes) can only build the model from the
-    text the task carries. The teacher and the run finish."""
-    net = tmp_path / "own.py"
-    net.write_text(OWN_NET)
-    cfg = resolve(config(tmp_path, f'[student]\nmodel = "{net}:net"\n[teacher]\nmodel = "{net}:net"\n'),
-                  sets=["train.epochs=1", 'study.questions=["q1"]'])
-    cfg["study"]["executor"] = "ray"
-    net.unlink()
-    with cluster.session("", num_cpus=2):
-        result = run_study(cfg, tmp_path / "S", progress=False)
-    assert not result["failed"], result
-    assert RunDir(tmp_path / "S" / "runs" / "q1-hard-T1-s0").finished

@@ -150,9 +150,15 @@ def test_stale_teacher_cache_is_recomputed(fused_study, tmp_path):
     torch.save(stored, s / "teacher_logits.pt")
 
 
-@pytest.mark.slow  # several studies in a row
-def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
-    cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
+@pytest.fixture(scope="module")
+def failed_then_rerun(tmp_path_factory):
+    """A study of Q1 and Q2 (unfused) whose run q2-soft-T1-s0 crashes, then the same
+    command again: what each left (exit code, results.csv, report.md). The study, every
+    run finished, is then where `test_force_redoes_only_what_the_changed_config_touches`
+    starts (its first study, trained once for both tests)."""
+    root = tmp_path_factory.mktemp("failed-run")
+    cfg = write_config(root / "c.toml", "questions = ['q1', 'q2']\n")
+    s = root / "S"
     real = studylib.train
 
     def flaky(runs, *a, **k):
@@ -160,18 +166,25 @@ def test_a_failed_run_does_not_stop_the_study(tmp_path, monkeypatch, capsys):
             raise RuntimeError("simulated crash")
         return real(runs, *a, **k)
 
-    monkeypatch.setattr(studylib, "train", flaky)
-    s = tmp_path / "S"
-    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 1
-    rows = {r["run"]: r for r in rows_of(s)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(studylib, "train", flaky)
+        first = cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"])
+    after_first = {"rows": {r["run"]: r for r in rows_of(s)}, "report": (s / "report.md").read_text()}
+    second = cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"])
+    return {"first": first, **after_first, "second": second, "rows_then": rows_of(s), "study": s, "config": cfg}
+
+
+@pytest.mark.slow  # several studies in a row
+def test_a_failed_run_does_not_stop_the_study(failed_then_rerun):
+    f = failed_then_rerun
+    assert f["first"] == 1
+    rows = f["rows"]
     assert rows["q2-soft-T1-s0"]["status"] == "failed"
     assert "simulated crash" in rows["q2-soft-T1-s0"]["error"]
     assert rows["q1-hard-T1-s0"]["status"] == "ok" and rows["q2-soft-T4-s0"]["status"] == "ok"
-    assert "simulated crash" in (s / "report.md").read_text()
-    monkeypatch.setattr(studylib, "train", real)
-    capsys.readouterr()
-    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 0
-    assert all(r["status"] == "ok" for r in rows_of(s))
+    assert "simulated crash" in f["report"]
+    assert f["second"] == 0
+    assert all(r["status"] == "ok" for r in f["rows_then"])
 
 
 @pytest.mark.slow  # several studies in a row
@@ -206,10 +219,11 @@ def test_interrupted_fused_group_resumes_as_a_group(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # several studies in a row
-def test_force_redoes_only_what_the_changed_config_touches(tmp_path):
-    cfg = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\n")
-    s = tmp_path / "S"
-    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"]) == 0
+def test_force_redoes_only_what_the_changed_config_touches(failed_then_rerun):
+    """From the finished study of `failed_then_rerun` (the same config and flags: every run
+    ok), rerun with one temperature changed and --force."""
+    cfg, s = failed_then_rerun["config"], failed_then_rerun["study"]
+    assert failed_then_rerun["second"] == 0 and all(r["status"] == "ok" for r in rows_of(s))
     stamp = lambda run: os.stat(run / "summary.json").st_mtime_ns
     before = {"teacher": stamp(s / "teacher"), "q1": stamp(s / "runs" / "q1-hard-T1-s0"),
               "T1": stamp(s / "runs" / "q2-soft-T1-s0")}

@@ -24,18 +24,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-# What a command imports before it trains, imported once here by the server (this module
-# is its preload): the CLI, a study and its report, torch and the parts of it a run loads.
-import matplotlib.figure  # noqa: F401
-import torch  # noqa: F401
-import torch._dynamo  # noqa: F401
-import torch.optim  # noqa: F401
-
-import qdistill.cli.commands  # noqa: F401
-import qdistill.report.report  # noqa: F401
-import qdistill.study.run  # noqa: F401
-import qdistill.training.loop  # noqa: F401
+import qdistill.cli
 from qdistill.cli.main import main as cli_main
+
+# What a command imports before it trains, imported once by the server (not by the test
+# process that imports this module: it has its own): the CLI, a study and its report,
+# torch and the parts of it a run loads. A name that does not import is skipped.
+PRELOAD = ["torch", "torch._dynamo", "torch.optim", "matplotlib.figure", "qdistill.cli.commands",
+           "qdistill.report.report", "qdistill.study.run", "qdistill.training.loop"]
 
 _MAIN = str(Path(qdistill.cli.__file__).with_name("__main__.py"))  # sys.argv[0] under `python -m qdistill.cli`
 _ctx = None
@@ -46,7 +42,7 @@ def _server():
     global _ctx
     if _ctx is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([*PRELOAD, __name__])
         # the server imports this module by name: it finds it through PYTHONPATH (the
         # forkserver of this Python applies no sys.path of ours); set while it starts
         here, before = str(Path(__file__).parent), os.environ.get("PYTHONPATH")

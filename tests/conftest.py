@@ -42,8 +42,11 @@ SMALL_DATA = {"dataset": "digits", "max_train": 240, "max_test": 80}
 
 # The longest files first: pytest-xdist hands files out in collection order, so the
 # longest ones start first and the short ones fill in around them (measured here: the
-# two workers then end within seconds of each other, not 25 s apart).
-LONGEST_FIRST = ("test_ray.py", "test_export.py", "test_faults.py", "test_study.py", "test_teachers.py")
+# two workers then end within seconds of each other, not 25 s apart). By CPU seconds
+# here (the Ray files' many processes counted): test_ray 180, test_export 90,
+# test_faults 80, test_study 55, test_ray_auth 45, test_recipes 45, test_teachers 35.
+LONGEST_FIRST = ("test_ray.py", "test_export.py", "test_faults.py", "test_study.py", "test_ray_auth.py",
+                 "test_recipes.py", "test_teachers.py")
 
 
 def pytest_collection_modifyitems(items):

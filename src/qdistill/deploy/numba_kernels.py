@@ -32,20 +32,23 @@ if HAVE_NUMBA:
     @njit(inline="always")
     def _columns(x, b, y0, kh, cin, col):
         """``col[i, x]`` = the column string of plane ``i`` at input column ``x`` over input
-        rows ``y0 .. y0 + kh - 1``: bit ``ky * cin + c`` is channel ``c`` of row ``y0 + ky``."""
+        rows ``y0 .. y0 + kh - 1``: bit ``ky * cin + c`` is channel ``c`` of row ``y0 + ky``.
+        Each input word's place in the string is worked out once per row, not per column."""
         a, wd, cw = x.shape[3], x.shape[4], col.shape[2]
         col[:, :, :] = 0
-        for xx in range(x.shape[2]):
-            for ky in range(kh):
-                for s in range(wd):
-                    off = ky * cin + 64 * s
-                    d = off >> 6
-                    sh = off & 63
-                    for i in range(a):
+        for ky in range(kh):
+            for s in range(wd):
+                off = ky * cin + 64 * s
+                d = off >> 6
+                sh = np.uint64(off & 63)
+                back = np.uint64(64 - (off & 63))
+                carry = (off & 63) != 0 and d + 1 < cw  # the word straddles two string words
+                for i in range(a):
+                    for xx in range(x.shape[2]):
                         v = x[b, y0 + ky, xx, i, s]
-                        col[i, xx, d] |= v << np.uint64(sh)
-                        if sh != 0 and d + 1 < cw:
-                            col[i, xx, d + 1] |= v >> np.uint64(64 - sh)
+                        col[i, xx, d] |= v << sh
+                        if carry:
+                            col[i, xx, d + 1] |= v >> back
 
     @njit(inline="always")
     def _row_columns(x, b, y0, kh, kw, cin, wq):
@@ -88,11 +91,11 @@ if HAVE_NUMBA:
         Channels are the inner loop everywhere, so it vectorises."""
         o = v.shape[0]
         for oc in range(o):
-            v[oc] *= sign[oc]
+            v[oc] = v[oc] * sign[oc]
             count[oc] = 0
         for t in range(thr.shape[0]):
             for oc in range(o):
-                count[oc] += v[oc] >= thr[t, oc]
+                count[oc] += np.uint8(v[oc] >= thr[t, oc])  # uint8 throughout: 32 lanes a vector
         for oc in range(o):
             lv[oc] = max(lv[oc], count[oc])
 
@@ -151,7 +154,7 @@ if HAVE_NUMBA:
             b = r // hq
             yq = r - b * hq
             acc = np.empty(o, np.int64)
-            v = np.empty(o, np.int64)
+            v = np.empty(o, np.int32)  # A, as the thresholds' type (int32: the format's accumulator)
             count = np.empty(o, np.uint8)
             lv = np.empty(o, np.uint8)
             cols = np.empty((pool, x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
@@ -163,7 +166,7 @@ if HAVE_NUMBA:
                     for dx in range(pool):
                         ones = _dot(cols[dy], (xq * pool + dx) * stride, kw, wq, acc)
                         for oc in range(o):
-                            v[oc] = 2 * acc[oc] - nw * ones
+                            v[oc] = np.int32(2 * acc[oc] - nw * ones)
                         _levels_max(v, sign, thr, count, lv)
                 _emit(lv, want_l, want_p, out_l, out_p, b, yq, xq, bits, pad)
         return out_l, out_p

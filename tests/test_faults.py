@@ -24,7 +24,7 @@ dataset = "digits"
 max_train = 240
 max_test = 40
 [train]
-epochs = 3
+epochs = 2
 batch_size = 32
 [study]
 temperatures = [4.0]

@@ -222,10 +222,12 @@ def _check_two_studies(s: Path, first, out, snapshot, second, in_process: Path):
 
 @pytest.fixture(scope="class")
 def loopback_cluster(ray_env):
-    """A head without CPUs, listening on 127.0.0.1 only."""
+    """A head without CPUs, listening on 127.0.0.1 only; without the autoscaler's monitor
+    and the log monitor (no node is added on demand here, and no driver reads the logs)."""
     from ray.cluster_utils import Cluster
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                      "include_dashboard": False})
+                                                      "include_dashboard": False, "no_monitor": True,
+                                                      "include_log_monitor": False})
     try:
         yield c
     finally:
@@ -302,6 +304,37 @@ class TestOnOneLoopbackCluster:
             assert metrics(s, teacher=False) == metrics(in_process, teacher=False)
         finally:
             ray.shutdown()
+
+
+    def test_auto_gpus_share_one_gpu_among_workers_and_quiet_keeps_a_line_per_run(
+            self, loopback_cluster, in_process, tmp_path, capsys, monkeypatch):
+        """A node declaring one GPU (a custom count: no real GPU needed) and ``--workers
+        2``: ``gpus_per_run = "auto"`` asks half a GPU per task, so the two runs train at once
+        (their attempts' times on the node overlap; a whole GPU each would serialise them).
+        Each attempt records its device. ``--quiet``: no bar, one line per finished run. The
+        teacher is the in-process study's (no teacher task to wait for); one epoch a run."""
+        c = loopback_cluster
+        cfg = config(tmp_path, f'workers = 2\nfused = false\n[teacher]\nrun = "{in_process / "teacher"}"\n')
+        (tmp_path / "started").mkdir()
+        monkeypatch.setattr(cluster, "run_unit", together(2, tmp_path / "started"))
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # Ray refuses a GPU count the variable does not list
+        node = c.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1")
+        try:
+            ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
+            assert cluster.resources(ray, 1, "auto", 2) == (1.0, 0.5)
+            assert cluster.resources(ray, 1, "auto", 1) == (1.0, 1.0)
+            assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S"), "--quiet", "--set",
+                             "train.epochs=1"]) == 0
+        finally:
+            ray.shutdown()
+            c.remove_node(node)
+        cap = capsys.readouterr()
+        assert "\r" not in cap.out + cap.err
+        assert sum(line.startswith(tuple(RUNS)) and " val " in line for line in cap.out.splitlines()) == 2
+        a, b = (RunDir(tmp_path / "S" / "runs" / name).read_summary()["attempts"][0] for name in RUNS)
+        assert a["submitted"] <= a["start"] < b["end"] and b["submitted"] <= b["start"] < a["end"], (a, b)
+        assert a["device"] == b["device"] == worker.device_model()  # "cpu" here, a GPU's name on a GPU machine
+        assert all(r["node"].endswith(node.node_id[:8]) for r in (a, b))  # the node with the GPU
 
 
 @pytest.fixture
@@ -384,32 +417,6 @@ def together(n: int, folder: Path):
                 time.sleep(0.05)
         yield from worker.run_unit(unit, files, data, teacher, threads)
     return task
-
-
-def test_auto_gpus_share_one_gpu_among_workers_and_quiet_keeps_a_line_per_run(ray_env, in_process, tmp_path,
-                                                                               capsys, monkeypatch):
-    """A local instance declaring one GPU (a custom count: no real GPU needed) and
-    ``--workers 2``: ``gpus_per_run = "auto"`` asks half a GPU per task, so the two runs
-    train at once (their attempts' times on the node overlap; a whole GPU each would
-    serialise them). Each attempt records its device. ``--quiet``: no bar, one line per
-    finished run. The teacher is the in-process study's (no teacher task to wait for)."""
-    cfg = config(tmp_path, f'workers = 2\nfused = false\n[teacher]\nrun = "{in_process / "teacher"}"\n')
-    (tmp_path / "started").mkdir()
-    monkeypatch.setattr(cluster, "run_unit", together(2, tmp_path / "started"))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # Ray refuses a GPU count the variable does not list
-    try:
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-        assert cluster.resources(ray, 1, "auto", 2) == (1.0, 0.5)
-        assert cluster.resources(ray, 1, "auto", 1) == (1.0, 1.0)
-        assert cli.main(["study", str(cfg), "--out", str(tmp_path / "S"), "--quiet"]) == 0
-    finally:
-        ray.shutdown()
-    cap = capsys.readouterr()
-    assert "\r" not in cap.out + cap.err
-    assert sum(line.startswith(tuple(RUNS)) and " val " in line for line in cap.out.splitlines()) == 2
-    a, b = (RunDir(tmp_path / "S" / "runs" / name).read_summary()["attempts"][0] for name in RUNS)
-    assert a["submitted"] <= a["start"] < b["end"] and b["submitted"] <= b["start"] < a["end"], (a, b)
-    assert a["device"] == b["device"] == worker.device_model()  # "cpu" here, a GPU's name on a GPU machine
 
 
 def test_auto_gpus_are_a_share_ray_can_count(monkeypatch):

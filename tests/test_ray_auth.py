@@ -48,8 +48,9 @@ def token_cluster():
         token = tmp / "token"
         token.write_text(secrets.token_hex(32) + "\n")
         _auth(mp, HOME=str(tmp / "home"), RAY_AUTH_TOKEN_PATH=str(token), RAY_AUTH_TOKEN=None)
-        c = Cluster(initialize_head=True,
-                    head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+        c = Cluster(initialize_head=True,  # no autoscaler monitor, no log monitor: nothing reads them here
+                    head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+                                    "no_monitor": True, "include_log_monitor": False})
         try:
             node = c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
             yield c, node, tmp

@@ -152,10 +152,12 @@ def test_stale_teacher_cache_is_recomputed(fused_study, tmp_path):
 
 @pytest.fixture(scope="module")
 def failed_then_rerun(tmp_path_factory):
-    """A study of Q1 and Q2 (unfused) whose run q2-soft-T1-s0 crashes, then the same
-    command again: what each left (exit code, results.csv, report.md). The study, every
-    run finished, is then where `test_force_redoes_only_what_the_changed_config_touches`
-    starts (its first study, trained once for both tests)."""
+    """A study of Q1 and Q2 whose run q2-soft-T1-s0 crashes, then the same command again:
+    what each left (exit code, results.csv, report.md). Both commands take the default
+    `study.fused` (on this CPU: unfused, which `test_fused_auto_fuses_on_cuda_only` checks
+    on this study). The study, every run finished, is then where
+    `test_force_redoes_only_what_the_changed_config_touches` starts (its first study,
+    trained once for these tests)."""
     root = tmp_path_factory.mktemp("failed-run")
     cfg = write_config(root / "c.toml", "questions = ['q1', 'q2']\n")
     s = root / "S"
@@ -168,9 +170,9 @@ def failed_then_rerun(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(studylib, "train", flaky)
-        first = cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"])
+        first = cli.main(["study", str(cfg), "--out", str(s), "--quiet"])
     after_first = {"rows": {r["run"]: r for r in rows_of(s)}, "report": (s / "report.md").read_text()}
-    second = cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused"])
+    second = cli.main(["study", str(cfg), "--out", str(s), "--quiet"])
     return {"first": first, **after_first, "second": second, "rows_then": rows_of(s), "study": s, "config": cfg}
 
 
@@ -228,7 +230,7 @@ def test_force_redoes_only_what_the_changed_config_touches(failed_then_rerun):
     before = {"teacher": stamp(s / "teacher"), "q1": stamp(s / "runs" / "q1-hard-T1-s0"),
               "T1": stamp(s / "runs" / "q2-soft-T1-s0")}
     cfg.write_text(cfg.read_text().replace("[1.0, 4.0]", "[1.0, 2.0]"))
-    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--no-fused", "--force"]) == 0
+    assert cli.main(["study", str(cfg), "--out", str(s), "--quiet", "--force"]) == 0
     assert before == {"teacher": stamp(s / "teacher"), "q1": stamp(s / "runs" / "q1-hard-T1-s0"),
                       "T1": stamp(s / "runs" / "q2-soft-T1-s0")}
     assert [r["run"] for r in rows_of(s)] == ["q1-hard-T1-s0", "q2-soft-T1-s0", "q2-soft-T2-s0"]
@@ -236,16 +238,15 @@ def test_force_redoes_only_what_the_changed_config_touches(failed_then_rerun):
     assert not (s / "runs" / "q2-soft-T4-s0").exists()
 
 
-def test_fused_auto_fuses_on_cuda_only(tmp_path):
+def test_fused_auto_fuses_on_cuda_only(failed_then_rerun):
     cfg = resolve()
     assert cfg["study"]["fused"] == "auto"
     assert studylib.fuses(cfg, torch.device("cuda")) and not studylib.fuses(cfg, torch.device("cpu"))
     for forced in (True, False):
         cfg["study"]["fused"] = forced
         assert all(studylib.fuses(cfg, torch.device(d)) is forced for d in ("cpu", "cuda"))
-    # The default on this CPU: one run at a time, no group checkpoint, no fused_k.
-    c = write_config(tmp_path / "c.toml", "questions = ['q1', 'q2']\ntemperatures = [4.0]\n".replace(
-        "temperatures = [4.0]\n", ""))
-    assert cli.main(["study", str(c), "--out", str(tmp_path / "S"), "--quiet"]) == 0
-    assert not (tmp_path / "S" / "groups").exists()
-    assert "fused_k" not in json.loads((tmp_path / "S" / "runs" / "q1-hard-T1-s0" / "summary.json").read_text())
+    # The default on this CPU: one run at a time, no group checkpoint, no fused_k (the
+    # study of Q1 and Q2 that `failed_then_rerun` runs with the default)
+    s = failed_then_rerun["study"]
+    assert not (s / "groups").exists()
+    assert "fused_k" not in json.loads((s / "runs" / "q1-hard-T1-s0" / "summary.json").read_text())

@@ -5,6 +5,7 @@ import csv
 import math
 import re
 
+import pytest
 from scipy import stats
 
 from qdistill.report import report
@@ -41,8 +42,14 @@ def ece(r):
     return {"test_ece": round(0.08 - (0.0395 + 0.004 * (s - 1) ** 2) * (t == 8.0), 4)}
 
 
-def test_a_fall_is_a_direction_word_then_a_positive_size_and_its_flipped_interval(tmp_path):
-    md = study_with(tmp_path, ece)
+@pytest.fixture(scope="module")
+def ece_report(tmp_path_factory):
+    """The report of the study with `ece`'s column: read, never written, by two tests."""
+    return study_with(tmp_path_factory.mktemp("ece"), ece)
+
+
+def test_a_fall_is_a_direction_word_then_a_positive_size_and_its_flipped_interval(ece_report):
+    md = ece_report
     d = [-(0.0395 + 0.004 * (s - 1) ** 2) for s in SEEDS]  # T = 8 minus T = 1, per seed
     mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
     half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
@@ -64,8 +71,8 @@ def test_the_headline_leaves_out_a_quantity_fixed_by_design(tmp_path):
     assert left_out.startswith("the gradient ratio at initialisation, set by T and c by design")
 
 
-def test_every_plus_minus_is_labelled_sd_or_95_percent_interval(tmp_path):
-    md = study_with(tmp_path, ece)
+def test_every_plus_minus_is_labelled_sd_or_95_percent_interval(ece_report):
+    md = ece_report
     spreads = re.findall(r"± (\d[\d.]*)( \((?:sd|95% CI)\))?", md)
     assert len(spreads) >= 10
     assert [x for x, label in spreads if not label] == []

@@ -2,7 +2,9 @@
 running dropped arms, writes the race's columns and ``race.json``, resumes mid-race with
 the same decisions, and refuses bad race keys in one line. The runs' accuracies are
 scripted (`scripted`) so the race's path is known; `test_a_real_race_*` trains."""
+import contextlib
 import csv
+import io
 import json
 
 import pytest
@@ -69,12 +71,23 @@ def run_race(monkeypatch, cfg, teacher, out, calls, stop_after=None):
     return cli.main(args)
 
 
-def test_the_race_drops_t1_and_runs_no_more_of_it(race_cfg, monkeypatch, tmp_path, capsys):
-    cfg, teacher = race_cfg
+@pytest.fixture(scope="module")
+def whole_race(tmp_path_factory, small_teacher):
+    """The race of `CONFIG` run once to its end, for the tests that read it (none writes
+    into it): its folder, the runs it trained in their order, and what it printed."""
+    root = tmp_path_factory.mktemp("race")
+    cfg = root / "race.toml"
+    cfg.write_text(CONFIG)
     calls: list[str] = []
-    assert run_race(monkeypatch, cfg, teacher, tmp_path / "S", calls) == 0
-    assert "estimate: at most " in capsys.readouterr().out  # the full grid's time: the race may stop sooner
-    study = tmp_path / "S"
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        assert run_race(mp, cfg, str(small_teacher), root / "S", calls) == 0
+    return root / "S", calls, out.getvalue()
+
+
+def test_the_race_drops_t1_and_runs_no_more_of_it(whole_race):
+    study, calls, out = whole_race
+    assert "estimate: at most " in out  # the full grid's time: the race may stop sooner
     rows = read_results(study / "results.csv")
     by_run = {r["run"]: r for r in rows}
     # seeds 0, 1 listed, then 2, 3, ... counted on; T = 1 dropped at the first test (5 seeds:
@@ -102,18 +115,18 @@ def test_the_race_drops_t1_and_runs_no_more_of_it(race_cfg, monkeypatch, tmp_pat
     assert "| Q2 | T = 1 | 60.00 | 60.10 | 60.20 | 60.00 | 60.10 ✗ | · | · | · | after seed 4 | 0.0224 |" in report
 
 
-def test_a_race_interrupted_mid_seed_resumes_with_the_same_decisions(race_cfg, monkeypatch, tmp_path):
+def test_a_race_interrupted_mid_seed_resumes_with_the_same_decisions(race_cfg, whole_race, monkeypatch,
+                                                                      tmp_path):
     cfg, teacher = race_cfg
-    whole: list[str] = []
-    assert run_race(monkeypatch, cfg, teacher, tmp_path / "A", whole) == 0
+    a, whole, _ = whole_race  # the same race, not interrupted
     first: list[str] = []
     assert run_race(monkeypatch, cfg, teacher, tmp_path / "B", first, stop_after=23) == 130  # within seed 3
-    assert not (tmp_path / "B" / "race.json").read_text() == (tmp_path / "A" / "race.json").read_text()
+    assert not (tmp_path / "B" / "race.json").read_text() == (a / "race.json").read_text()
     rest: list[str] = []
     assert run_race(monkeypatch, cfg, teacher, tmp_path / "B", rest) == 0
     assert first + rest == whole  # the same runs, in the same order, none twice
     for name in ("race.json", "results.csv"):
-        assert (tmp_path / "B" / name).read_text() == (tmp_path / "A" / name).read_text()
+        assert (tmp_path / "B" / name).read_text() == (a / name).read_text()
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -171,11 +184,8 @@ def test_replay_race_on_a_finished_grid(race_cfg, monkeypatch, tmp_path, capsys)
     assert not (tmp_path / "G" / "race.json").exists()  # the replay writes nothing
 
 
-def test_replay_race_needs_a_finished_grid(race_cfg, monkeypatch, tmp_path, capsys):
-    cfg, teacher = race_cfg
-    assert run_race(monkeypatch, cfg, teacher, tmp_path / "S", []) == 0
-    capsys.readouterr()
-    assert cli.main(["report", str(tmp_path / "S"), "--replay-race"]) == 2
+def test_replay_race_needs_a_finished_grid(whole_race, capsys):
+    assert cli.main(["report", str(whole_race[0]), "--replay-race"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "qdistill: error: the replay needs a finished grid: q2-soft-T1 has no ok run at seed 5"
 

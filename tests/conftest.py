@@ -62,10 +62,18 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def small_teacher(tmp_path_factory):
-    """A vgg7 teacher run, 2 epochs on `SMALL`, trained once per session (per worker).
-    Tests read it and must not write into it."""
-    out = tmp_path_factory.mktemp("small-teacher") / "teacher"
-    assert cli.main(["teacher", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    """A vgg7 teacher run, 2 epochs on `SMALL`, trained once per session: in the session's
+    temp folder, which its xdist workers share, by the first worker that asks (the other
+    waits on the lock, then reads the finished run). Tests read it and must not write into it."""
+    import fcntl
+    from qdistill.training.rundir import RunDir
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, not a worker's
+    out = root / "small-teacher" / "teacher"
+    with open(root / "small-teacher.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        if not RunDir(out).finished:
+            assert cli.main(["teacher", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
     return out
 
 

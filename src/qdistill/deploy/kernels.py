@@ -182,8 +182,14 @@ def accumulate(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: in
     ``stride`` of packed (already bordered) activations ``x`` with ``cin`` channels and packed
     weight rows ``wq`` (code offset ``nw``): ``Ho = (H + 2p - kh) // stride + 1``."""
     if backend == "numba":
-        return nb.accumulate(x, wq, nw, kh, kw, cin, stride)
+        return nb.accumulate(_contiguous(x), wq, nw, kh, kw, cin, stride)
     return _acc_np(x, wq, nw, kh, kw, cin, stride)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order (a copy where it is a view with a cut border): numba compiles a
+    kernel once per argument layout, some 10 CPU-s each, so every call passes one layout."""
+    return np.ascontiguousarray(a)
 
 
 def _chosen(out_l, out_p, out_pad, both):
@@ -200,8 +206,8 @@ def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, back
     for the next conv (``both``: the pair ``(levels, packed)``)."""
     if backend == "numba":
         packed = out_pad is not None
-        out_l, out_p = nb.conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, not packed or both,
-                                       packed, out_pad or 0, stride)
+        out_l, out_p = nb.conv_packed(_contiguous(x), wq, nw, kh, kw, cin, thr, sign, pool, out_bits,
+                                       not packed or both, packed, out_pad or 0, stride)
         return _chosen(out_l, out_p, out_pad, both)
     return _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, stride, both)
 
@@ -217,9 +223,9 @@ def conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, si
     if backend == "numba":
         packed = out_pad is not None
         levels_res = res.dtype == np.uint8
-        res_l = res if levels_res else np.zeros((1, 1, 1, 1), np.uint8)
-        res_f = np.zeros((1, 1, 1, 1)) if levels_res else np.asarray(res, np.float64)
-        out_l, out_p = nb.conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res_f, res_l, table,
+        res_l = _contiguous(res) if levels_res else np.zeros((1, 1, 1, 1), np.uint8)
+        res_f = np.zeros((1, 1, 1, 1)) if levels_res else _contiguous(np.asarray(res, np.float64))
+        out_l, out_p = nb.conv_add_quant(_contiguous(x), wq, nw, kh, kw, cin, stride, mul, add, res_f, res_l, table,
                                           levels_res, thr, sign.astype(np.float64), out_bits,
                                           not packed or both, packed, out_pad or 0)
         return _chosen(out_l, out_p, out_pad, both)

@@ -95,7 +95,7 @@ if HAVE_NUMBA:
             count[oc] = 0
         for t in range(thr.shape[0]):
             for oc in range(o):
-                count[oc] += np.uint8(v[oc] >= thr[t, oc])  # uint8 throughout: 32 lanes a vector
+                count[oc] += np.uint8(v[oc] >= thr[t, oc])  # a uint8 count, as lv: no widening
         for oc in range(o):
             lv[oc] = max(lv[oc], count[oc])
 

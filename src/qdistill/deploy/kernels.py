@@ -186,10 +186,10 @@ def accumulate(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: in
     return _acc_np(x, wq, nw, kh, kw, cin, stride)
 
 
-def _contiguous(a: np.ndarray) -> np.ndarray:
+def _contiguous(a: np.ndarray, dtype=None) -> np.ndarray:
     """``a`` in C order (a copy where it is a view with a cut border): numba compiles a
     kernel once per argument layout, some 10 CPU-s each, so every call passes one layout."""
-    return np.ascontiguousarray(a)
+    return np.ascontiguousarray(a, dtype)
 
 
 def _chosen(out_l, out_p, out_pad, both):
@@ -224,7 +224,7 @@ def conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, si
         packed = out_pad is not None
         levels_res = res.dtype == np.uint8
         res_l = _contiguous(res) if levels_res else np.zeros((1, 1, 1, 1), np.uint8)
-        res_f = np.zeros((1, 1, 1, 1)) if levels_res else _contiguous(np.asarray(res, np.float64))
+        res_f = np.zeros((1, 1, 1, 1)) if levels_res else _contiguous(res, np.float64)
         out_l, out_p = nb.conv_add_quant(_contiguous(x), wq, nw, kh, kw, cin, stride, mul, add, res_f, res_l, table,
                                           levels_res, thr, sign.astype(np.float64), out_bits,
                                           not packed or both, packed, out_pad or 0)

@@ -247,14 +247,14 @@ def conv_float(x, wt, bias, pad, thr, sign, pool, out_bits, out_pad, backend, th
     ``level = #{t : sign * v >= thr[t]}`` (``thr`` float64 ``(T, O)``;
     ``thr32 = float32_bounds(thr)`` if precomputed), max-pooled; output as in `conv_packed`."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if pad:
-        x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    if backend == "numba":
+    if backend == "numba":  # pads as it reads
         packed = out_pad is not None
         thr32 = float32_bounds(thr) if thr32 is None else thr32
-        out_l, out_p = nb.conv_float(x, wt, bias, thr32, sign.astype(np.float32), pool, out_bits,
+        out_l, out_p = nb.conv_float(x, wt, bias, pad, thr32, sign.astype(np.float32), pool, out_bits,
                                       not packed or both, packed, out_pad or 0, stride)
         return _chosen(out_l, out_p, out_pad, both)
+    if pad:
+        x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     return _conv_float_levels_np(x, wt, bias, thr, sign, pool, out_bits, out_pad, stride, both)
 
 

@@ -114,7 +114,7 @@ if HAVE_NUMBA:
             for oc in range(lv.shape[0]):
                 out_l[b, yq, xq, oc] = lv[oc]
 
-    @njit(inline="always")
+    @njit(cache=True)  # not inlined: in a parallel kernel each np.zeros would be a parallel region of its own
     def _outputs(n, hq, wq, o, bits, want_l, want_p, pad):
         if want_l:
             out_l = np.zeros((n, hq, wq, o), np.uint8)
@@ -203,27 +203,36 @@ if HAVE_NUMBA:
         return out_l, out_p
 
     @njit(inline="always")
-    def _conv_row(x, wt, b, y, stride, acc, src):
-        """One output row of the float conv: ``acc[oc, xx] += w * x`` over ``c, ky, kx`` in
-        that order (bias already in ``acc``); x is the vector loop. Each tap's inputs are
-        first copied to the buffer ``src``: LLVM vectorises the loop only over arrays it
-        knows apart."""
+    def _conv_row(x, wt, b, y, stride, pad, acc, src):
+        """One output row of the float conv of ``x`` zero-padded by ``pad``:
+        ``acc[oc, xx] += w * x`` over ``c, ky, kx`` in that order (bias already in ``acc``);
+        x is the vector loop. Each tap's inputs are first copied to the buffer ``src``
+        (zeros where the tap reads the padding): LLVM vectorises the loop only over arrays
+        it knows apart. A tap whose row is all padding adds only zeros and is skipped:
+        ``v + 0`` is ``v`` (or a zero of the other sign, which compares the same)."""
         c, kh, kw, o = wt.shape
+        h, w = x.shape[2], x.shape[3]
         wo = acc.shape[1]
         for ci in range(c):
             for ky in range(kh):
+                yy = y + ky - pad
+                if yy < 0 or yy >= h:
+                    continue
                 for kx in range(kw):
                     for xx in range(wo):
-                        src[xx] = x[b, ci, y + ky, xx * stride + kx]
+                        xi = xx * stride + kx - pad
+                        src[xx] = x[b, ci, yy, xi] if 0 <= xi < w else np.float32(0)
                     for oc in range(o):
                         wv = wt[ci, ky, kx, oc]
                         for xx in range(wo):
                             acc[oc, xx] += wv * src[xx]
 
     @njit(parallel=True, cache=True)
-    def conv_float(x, wt, bias, thr, sign, pool, bits, want_l, want_p, pad, stride):
-        """``thr``: float32 ``(T, O)`` bounds for ``sign * v`` (see `kernels.float32_bounds`)."""
-        n, c, hp, wpix = x.shape
+    def conv_float(x, wt, bias, pad_in, thr, sign, pool, bits, want_l, want_p, pad, stride):
+        """``x`` unpadded, read as if zero-padded by ``pad_in``; ``thr``: float32 ``(T, O)``
+        bounds for ``sign * v`` (see `kernels.float32_bounds`)."""
+        n, c = x.shape[0], x.shape[1]
+        hp, wpix = x.shape[2] + 2 * pad_in, x.shape[3] + 2 * pad_in
         _, kh, kw, o = wt.shape
         wo = (wpix - kw) // stride + 1
         hq, wq = ((hp - kh) // stride + 1) // pool, wo // pool
@@ -238,7 +247,7 @@ if HAVE_NUMBA:
             for dy in range(pool):
                 for oc in range(o):
                     acc[oc, :] = bias[oc]
-                _conv_row(x, wt, b, (yq * pool + dy) * stride, stride, acc, src)
+                _conv_row(x, wt, b, (yq * pool + dy) * stride, stride, pad_in, acc, src)
                 for oc in range(o):
                     s = sign[oc]
                     row = acc[oc]

@@ -88,8 +88,14 @@ if HAVE_NUMBA:
     @njit(inline="always")
     def _levels_max(v, sign, thr, count, lv):
         """``lv = max(lv, #{t : sign * v >= thr[t]})`` per channel (max: the pool window).
-        Channels are the inner loop everywhere, so it vectorises."""
+        Channels are the inner loop everywhere, so it vectorises; one threshold (1-bit
+        activations, the common case) takes one pass."""
         o = v.shape[0]
+        if thr.shape[0] == 1:
+            for oc in range(o):
+                s = v.dtype.type(v[oc] * sign[oc])  # in v's type, as the general path stores it
+                lv[oc] = max(lv[oc], np.uint8(s >= thr[0, oc]))
+            return
         for oc in range(o):
             v[oc] = v[oc] * sign[oc]
             count[oc] = 0
@@ -99,20 +105,32 @@ if HAVE_NUMBA:
         for oc in range(o):
             lv[oc] = max(lv[oc], count[oc])
 
+    _BYTE_LSB = np.uint64(0x0101010101010101)
+    _GATHER = np.uint64(0x0102040810204080)  # sum_k 2^(56 - 7k): byte k's low bit to bit 56 + k
+
     @njit(inline="always")
-    def _emit(lv, want_l, want_p, out_l, out_p, b, yq, xq, bits, pad):
-        """Write one position's levels: as they are, packed into the next layer's planes, or both."""
+    def _emit(lv, lv8, want_l, want_p, out_l, out_p, b, yq, xq, bits, pad):
+        """Write one position's levels: as they are, packed into the next layer's planes, or
+        both. ``lv`` has room for a multiple of 8 channels, zero past the last; ``lv8`` is
+        ``lv`` seen as words (``lv.view(np.uint64)``). Plane ``i`` packs 8 channels at a time:
+        bit ``i`` of each of a word's 8 bytes, masked, is gathered into one byte by a
+        multiplication (the product's terms share no bit, so nothing carries)."""
         if want_p:
-            o = lv.shape[0]
             for i in range(bits):
                 for w in range(out_p.shape[4]):
                     word = np.uint64(0)
-                    for oc in range(64 * w, min(o, 64 * w + 64)):
-                        word |= np.uint64((lv[oc] >> i) & 1) << np.uint64(oc - 64 * w)
+                    for k in range(min(8, lv8.shape[0] - 8 * w)):
+                        g = (lv8[8 * w + k] >> np.uint64(i)) & _BYTE_LSB
+                        word |= ((g * _GATHER) >> np.uint64(56)) << np.uint64(8 * k)
                     out_p[b, yq + pad, xq + pad, i, w] = word
         if want_l:
-            for oc in range(lv.shape[0]):
+            for oc in range(out_l.shape[3]):
                 out_l[b, yq, xq, oc] = lv[oc]
+
+    @njit(inline="always")
+    def _room(o):
+        """Levels' room for ``o`` channels: a multiple of 8 (see `_emit`)."""
+        return (o + 7) // 8 * 8
 
     @njit(cache=True)  # not inlined: in a parallel kernel each np.zeros would be a parallel region of its own
     def _outputs(n, hq, wq, o, bits, want_l, want_p, pad):
@@ -156,19 +174,26 @@ if HAVE_NUMBA:
             acc = np.empty(o, np.int64)
             v = np.empty(o, np.int32)  # A, as the thresholds' type (int32: the format's accumulator)
             count = np.empty(o, np.uint8)
-            lv = np.empty(o, np.uint8)
+            lv = np.zeros(_room(o), np.uint8)
+            lv8 = lv.view(np.uint64)
             cols = np.empty((pool, x.shape[3], x.shape[2], wq.shape[1] // kw), np.uint64)
             for dy in range(pool):
                 _columns(x, b, (yq * pool + dy) * stride, kh, cin, cols[dy])
             for xq in range(wq_):
-                lv[:] = 0
+                for oc in range(o):
+                    lv[oc] = 0
                 for dy in range(pool):
                     for dx in range(pool):
                         ones = _dot(cols[dy], (xq * pool + dx) * stride, kw, wq, acc)
-                        for oc in range(o):
-                            v[oc] = np.int32(2 * acc[oc] - nw * ones)
-                        _levels_max(v, sign, thr, count, lv)
-                _emit(lv, want_l, want_p, out_l, out_p, b, yq, xq, bits, pad)
+                        if thr.shape[0] == 1:
+                            for oc in range(o):
+                                a = np.int32(np.int32(2 * acc[oc] - nw * ones) * sign[oc])
+                                lv[oc] = max(lv[oc], np.uint8(a >= thr[0, oc]))
+                        else:
+                            for oc in range(o):
+                                v[oc] = np.int32(2 * acc[oc] - nw * ones)
+                            _levels_max(v, sign, thr, count, lv)
+                _emit(lv, lv8, want_l, want_p, out_l, out_p, b, yq, xq, bits, pad)
         return out_l, out_p
 
     @njit(parallel=True, cache=True)
@@ -185,7 +210,8 @@ if HAVE_NUMBA:
             acc = np.empty(o, np.int64)
             v = np.empty(o, np.float64)
             count = np.empty(o, np.uint8)
-            lv = np.empty(o, np.uint8)
+            lv = np.zeros(_room(o), np.uint8)
+            lv8 = lv.view(np.uint64)
             col = _row_columns(x, b, y * stride, kh, kw, cin, wq)
             for xx in range(wo):
                 ones = _dot(col, xx * stride, kw, wq, acc)
@@ -199,7 +225,7 @@ if HAVE_NUMBA:
                         v[oc] = v[oc] + res_f[b, y, xx, oc]
                 lv[:] = 0
                 _levels_max(v, sign, thr, count, lv)
-                _emit(lv, want_l, want_p, out_l, out_p, b, y, xx, bits, pad)
+                _emit(lv, lv8, want_l, want_p, out_l, out_p, b, y, xx, bits, pad)
         return out_l, out_p
 
     @njit(inline="always")
@@ -243,7 +269,8 @@ if HAVE_NUMBA:
             acc = np.empty((o, wo), np.float32)  # one output row; x is the vector loop
             src = np.empty(wo, np.float32)
             count = np.empty(wo, np.uint8)
-            lv = np.zeros((wq, o), np.uint8)
+            lv = np.zeros((wq, _room(o)), np.uint8)
+            lv8 = lv.view(np.uint64)
             for dy in range(pool):
                 for oc in range(o):
                     acc[oc, :] = bias[oc]
@@ -262,5 +289,5 @@ if HAVE_NUMBA:
                             m = max(m, count[xq * pool + dx])
                         lv[xq, oc] = m
             for xq in range(wq):
-                _emit(lv[xq], want_l, want_p, out_l, out_p, b, yq, xq, bits, pad)
+                _emit(lv[xq], lv8[xq], want_l, want_p, out_l, out_p, b, yq, xq, bits, pad)
         return out_l, out_p

@@ -199,17 +199,34 @@ def _chosen(out_l, out_p, out_pad, both):
     return (out_l, out_p) if both else out_p
 
 
+def _picking(call, out_pad, both):
+    """``call`` (a numba kernel's ``(levels, packed)``) cut down to what `_chosen` returns."""
+    if out_pad is not None and both:
+        return call
+    pick = 0 if out_pad is None else 1
+    return lambda *xs: call(*xs)[pick]
+
+
 def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend, stride=1, both=False):
     """Levels of a packed conv, ``level = #{t : sign * A >= thr[t]}`` per channel (``thr``
     is ``(T, O)``), max-pooled ``pool x pool`` (1: none); returned as levels
     ``(N, Ho, Wo, O)`` when ``out_pad`` is None, else packed with a border ``out_pad``
     for the next conv (``both``: the pair ``(levels, packed)``)."""
-    if backend == "numba":
-        packed = out_pad is not None
-        out_l, out_p = nb.conv_packed(_contiguous(x), wq, nw, kh, kw, cin, thr, sign, pool, out_bits,
-                                       not packed or both, packed, out_pad or 0, stride)
-        return _chosen(out_l, out_p, out_pad, both)
-    return _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, stride, both)
+    return conv_packed_fn(wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend, stride, both)(x)
+
+
+def conv_packed_fn(wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend, stride=1, both=False):
+    """`conv_packed` with everything but its input fixed: ``f(x)``. The engine makes one per
+    layer when it loads, so that a call spends nothing on its arguments (at batch 1 that
+    was a tenth of the time)."""
+    if backend != "numba":
+        return lambda x: _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, stride, both)
+    packed, kernel = out_pad is not None, nb.conv_packed
+    args = (wq, nw, kh, kw, cin, thr, sign, pool, out_bits, not packed or both, packed, out_pad or 0, stride)
+    return _picking(lambda x: kernel(_contiguous(x), *args), out_pad, both)
+
+
+_NO_FLOATS, _NO_LEVELS = np.zeros((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), np.uint8)  # the residual not given
 
 
 def conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, sign, out_bits, out_pad,
@@ -220,17 +237,26 @@ def conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, si
     ``level = #{t : sign * v >= thr[t]}`` (float64 ``thr`` ``(T, O)``); output as in
     `conv_packed`. The unfused stages (conv with float output, add, quant) compute the same
     float64 operations in the same order, so both give the same levels."""
-    if backend == "numba":
-        packed = out_pad is not None
-        levels_res = res.dtype == np.uint8
-        res_l = _contiguous(res) if levels_res else np.zeros((1, 1, 1, 1), np.uint8)
-        res_f = np.zeros((1, 1, 1, 1)) if levels_res else _contiguous(res, np.float64)
-        out_l, out_p = nb.conv_add_quant(_contiguous(x), wq, nw, kh, kw, cin, stride, mul, add, res_f, res_l, table,
-                                          levels_res, thr, sign.astype(np.float64), out_bits,
-                                          not packed or both, packed, out_pad or 0)
-        return _chosen(out_l, out_p, out_pad, both)
-    levels = _residual_np(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, sign)
-    return _emit_np(levels, out_bits, out_pad, both)
+    return conv_add_quant_fn(wq, nw, kh, kw, cin, stride, mul, add, table, thr, sign, out_bits, out_pad, both,
+                             backend, res.dtype == np.uint8)(x, res)
+
+
+def conv_add_quant_fn(wq, nw, kh, kw, cin, stride, mul, add, table, thr, sign, out_bits, out_pad, both, backend,
+                      levels_res):
+    """`conv_add_quant` with everything but its inputs fixed: ``f(x, res)``, ``res`` levels
+    if ``levels_res``, else floats (see `conv_packed_fn`)."""
+    if backend != "numba":
+        def call(x, res):
+            levels = _residual_np(x, wq, nw, kh, kw, cin, stride, mul, add, res, table, thr, sign)
+            return _emit_np(levels, out_bits, out_pad, both)
+        return call
+    packed, kernel = out_pad is not None, nb.conv_add_quant
+    args = (wq, nw, kh, kw, cin, stride, mul, add, table, levels_res, thr, np.asarray(sign, np.float64), out_bits,
+            not packed or both, packed, out_pad or 0)
+    if levels_res:
+        return _picking(lambda x, res: kernel(_contiguous(x), _NO_FLOATS, _contiguous(res), *args), out_pad, both)
+    return _picking(lambda x, res: kernel(_contiguous(x), _contiguous(res, np.float64), _NO_LEVELS, *args),
+                    out_pad, both)
 
 
 def float32_bounds(thr: np.ndarray) -> np.ndarray:

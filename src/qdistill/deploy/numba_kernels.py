@@ -197,7 +197,7 @@ if HAVE_NUMBA:
         return out_l, out_p
 
     @njit(parallel=True, cache=True)
-    def conv_add_quant(x, wq, nw, kh, kw, cin, stride, mul, add, res_f, res_l, table, levels_res, thr, sign,
+    def conv_add_quant(x, res_f, res_l, wq, nw, kh, kw, cin, stride, mul, add, table, levels_res, thr, sign,
                        bits, want_l, want_p, pad):
         """`kernels.conv_add_quant`: ``v = (A * mul + add) + r`` in float64, then thresholds."""
         n = x.shape[0]

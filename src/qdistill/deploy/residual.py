@@ -78,16 +78,18 @@ class ConvAddQuant(Stage):
         if conv.cout != quant.cout:
             raise QdzError(f"layer quant: expects {quant.cout} channels, the conv gives {conv.cout}")
 
-    def run(self, x, r):
+    def prepare(self):
         c, q = self.conv, self.quant
+        self.fused = kernels.conv_add_quant_fn(c.wq, c.nw, c.kh, c.kw, c.cin, c.stride, c.mul, c.add,
+                                               self.table if self.table is not None else np.zeros(1), q.thr, q.sign,
+                                               q.bits, self.out_pad, self.both, self.backend, self.table is not None)
+
+    def run(self, x, r):
+        c = self.conv
         if isinstance(r, tuple):
             r = r[0]
-        if self.table is None:
-            r = np.asarray(r, np.float64)
-        table = self.table if self.table is not None else np.zeros(1)
         x = c.packed(x)
         shape = (x.shape[0], (x.shape[1] - c.kh) // c.stride + 1, (x.shape[2] - c.kw) // c.stride + 1, self.cout)
         if r.shape != shape or (self.table is not None and r.dtype != np.uint8):
             raise QdzError(f"layer add: shapes {shape} and {r.shape} differ")
-        return kernels.conv_add_quant(x, c.wq, c.nw, c.kh, c.kw, c.cin, c.stride, c.mul, c.add, r,
-                                      table, q.thr, q.sign, q.bits, self.out_pad, self.both, self.backend)
+        return self.fused(x, r)

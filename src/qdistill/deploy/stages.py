@@ -36,6 +36,9 @@ class Stage:
     def run(self, *xs):
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Called once the engine has set ``out_pad`` and ``both``: fix what ``run`` calls."""
+
 
 class Resize(Stage):
     name = "resize"
@@ -138,11 +141,16 @@ class ConvPacked(Stage):
     def packed(self, x) -> np.ndarray:
         return packed_input(x, self.cin, self.in_bits, self.pad)
 
+    def prepare(self):
+        if self.out == "levels":
+            self.call = kernels.conv_packed_fn(self.wq, self.nw, self.kh, self.kw, self.cin, self.thr, self.sign,
+                                               self.pool, self.bits, self.out_pad, self.backend, self.stride,
+                                               self.both)
+
     def run(self, x):
         x = self.packed(x)
         if self.out == "levels":
-            return kernels.conv_packed(x, self.wq, self.nw, self.kh, self.kw, self.cin, self.thr, self.sign,
-                                       self.pool, self.bits, self.out_pad, self.backend, self.stride, self.both)
+            return self.call(x)
         acc = kernels.accumulate(x, self.wq, self.nw, self.kh, self.kw, self.cin, self.backend, self.stride)
         v = acc * self.mul + self.add
         return v if self.out == "float" else np.clip(v, self.lo, self.hi).astype(np.float32)

@@ -182,8 +182,16 @@ def accumulate(x: np.ndarray, wq: np.ndarray, nw: int, kh: int, kw: int, cin: in
     ``stride`` of packed (already bordered) activations ``x`` with ``cin`` channels and packed
     weight rows ``wq`` (code offset ``nw``): ``Ho = (H + 2p - kh) // stride + 1``."""
     if backend == "numba":
-        return nb.accumulate(_contiguous(x), wq, nw, kh, kw, cin, stride)
+        o = wq.shape[2]
+        return conv_affine(x, wq, nw, kh, kw, cin, np.ones(o), np.zeros(o), backend, stride).astype(np.int32)
     return _acc_np(x, wq, nw, kh, kw, cin, stride)
+
+
+def conv_affine(x, wq, nw, kh, kw, cin, mul, add, backend, stride=1) -> np.ndarray:
+    """``A * mul + add`` per channel in float64, ``A`` as in `accumulate` (a conv with float output)."""
+    if backend == "numba":
+        return nb.accumulate(_contiguous(x), wq, nw, kh, kw, cin, stride, mul, add)
+    return _acc_np(x, wq, nw, kh, kw, cin, stride) * mul + add
 
 
 def _contiguous(a: np.ndarray, dtype=None) -> np.ndarray:

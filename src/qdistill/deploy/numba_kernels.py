@@ -145,11 +145,13 @@ if HAVE_NUMBA:
         return out_l, out_p
 
     @njit(parallel=True, cache=True)
-    def accumulate(x, wq, nw, kh, kw, cin, stride):
+    def accumulate(x, wq, nw, kh, kw, cin, stride, mul, add):
+        """``A * mul + add`` per channel in float64 (``A`` the int32 accumulator; ``mul = 1``,
+        ``add = 0`` give ``A`` itself, exactly)."""
         n = x.shape[0]
         o = wq.shape[2]
         ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
-        out = np.empty((n, ho, wo, o), np.int32)
+        out = np.empty((n, ho, wo, o), np.float64)
         for r in prange(n * ho):
             b = r // ho
             y = r - b * ho
@@ -158,7 +160,7 @@ if HAVE_NUMBA:
             for xx in range(wo):
                 ones = _dot(col, xx * stride, kw, wq, acc)
                 for oc in range(o):
-                    out[b, y, xx, oc] = 2 * acc[oc] - nw * ones
+                    out[b, y, xx, oc] = np.int32(2 * acc[oc] - nw * ones) * mul[oc] + add[oc]
         return out
 
     @njit(parallel=True, cache=True)
@@ -215,15 +217,14 @@ if HAVE_NUMBA:
             col = _row_columns(x, b, y * stride, kh, kw, cin, wq)
             for xx in range(wo):
                 ones = _dot(col, xx * stride, kw, wq, acc)
-                for oc in range(o):
-                    v[oc] = (2 * acc[oc] - nw * ones) * mul[oc] + add[oc]
-                if levels_res:
+                if levels_res:  # one pass over the channels: v, then its level
                     for oc in range(o):
-                        v[oc] = v[oc] + table[res_l[b, y, xx, oc]]
+                        v[oc] = ((2 * acc[oc] - nw * ones) * mul[oc] + add[oc]) + table[res_l[b, y, xx, oc]]
                 else:
                     for oc in range(o):
-                        v[oc] = v[oc] + res_f[b, y, xx, oc]
-                lv[:] = 0
+                        v[oc] = ((2 * acc[oc] - nw * ones) * mul[oc] + add[oc]) + res_f[b, y, xx, oc]
+                for oc in range(o):
+                    lv[oc] = 0
                 _levels_max(v, sign, thr, count, lv)
                 _emit(lv, lv8, want_l, want_p, out_l, out_p, b, y, xx, bits, pad)
         return out_l, out_p

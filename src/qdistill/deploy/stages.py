@@ -151,8 +151,8 @@ class ConvPacked(Stage):
         x = self.packed(x)
         if self.out == "levels":
             return self.call(x)
-        acc = kernels.accumulate(x, self.wq, self.nw, self.kh, self.kw, self.cin, self.backend, self.stride)
-        v = acc * self.mul + self.add
+        v = kernels.conv_affine(x, self.wq, self.nw, self.kh, self.kw, self.cin, self.mul, self.add, self.backend,
+                                self.stride)
         return v if self.out == "float" else np.clip(v, self.lo, self.hi).astype(np.float32)
 
 

@@ -233,10 +233,11 @@ if HAVE_NUMBA:
     def _conv_row(x, wt, b, y, stride, pad, acc, src):
         """One output row of the float conv of ``x`` zero-padded by ``pad``:
         ``acc[oc, xx] += w * x`` over ``c, ky, kx`` in that order (bias already in ``acc``);
-        x is the vector loop. Each tap's inputs are first copied to the buffer ``src``
-        (zeros where the tap reads the padding): LLVM vectorises the loop only over arrays
-        it knows apart. A tap whose row is all padding adds only zeros and is skipped:
-        ``v + 0`` is ``v`` (or a zero of the other sign, which compares the same)."""
+        x is the vector loop. A row of taps' inputs is first copied to the buffer ``src``
+        ``(kw, wo)`` (zeros where a tap reads the padding): LLVM vectorises the loop only over
+        arrays it knows apart. Three taps a row (the common 3 x 3 kernel) go in one pass, in
+        order. A tap whose row is all padding adds only zeros and is skipped: ``v + 0`` is
+        ``v`` (or a zero of the other sign, which compares the same)."""
         c, kh, kw, o = wt.shape
         h, w = x.shape[2], x.shape[3]
         wo = acc.shape[1]
@@ -248,11 +249,19 @@ if HAVE_NUMBA:
                 for kx in range(kw):
                     for xx in range(wo):
                         xi = xx * stride + kx - pad
-                        src[xx] = x[b, ci, yy, xi] if 0 <= xi < w else np.float32(0)
+                        src[kx, xx] = x[b, ci, yy, xi] if 0 <= xi < w else np.float32(0)
+                if kw == 3:
+                    s0, s1, s2 = src[0], src[1], src[2]
+                    for oc in range(o):
+                        w0, w1, w2 = wt[ci, ky, 0, oc], wt[ci, ky, 1, oc], wt[ci, ky, 2, oc]
+                        for xx in range(wo):
+                            acc[oc, xx] = ((acc[oc, xx] + w0 * s0[xx]) + w1 * s1[xx]) + w2 * s2[xx]
+                    continue
+                for kx in range(kw):
                     for oc in range(o):
                         wv = wt[ci, ky, kx, oc]
                         for xx in range(wo):
-                            acc[oc, xx] += wv * src[xx]
+                            acc[oc, xx] += wv * src[kx, xx]
 
     @njit(parallel=True, cache=True)
     def conv_float(x, wt, bias, pad_in, thr, sign, pool, bits, want_l, want_p, pad, stride):
@@ -268,7 +277,7 @@ if HAVE_NUMBA:
             b = r // hq
             yq = r - b * hq
             acc = np.empty((o, wo), np.float32)  # one output row; x is the vector loop
-            src = np.empty(wo, np.float32)
+            src = np.empty((kw, wo), np.float32)
             count = np.empty(wo, np.uint8)
             lv = np.zeros((wq, _room(o)), np.uint8)
             lv8 = lv.view(np.uint64)

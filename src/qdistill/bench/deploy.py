@@ -6,8 +6,8 @@ batch-``batch`` throughput of (a) PyTorch fp32 eager on the fake-quantized model
 packed integer engine, (c) ONNX Runtime on the ONNX export (`qdistill.export.onnx`; n/a
 with the reason where that export fails). Batch-1 calls run in blocks of 25 per runtime,
 taking turns (torch, engine, ort, torch, ...), so load from elsewhere on the machine hits
-all three alike while one runtime's spinning worker threads do not slow the next call of
-another. All three use the same number of threads.
+all three alike; each block starts after 30 ms of untimed calls, so the last runtime's
+spinning worker threads have stopped (`_warm`). All three use the same number of threads.
 
 The default students are vgg7 (a chain) and resnet20 (a residual graph), W2A1 (dorefa),
 randomly initialised (seed 0) with BatchNorm running statistics calibrated on 8 batches
@@ -35,6 +35,7 @@ from ..nn.models import build
 from .machine import cpu_name
 
 STUDENTS = ("vgg7", "resnet20")
+WARM_S = 0.03  # untimed calls before each runtime's batch-1 block (`_warm`)
 DEFAULT_STUDENT = "{} W2A1 dorefa, random init (seed 0), BN stats calibrated on random images"
 
 
@@ -149,9 +150,20 @@ def _batch1_seconds(calls: dict, runs: int, block: int = 25) -> dict[str, list[f
     seconds = {k: [] for k in calls}
     for start in range(0, runs, block):
         for k, (one, _) in calls.items():
-            one()  # the first call after another runtime's block wakes this one's threads
+            _warm(one)
             seconds[k] += [_seconds(one) for _ in range(min(block, runs - start))]
     return seconds
+
+
+def _warm(call, seconds: float = WARM_S) -> None:
+    """Untimed calls for ``seconds``, so that a block is timed after the last runtime's
+    thread pool has stopped spinning: OpenMP and ONNX Runtime workers spin for milliseconds
+    after their last task, and measured here (AMD EPYC, 2 cores) after one untimed call ONNX
+    Runtime's next 7 calls after the engine's block ran 1.3-2x slower than its last ones."""
+    end = time.perf_counter() + seconds
+    call()
+    while time.perf_counter() < end:
+        call()
 
 
 def _batch_seconds(calls: dict, runs: int) -> dict[str, list[float]]:

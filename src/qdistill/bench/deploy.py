@@ -159,7 +159,7 @@ def _warm(call, seconds: float = WARM_S) -> None:
     """Untimed calls for ``seconds``, so that a block is timed after the last runtime's
     thread pool has stopped spinning: OpenMP and ONNX Runtime workers spin for milliseconds
     after their last task, and measured here (AMD EPYC, 2 cores) after one untimed call ONNX
-    Runtime's next 7 calls after the engine's block ran 1.3-2x slower than its last ones."""
+    Runtime's next 7 calls after the engine's block ran 1.2-2x slower than its last ones."""
     end = time.perf_counter() + seconds
     call()
     while time.perf_counter() < end:

@@ -49,8 +49,8 @@ class Engine:
                 raise QdzError(f"layer {i}: unknown op {op!r}")
             self.stages.append(STAGES[op](spec, arrays, backend))
         self.steps = graph.schedule(self.nodes, self.stages, self.output, fuse)
-        for step in self.steps:
-            step.stage.prepare()
+        for stage in self.stages + [step.stage for step in self.steps]:  # every node's, and the fused ones
+            stage.prepare()
         self._producer = {step.name: step.stage for step in self.steps}
         last_use = {}
         for i, step in enumerate(self.steps):

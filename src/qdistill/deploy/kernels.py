@@ -225,8 +225,8 @@ def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, back
 
 def conv_packed_fn(wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend, stride=1, both=False):
     """`conv_packed` with everything but its input fixed: ``f(x)``. The engine makes one per
-    layer when it loads, so that a call spends nothing on its arguments (at batch 1 that
-    was a tenth of the time)."""
+    layer when it loads, so that a call spends no Python on its arguments (1-3 us a layer,
+    about 5% of resnet20's batch-1 time on the AMD EPYC of docs/performance.md)."""
     if backend != "numba":
         return lambda x: _conv_packed_np(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, stride, both)
     packed, kernel = out_pad is not None, nb.conv_packed

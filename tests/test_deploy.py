@@ -250,6 +250,19 @@ def test_numba_and_numpy_kernels_agree(c, o, a, k, pad, pool, out_pad, ks, strid
         np.testing.assert_array_equal(got[0], got[1])
         levels = kernels.unpack(got[0], o, out_pad) if out_pad is not None else got[0]
         assert len(np.unique(levels)) >= 3
+    # one threshold (1-bit output: the numba kernels' one-pass path), each kernel
+    thr1 = rng.integers(-10, 10, (1, o)).astype(np.int32)
+    res, fthr1 = rng.integers(0, 4, (3, ho, ho, o), dtype=np.uint8), rng.normal(size=(1, o))
+    tie = ((acc[0, 0, 0] * mul + add) + table[res[0, 0, 0]]) * sign  # a threshold met exactly: >= is not >
+    calls = [lambda b: kernels.conv_packed(x, wq, n, ks, ks, c, thr1, sign, pool, 1, out_pad, b, stride),
+             lambda b: kernels.conv_float(img, wt, bias, 1, fthr1, fsign, pool, 1, out_pad, b, stride=stride),
+             lambda b: kernels.conv_add_quant(x, wq, n, ks, ks, c, stride, mul, add, res, table, tie[None], sign, 1,
+                                              out_pad, False, b)]
+    for call in calls:
+        got = [call(b) for b in ("numba", "numpy")]
+        np.testing.assert_array_equal(got[0], got[1])
+        levels = kernels.unpack(got[0], o, out_pad) if out_pad is not None else got[0]
+        assert set(np.unique(levels)) == {0, 1}
 
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)

@@ -49,7 +49,8 @@ class Engine:
                 raise QdzError(f"layer {i}: unknown op {op!r}")
             self.stages.append(STAGES[op](spec, arrays, backend))
         self.steps = graph.schedule(self.nodes, self.stages, self.output, fuse)
-        for stage in self.stages + [step.stage for step in self.steps]:  # every node's, and the fused ones
+        fused = [step.stage for step in self.steps if step.stage not in self.stages]
+        for stage in self.stages + fused:
             stage.prepare()
         self._producer = {step.name: step.stage for step in self.steps}
         last_use = {}

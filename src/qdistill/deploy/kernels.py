@@ -209,10 +209,7 @@ def _chosen(out_l, out_p, out_pad, both):
 
 def _picking(call, out_pad, both):
     """``call`` (a numba kernel's ``(levels, packed)``) cut down to what `_chosen` returns."""
-    if out_pad is not None and both:
-        return call
-    pick = 0 if out_pad is None else 1
-    return lambda *xs: call(*xs)[pick]
+    return lambda *xs: _chosen(*call(*xs), out_pad, both)
 
 
 def conv_packed(x, wq, nw, kh, kw, cin, thr, sign, pool, out_bits, out_pad, backend, stride=1, both=False):

@@ -113,3 +113,28 @@ def test_the_estimate_times_the_configured_models_and_scheme(monkeypatch):
     assert {k: built[1]["build"][k] for k in ("scheme", "weight_bits", "act_bits")} == \
         {"scheme": "lsq", "weight_bits": 3, "act_bits": 2}
     assert rates.teacher > 0 and rates.student > 0
+
+
+def test_a_studys_first_line_reads_eager_rates_kept_by_an_earlier_study(monkeypatch, tmp_path):
+    """The eager rates behind a study's estimate are measured once per machine, models,
+    batch, threads and device and kept beside the compiled ones; an edited model file,
+    another thread count or another device is measured anew, and a kept compiled entry
+    is not read as an eager one."""
+    from qdistill.study import plan
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path))
+    measured = []
+
+    def measure(cfg, threads=0, device="cpu"):
+        measured.append((threads, device, cfg["student"].get("model_sha256")))
+        return Rates(100.0 + len(measured), 50.0, False, threads)
+    monkeypatch.setattr(plan, "measure_rates", measure)
+    cfg = resolve("configs/homework.toml")
+    first = plan.study_rates(cfg, 1)
+    assert plan.study_rates(cfg, 1) == first == Rates(101.0, 50.0, False, 1) and len(measured) == 1
+    plan.study_rates(cfg, 2)
+    plan.study_rates(cfg, 1, "cuda")
+    edited = {**cfg, "student": {**cfg["student"], "model_sha256": "ab" * 32}}
+    plan.study_rates(edited, 1)
+    assert measured[1:] == [(2, "cpu", None), (1, "cuda", None), (1, "cpu", "ab" * 32)]
+    plan._keep(plan._rates_key(cfg, plan._cores()), [Rates(9.0, 9.0, True, 2), None])  # a compiled entry
+    assert plan.study_rates(cfg, 1) == first and len(measured) == 4

@@ -135,12 +135,11 @@ def measured_estimate(cfg: dict, left: tuple[bool, int] | None = None) -> list[s
     when nothing is."""
     if left == (False, 0):
         return ["estimate: every run of this study is finished; a rerun trains nothing"]
-    import os
     import torch
     from ..training.compiled import wanted
     n = trained_images(cfg)
     compiled_steps = wanted(cfg, cfg["train"]["epochs"] * (n or 0), torch.device("cpu"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _cores()
     measured, kept = _compiled_rates(cfg, cores) if compiled_steps else (None, "")
     rates, one = measured or _rates(cfg, False, cores)
     lines = estimate_lines(cfg, n, rates, one, cores, left)
@@ -153,51 +152,88 @@ def measured_estimate(cfg: dict, left: tuple[bool, int] | None = None) -> list[s
     return lines
 
 
+def _cores() -> int:
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def rates_file() -> Path:
-    """Where measured compiled rates are kept: ``$QDISTILL_CACHE/rates.json`` (default
+    """Where measured rates are kept: ``$QDISTILL_CACHE/rates.json`` (default
     ``~/.cache/qdistill``)."""
     import os
     return Path(os.environ.get("QDISTILL_CACHE") or "~/.cache/qdistill").expanduser() / "rates.json"
 
 
-def _rates_key(cfg: dict, cores: int) -> str:
-    """What the rates depend on: the machine, torch, the models, their bits and the batch."""
+def _rates_key(cfg: dict, cores: int, how: str = "compiled") -> str:
+    """What the rates depend on: the machine, torch, the models, their bits and the batch,
+    and ``how`` they were measured (compiled, or eager at a thread count on a device)."""
     import torch
     from ..training.device import cpu_name
     t, s = cfg["teacher"], cfg["student"]
     return json.dumps({"cpu": cpu_name(), "cores": cores, "torch": torch.__version__,
-                       "teacher": None if t["run"] else [t["model"], t.get("model_args", {})],
-                       "student": [s["model"], s.get("model_args", {}), s["scheme"], s["weight_bits"], s["act_bits"],
+                       "teacher": None if t["run"] else [t["model"], t.get("model_args", {}), t.get("model_sha256")],
+                       "student": [s["model"], s.get("model_args", {}), s.get("model_sha256"), s["scheme"], s["weight_bits"], s["act_bits"],
                                    s["grad_bits"], s["quantize_first_last"]],
-                       "train": [cfg["train"][k] for k in ("batch_size", "optimizer", "threads", "precision")]},
+                       "train": [cfg["train"][k] for k in ("batch_size", "optimizer", "threads", "precision")],
+                       **({} if how == "compiled" else {"how": how})},
                       sort_keys=True)
 
 
-def _compiled_rates(cfg: dict, cores: int) -> tuple[tuple[Rates, Rates | None] | None, str]:
-    """The compiled rates and where they come from: kept from an earlier plan on this
-    machine, or measured now (then kept); None where they could not be measured."""
-    path, key = rates_file(), _rates_key(cfg, cores)
+def _read_kept() -> dict:
     try:
-        kept = json.loads(path.read_text())
+        kept = json.loads(rates_file().read_text())
     except (OSError, ValueError):
-        kept = {}
-    if isinstance(kept, dict) and isinstance(kept.get(key), dict):
-        entry = kept[key]
-        return tuple(None if r is None else Rates(**{**r, "compile_s": tuple(r["compile_s"])})
-                     for r in entry["rates"]), f"measured {entry['date']}, kept in {path}"
-    print(f"measuring compiled rates once for this machine and these models (up to {COMPILED_BUDGET_S:.0f} s); "
-          f"later plans read them from {path}", file=sys.stderr, flush=True)
-    measured = _within(COMPILED_BUDGET_S, _rates, cfg, True, cores)
-    if measured is None:
-        return None, ""
-    kept = kept if isinstance(kept, dict) else {}
-    kept[key] = {"date": time.strftime("%Y-%m-%d"), "rates": [None if r is None else asdict(r) for r in measured]}
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def _keep(key: str, rates: list[Rates | None]) -> None:
+    """Add ``rates`` under ``key`` to the kept ones (the file replaced whole: a reader never
+    sees half of it; of two writers at once, one's entry may be lost and measured again)."""
+    kept, path = _read_kept(), rates_file()
+    kept[key] = {"date": time.strftime("%Y-%m-%d"), "rates": [None if r is None else asdict(r) for r in rates]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(kept, indent=1))
     except OSError:
         pass  # a cache that cannot be written costs the next plan the measurement, nothing else
-    return measured, f"measured now, kept in {path}"
+
+
+def _kept_entry(key: str) -> tuple[list[Rates | None], str] | None:
+    entry = _read_kept().get(key)
+    if not isinstance(entry, dict):
+        return None
+    return ([None if r is None else Rates(**{**r, "compile_s": tuple(r["compile_s"])}) for r in entry["rates"]],
+            entry["date"])
+
+
+def study_rates(cfg: dict, threads: int, device: str = "cpu") -> Rates:
+    """The eager rates behind a study's first line: kept from an earlier study on this
+    machine with these models, batch, threads and device (`rates_file`), or measured now
+    (`measure_rates`, about a second) and kept."""
+    key = _rates_key(cfg, _cores(), f"eager, {threads} threads, {device}")
+    kept = _kept_entry(key)
+    if kept is not None:
+        return kept[0][0]
+    rates = measure_rates(cfg, threads=threads, device=device)
+    _keep(key, [rates])
+    return rates
+
+
+def _compiled_rates(cfg: dict, cores: int) -> tuple[tuple[Rates, Rates | None] | None, str]:
+    """The compiled rates and where they come from: kept from an earlier plan on this
+    machine, or measured now (then kept); None where they could not be measured."""
+    key = _rates_key(cfg, cores)
+    kept = _kept_entry(key)
+    if kept is not None:
+        return tuple(kept[0]), f"measured {kept[1]}, kept in {rates_file()}"
+    print(f"measuring compiled rates once for this machine and these models (up to {COMPILED_BUDGET_S:.0f} s); "
+          f"later plans read them from {rates_file()}", file=sys.stderr, flush=True)
+    measured = _within(COMPILED_BUDGET_S, _rates, cfg, True, cores)
+    if measured is None:
+        return None, ""
+    _keep(key, list(measured))
+    return measured, f"measured now, kept in {rates_file()}"
 
 
 def _rates(cfg: dict, compiled_steps: bool, cores: int) -> tuple[Rates, Rates | None]:

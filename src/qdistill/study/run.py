@@ -30,7 +30,7 @@ from ..training.teacher import Teacher, open_teacher
 from ..training.teacher_files import Preprocess
 from . import cluster
 from .grid import Condition, arms_by_question, check_grid, expand, group_key, study_seeds, teacher_config
-from .plan import duration, estimate_lines, measure_rates
+from .plan import duration, estimate_lines, study_rates
 from .race import RaceState, Rule, race_state
 from .results import write_results
 from .studydir import StudyDir
@@ -232,13 +232,13 @@ def _train_runs(s: Study, conds: list[Condition], todo: list[Condition], teacher
 
 def _say_estimate(s: Study, todo: list[Condition]) -> None:
     """The study's first line: the estimated time of what is left to train, from a few
-    timed eager steps here (`plan.measure_rates`)."""
+    timed eager steps on this machine (`plan.study_rates`: kept from an earlier study)."""
     teacher_left = s.given is None and not s.dir.teacher.finished
     if todo or teacher_left:
         n, frac = len(s.data.y_train), s.cfg["data"]["val_fraction"]
         n -= max(1, round(n * frac)) if frac > 0 else 0
-        rates = measure_rates(s.cfg, threads=s.cfg["train"]["threads"] or s.cfg["study"]["cpus_per_run"],
-                              device=s.device if not s.ray else "cpu")
+        rates = study_rates(s.cfg, s.cfg["train"]["threads"] or s.cfg["study"]["cpus_per_run"],
+                            str(s.device) if not s.ray else "cpu")
         line = estimate_lines(s.cfg, n, rates, left=(teacher_left, len(todo)))[0]
         if s.cfg["study"]["search"] == "race":  # the full grid's runs: a race trains fewer
             line = line.replace("estimate: ", "estimate: at most ", 1)

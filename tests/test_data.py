@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from qdistill.data import DATASETS, augment, batching, digits, download, fake, registry, svhn
+from qdistill.data.dataset import tensor_digest
 from qdistill.data.images import resize_to_uint8
 from qdistill.errors import DataError
 
@@ -401,6 +402,18 @@ def test_digits_split_and_images():
     assert err < 0.5 * (pooled - orig[te].transpose(1, 2)).abs().mean()
     assert int(ds.x_train.max()) == 255 and int(ds.x_train.min()) == 0
     assert registry.load({"dataset": "digits"}).fingerprint == ds.fingerprint
+
+
+def test_digits_decoded_once_per_process_give_each_load_its_own_tensors():
+    """The kept digests are those of the tensors handed out, and a caller that writes into
+    its copy changes no later load."""
+    first = digits.load()
+    assert first.digests == {k: tensor_digest(getattr(first, k)) for k in ("x_train", "y_train", "x_test", "y_test")}
+    first.x_train[0] += 1
+    first.y_test[0] = 9 - first.y_test[0]
+    again = digits.load()
+    assert not torch.equal(again.x_train[0], first.x_train[0]) and again.y_test[0] != first.y_test[0]
+    assert again.digests == {k: tensor_digest(getattr(again, k)) for k in ("x_train", "y_train", "x_test", "y_test")}
 
 
 def test_load_limits_and_unknown():

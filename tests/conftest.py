@@ -10,7 +10,9 @@
 * ``slow`` marks the tests that start subprocesses or Ray, inject faults, run several
   studies, or check the engine over thousands of images; ``make test-fast`` skips them.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 # The suite runs on the CPU in fp32 whatever the machine: with a GPU visible, "auto" would
@@ -25,8 +27,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # cache warm, a compiled vgg7 step took 5.7 s against 13.2 s with the pool (2 cores; cold:
 # 36 s against 33 s)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-# the plan's kept compiled rates go to a temp folder, never the user's ~/.cache
-os.environ.setdefault("QDISTILL_CACHE", tempfile.mkdtemp(prefix="qd-cache-"))
+# What the session's processes share, made by its first one (pytest's controller under
+# xdist; its workers and their commands inherit the variable), removed as it exits: the
+# kept rates (never the user's ~/.cache) and the trained students of `qdz_students`.
+if "QD_TEST_SHARED" not in os.environ:
+    os.environ["QD_TEST_SHARED"] = tempfile.mkdtemp(prefix="qd-tests-")
+    atexit.register(shutil.rmtree, os.environ["QD_TEST_SHARED"], True)
+os.environ.setdefault("QDISTILL_CACHE", os.path.join(os.environ["QD_TEST_SHARED"], "cache"))
 
 import pytest  # noqa: E402
 

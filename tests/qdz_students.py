@@ -1,8 +1,11 @@
 """Small trained students and a hooked PyTorch reference, shared by the export, deploy and
-ONNX tests (cached per process: each configuration is trained once)."""
+ONNX tests (each configuration trained once per session: `student`)."""
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,10 +46,27 @@ def student(arch: str, wb: int, ab: int, scheme: str, steps: int = 4) -> nn.Modu
     """A student after ``steps`` Adam steps on 64 digits images, so weights and BN are not at
     their init. Every student gets every third BN scale negated, so export's direction flag
     (thresholds on -A) is exercised; running statistics are then re-estimated on the 64
-    images (train-mode passes, cumulative average)."""
-    torch.manual_seed(0)
-    x, y, _ = digits_data()
+    images (train-mode passes, cumulative average). Trained once per session: the first
+    process to ask keeps its weights in the session's shared folder, the others load them."""
+    torch.manual_seed(0)  # the initial weights
     model = build(arch, weight_bits=wb, act_bits=ab, scheme=scheme)
+    kept = Path(os.environ["QD_TEST_SHARED"]) / f"student-{arch}-W{wb}A{ab}-{scheme}-{steps}.pt"
+    with open(kept.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        if kept.exists():
+            model.load_state_dict(torch.load(kept, weights_only=True))
+        else:
+            _train(model, steps)
+            torch.save(model.state_dict(), kept.with_suffix(".tmp"))
+            os.replace(kept.with_suffix(".tmp"), kept)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # as `_train` leaves it: a cumulative average, should anything train on
+    return model.eval()
+
+
+def _train(model: nn.Module, steps: int) -> None:
+    x, y, _ = digits_data()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for s in range(steps):
@@ -63,7 +83,6 @@ def student(arch: str, wb: int, ab: int, scheme: str, steps: int = 4) -> nn.Modu
                 m.momentum = None
         model(x[:32])
         model(x[32:])
-    return model.eval()
 
 
 def eval_images(arch: str) -> np.ndarray:

@@ -1,4 +1,6 @@
 """A study's cost before it starts: ``study --plan`` and the estimate's arithmetic."""
+import json
+
 import pytest
 
 from qdistill import cli
@@ -138,3 +140,8 @@ def test_a_studys_first_line_reads_eager_rates_kept_by_an_earlier_study(monkeypa
     assert measured[1:] == [(2, "cpu", None), (1, "cuda", None), (1, "cpu", "ab" * 32)]
     plan._keep(plan._rates_key(cfg, plan._cores()), [Rates(9.0, 9.0, True, 2), None])  # a compiled entry
     assert plan.study_rates(cfg, 1) == first and len(measured) == 4
+    kept = json.loads((tmp_path / "rates.json").read_text())
+    key = plan._rates_key(cfg, plan._cores(), "eager, 1 threads, cpu")
+    kept[key] = {"rates": [{"teacher": 1.0}]}  # not an entry this version writes: measured again
+    (tmp_path / "rates.json").write_text(json.dumps(kept))
+    assert plan.study_rates(cfg, 1) == Rates(105.0, 50.0, False, 1) and len(measured) == 5

@@ -172,8 +172,8 @@ def _rates_key(cfg: dict, cores: int, how: str = "compiled") -> str:
     t, s = cfg["teacher"], cfg["student"]
     return json.dumps({"cpu": cpu_name(), "cores": cores, "torch": torch.__version__,
                        "teacher": None if t["run"] else [t["model"], t.get("model_args", {}), t.get("model_sha256")],
-                       "student": [s["model"], s.get("model_args", {}), s.get("model_sha256"), s["scheme"], s["weight_bits"], s["act_bits"],
-                                   s["grad_bits"], s["quantize_first_last"]],
+                       "student": [s["model"], s.get("model_args", {}), s.get("model_sha256"), s["scheme"],
+                                   s["weight_bits"], s["act_bits"], s["grad_bits"], s["quantize_first_last"]],
                        "train": [cfg["train"][k] for k in ("batch_size", "optimizer", "threads", "precision")],
                        **({} if how == "compiled" else {"how": how})},
                       sort_keys=True)
@@ -200,11 +200,14 @@ def _keep(key: str, rates: list[Rates | None]) -> None:
 
 
 def _kept_entry(key: str) -> tuple[list[Rates | None], str] | None:
+    """The rates kept under ``key`` and their date; None where there are none (or the entry
+    is not one this version wrote: it is measured again and replaced)."""
     entry = _read_kept().get(key)
-    if not isinstance(entry, dict):
+    try:
+        return ([None if r is None else Rates(**{**r, "compile_s": tuple(r["compile_s"])}) for r in entry["rates"]],
+                str(entry["date"]))
+    except (KeyError, TypeError, ValueError):
         return None
-    return ([None if r is None else Rates(**{**r, "compile_s": tuple(r["compile_s"])}) for r in entry["rates"]],
-            entry["date"])
 
 
 def study_rates(cfg: dict, threads: int, device: str = "cpu") -> Rates:

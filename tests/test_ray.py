@@ -189,7 +189,7 @@ class TestOnOneLocalInstance:
 
     def test_a_model_file_trains_on_ray_workers_that_never_saw_it(self, local_instance, tmp_path):
         """The driver reads the model file once (the config check keeps its text); the file
-        is then deleted, so the workers (fresh processes) can only build the model from the
+        is then deleted, so the workers (none of which read it) can only build the model from the
         text the task carries. The teacher and the run finish."""
         net = tmp_path / "own.py"
         net.write_text(OWN_NET)
@@ -432,6 +432,25 @@ def test_auto_gpus_are_a_share_ray_can_count(monkeypatch):
     assert cluster.resources(fake, 1, "auto", 4) == (1.0, 0.0)
     with pytest.raises(ConfigError, match="no node of the Ray cluster has 1 CPUs and 1 GPUs"):
         cluster.resources(fake, 1, 1, 4)
+
+
+def test_a_gpu_task_gets_a_fresh_worker_and_a_cpu_task_may_reuse_one():
+    """A worker that ran a GPU task exits (torch's allocator would keep its GPU memory); a
+    CPU task may land on an idle worker and skip importing torch again. Ray applies the
+    first of these itself only to ``@ray.remote(num_gpus=...)``, not to ``.options``."""
+    asked = []
+
+    class FakeRay:
+        @staticmethod
+        def remote(**kw):
+            asked.append(kw["max_calls"])
+            return lambda f: type("Remote", (), {"options": lambda self, **o: self})()
+
+        put = staticmethod(lambda value: value)
+
+    for gpus in (0.0, 0.5, 1.0):
+        cluster.run_units(FakeRay, None, [], None, None, cluster.Tasks(1.0, gpus, progress=False))
+    assert asked == [0, 1, 1]  # 0: no limit
 
 
 class _FakeStudy:

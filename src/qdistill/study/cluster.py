@@ -379,9 +379,11 @@ def _say(line: str) -> None:
 def run_units(ray, study: StudyDir, units: list[Unit], data, teacher: dict | None, tasks: Tasks,
               on_done=lambda: None) -> None:
     """Train ``units`` as Ray tasks (see the module docstring); ``on_done()`` after each."""
-    # A fresh worker per task; a task's yield waits until the driver has taken the message
-    # before (so a task never runs ahead of what the driver holds by more than one epoch).
-    task = ray.remote(max_calls=1, _generator_backpressure_num_objects=1)(run_unit).options(
+    # A GPU task gets a fresh worker (its exit frees the GPU memory torch's allocator keeps);
+    # a CPU task may reuse an idle one and skip ~5 s of importing torch (Ray's own defaults,
+    # which `.options(num_gpus=...)` would not apply). A task's yield waits until the driver
+    # has taken the message before, so it never runs ahead of the driver by over one epoch.
+    task = ray.remote(max_calls=1 if tasks.gpus else 0, _generator_backpressure_num_objects=1)(run_unit).options(
         num_cpus=tasks.cpus, num_gpus=tasks.gpus, max_retries=0)
     refs = (ray.put(data), ray.put(teacher) if teacher is not None else None)
     driver = _Driver(ray, study, tasks, task, refs, on_done)

@@ -379,10 +379,9 @@ def _say(line: str) -> None:
 def run_units(ray, study: StudyDir, units: list[Unit], data, teacher: dict | None, tasks: Tasks,
               on_done=lambda: None) -> None:
     """Train ``units`` as Ray tasks (see the module docstring); ``on_done()`` after each."""
-    # A GPU task gets a fresh worker (its exit frees the GPU memory torch's allocator keeps);
-    # a CPU task may reuse an idle one and skip ~5 s of importing torch (Ray's own defaults,
-    # which `.options(num_gpus=...)` would not apply). A task's yield waits until the driver
-    # has taken the message before, so it never runs ahead of the driver by over one epoch.
+    # A fresh worker per GPU task (its exit frees torch's cached GPU memory), an idle one may
+    # serve a CPU task (torch imported: ~5 s saved); Ray's defaults, which `.options` skips.
+    # A task's yield waits until the driver has taken the one before (one epoch ahead at most).
     task = ray.remote(max_calls=1 if tasks.gpus else 0, _generator_backpressure_num_objects=1)(run_unit).options(
         num_cpus=tasks.cpus, num_gpus=tasks.gpus, max_retries=0)
     refs = (ray.put(data), ray.put(teacher) if teacher is not None else None)

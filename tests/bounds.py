@@ -440,11 +440,13 @@ class Chunked:
         return np.concatenate([part.near(kinds, spread) for part in self.parts])
 
 
-def block_ref(model, first: int, last: int, images, inputs, kinds, resize: int | None = None) -> Chunked:
+def block_ref(model, first: int, last: int, images, inputs, kinds, resize: int | None = None,
+              rows=slice(None)) -> Chunked:
     """A reference (`Ref`, run in pieces: `Chunked`) of the conv block ``model[first:last + 1]``
     from PyTorch's float32 input to it (levels, or the images for a first conv); the block
     right after a resize (module ``resize``) starts from the images through the float64
-    resize instead, so an implementation's own resize is bounded, not PyTorch's."""
+    resize instead, so an implementation's own resize is bounded, not PyTorch's. ``rows``
+    (a slice or indices): the images it runs on, each one's values as in a run on all."""
     if resize is not None and resize + 1 == first:
-        return Chunked(images, kinds=kinds).run(model[resize:last + 1])
-    return Chunked(inputs[first], kinds=kinds, levels_in=first != 0).run(model[first:last + 1])
+        return Chunked(images[rows], kinds=kinds).run(model[resize:last + 1])
+    return Chunked(inputs[first][rows], kinds=kinds, levels_in=first != 0).run(model[first:last + 1])

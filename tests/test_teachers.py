@@ -24,7 +24,7 @@ from qdistill.training import checkpoint
 from qdistill.training.teacher import Teacher
 from qdistill.training.teacher_files import file_sha256
 
-from bounds import Ref, gamma, within
+from bounds import Chunked, gamma, within
 
 DATA = {"dataset": "digits", "max_train": 200, "max_test": 60}
 FLAGS = ["--dataset", "digits", "--max-train", "200", "--max-test", "60", "--batch-size", "64", "--quiet"]
@@ -170,8 +170,8 @@ def test_onnx_teacher_is_the_run_teacher_within_the_derived_bound(made, run_stud
     start, a, b = -1, x, x
     for i, ha, hb in [*zip(cut, [seen[i] for i in cut], outs[1:]), (len(model) - 1, logits, outs[0])]:
         seg = model[start + 1:i + 1]
-        ref, b_pt = Ref(a).run(seg).value("f32")
-        _, b_ort = Ref(a, e_in=(torch.as_tensor(b) - a).abs().double()).run(seg).value("f32")
+        ref, b_pt = Chunked(a).run(seg).value("f32")
+        _, b_ort = Chunked(a, e_in=(torch.as_tensor(b) - a).abs().double()).run(seg).value("f32")
         within(ha, ref, b_pt, "onnx teacher: pytorch")
         within(hb, ref, b_ort, "onnx teacher: onnxruntime")
         start, a, b = i, ha, torch.as_tensor(hb)
@@ -253,7 +253,7 @@ def test_nhwc_0_255_normalised_onnx_teacher(tmp_path, capfd):
     a = to_float(data.x_train).double()
     mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1).float().double()
     e_in = float(gamma(7)) * (2 * a + mean.abs() / 255)
-    ref, bound = Ref(to_float(data.x_train), e_in=e_in).run(core).value("f32")
+    ref, bound = Chunked(to_float(data.x_train), e_in=e_in).run(core).value("f32")
     within(t.train_logits(), ref, bound, "nhwc onnx teacher")
     assert t.fingerprint["preprocess"] == {"input_range": "0-255", "mean": MEAN, "std": STD, "layout": "NHWC",
                                            "input_size": 32}

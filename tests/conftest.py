@@ -50,9 +50,8 @@ SMALL_DATA = {"dataset": "digits", "max_train": 240, "max_test": 80}
 # The longest files first: pytest-xdist hands files out in collection order, so the
 # longest ones start first and the short ones fill in around them (measured here: the
 # two workers then end within seconds of each other, not 25 s apart). By CPU seconds
-# here, AMD EPYC, 2026-12-07 (the Ray files with their Ray processes): test_ray 70-110,
-# test_export 56, test_faults 45, test_ray_auth 20-40, test_study 28, test_recipes 22,
-# test_teachers 19.
+# here, AMD EPYC, 2026-12-07, evening (the Ray files with their Ray processes: 133 both),
+# test_faults 68, test_export 66, test_study 42, test_recipes 39, test_teachers 26.
 LONGEST_FIRST = ("test_ray.py", "test_export.py", "test_faults.py", "test_study.py", "test_ray_auth.py",
                  "test_recipes.py", "test_teachers.py")
 

@@ -34,6 +34,10 @@ if "QD_TEST_SHARED" not in os.environ:
     os.environ["QD_TEST_SHARED"] = tempfile.mkdtemp(prefix="qd-tests-")
     atexit.register(shutil.rmtree, os.environ["QD_TEST_SHARED"], True)
 os.environ.setdefault("QDISTILL_CACHE", os.path.join(os.environ["QD_TEST_SHARED"], "cache"))
+# ... and what libraries keep in $HOME: ONNX Runtime's device id and usage database (under
+# ~/.cache), matplotlib's config folder and font list (tests/test_onnx.py checks both)
+os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["QD_TEST_SHARED"], "xdg-cache")
+os.environ["MPLCONFIGDIR"] = os.path.join(os.environ["QD_TEST_SHARED"], "matplotlib")
 
 import pytest  # noqa: E402
 

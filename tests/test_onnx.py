@@ -1,6 +1,9 @@
 """ONNX export of the fake-quantized model, run with onnxruntime, against PyTorch."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +104,29 @@ def test_onnx_matches_torch(cfg, tmp_path):
     # the stored conv weights take at most 2^k values: they are the quantized ones
     conv_w = [i for i in graph.initializer if i.name.endswith(".weight") and len(i.dims) == 4]
     assert len(np.unique(onnx.numpy_helper.to_array(conv_w[2]))) <= 2**cfg[1]
+
+
+def test_onnx_runtime_and_matplotlib_write_nothing_in_home(tmp_path):
+    """A process of the suite (its variables: `conftest`) with a fresh $HOME opens an ONNX
+    Runtime session and finds a font: both keep their files in the session's temp folder,
+    and $HOME stays empty (without the variables: ~/.cache/Microsoft/DeveloperTools/
+    .onnxruntime/, ~/.cache/matplotlib/ and ~/.config/matplotlib/)."""
+    import subprocess
+    import sys
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import sys, onnxruntime, matplotlib.font_manager as fm; fm.findfont('DejaVu Sans'); "
+            "onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])")
+    model = tmp_path / "identity.onnx"
+    x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(model))
+    proc = subprocess.run([sys.executable, "-c", code, str(model)], env={**os.environ, "HOME": str(home)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(home.iterdir())
+    shared = Path(os.environ["QD_TEST_SHARED"])
+    assert (shared / "xdg-cache" / "Microsoft").is_dir() and list((shared / "matplotlib").glob("fontlist-*.json"))
 
 
 def test_full_precision_teacher_exports_to_onnx(tmp_path):

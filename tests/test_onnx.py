@@ -106,6 +106,7 @@ def test_onnx_matches_torch(cfg, tmp_path):
     assert len(np.unique(onnx.numpy_helper.to_array(conv_w[2]))) <= 2**cfg[1]
 
 
+@pytest.mark.slow
 def test_onnx_runtime_and_matplotlib_write_nothing_in_home(tmp_path):
     """A process of the suite (its variables: `conftest`) with a fresh $HOME opens an ONNX
     Runtime session and finds a font: both keep their files in the session's temp folder,

@@ -450,3 +450,17 @@ def block_ref(model, first: int, last: int, images, inputs, kinds, resize: int |
     if resize is not None and resize + 1 == first:
         return Chunked(images[rows], kinds=kinds).run(model[resize:last + 1])
     return Chunked(inputs[first][rows], kinds=kinds, levels_in=first != 0).run(model[first:last + 1])
+
+
+def first_differences(diff: np.ndarray, flagged: np.ndarray, near_of, what: str) -> np.ndarray:
+    """End to end, at one quantizer: ``diff`` (images first) marks where an implementation's
+    levels differ from PyTorch's. An image whose levels first differ here (not ``flagged``
+    yet) must differ only where ``near_of(rows)`` (the float64 reference of the block, run
+    on just those images) finds a pre-activation near a threshold. Returns ``flagged`` with
+    this quantizer's differing images added."""
+    wrong = diff.reshape(len(diff), -1).any(axis=1)
+    rows = np.flatnonzero(wrong & ~flagged)
+    if len(rows):
+        for i, near in zip(rows, near_of(torch.from_numpy(rows))):
+            assert not (diff[i] & ~near).any(), f"{what}, image {i}: a level differs away from any threshold"
+    return flagged | wrong

@@ -153,6 +153,10 @@ def bad_inputs(tmp_path, teacher):
         (["teacher", "--set", "train.lr=-1", *out], "train.lr"),
         (["bench", "--deploy", "--scaling"], "--scaling"),
         (["bench", "--scaling", "--batch", "0"], "--batch"),
+        (["teacher", *SMALL, "--out", three / "run"], "cannot create run directory"),  # under a file
+        (["study", "--out", three / "study"], "cannot create study"),
+        (["teacher", *SMALL, "--out", tmp_path / "new" / "deep" / ("x" * 300)], "File name too long"),
+        (["study", "--out", tmp_path / "new" / ("x" * 300) / "s"], "File name too long"),
     ]
 
 
@@ -167,6 +171,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, teacher, capsys):
         assert len(lines) == 1 and words in lines[0], (args, cap.err)
         assert "Traceback" not in cap.err
     assert not (tmp_path / "never").exists()
+    assert not (tmp_path / "new").exists()  # the parents created for an --out that failed are gone
     assert (tmp_path / "finished" / "checkpoint.pt").read_text() == "x"  # untouched
     assert sorted(p.name for p in (tmp_path / "svhn").iterdir()) == ["test_32x32.mat", "train_32x32.mat"]
 

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -164,13 +165,13 @@ def test_two_studies_on_one_folder_one_trains_the_other_exits_2(tmp_path, uninte
 def test_a_locked_run_directory_refuses_a_second_trainer(tmp_path, capsys):
     teacher = ["teacher", "--dataset", "digits", "--max-train", "64", "--max-test", "20", "--epochs", "1",
                "--quiet", "--out"]
-    run = tmp_path / "run"
+    run = tmp_path / "new" / "run"
     with locked(run, "run directory"):
         code = cli.main([*teacher, str(run)])
         err = capsys.readouterr().err
         assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused one wrote nothing
     assert code == 2 and f"pid {os.getpid()}" in err and err.count("\n") == 1
-    assert not run.exists()  # a lock that guarded nothing leaves nothing behind
+    assert not (tmp_path / "new").exists()  # a lock that guarded nothing leaves nothing, parents included
     assert cli.main([*teacher, str(tmp_path / "done")]) == 0
     with locked(tmp_path / "done", "run directory"):
         assert cli.main([*teacher, str(tmp_path / "done"), "--force"]) == 2  # a trainer needs the lock
@@ -223,6 +224,16 @@ def test_a_failed_write_keeps_the_previous_file_and_names_the_path(tmp_path, mon
         assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     if name == "metrics.jsonl":
         assert len(RunDir(run).read_metrics()) == 1
+
+
+def test_a_write_under_a_file_names_the_file(tmp_path):
+    """``--out file/x.qdz``: mkdir's own "File exists" would name neither the file nor what is wrong."""
+    folder = tmp_path
+    (folder / "afile").write_text("keep")
+    want = f"cannot write {folder}/afile/x.qdz: {folder}/afile is not a folder"
+    with pytest.raises(atomic.WriteError, match=re.escape(want)):
+        atomic.atomic_write_text(folder / "afile" / "x.qdz", "x")
+    assert [p.name for p in folder.iterdir()] == ["afile"] and (folder / "afile").read_text() == "keep"
 
 
 def test_a_failed_results_write_stops_the_study_with_one_line(tmp_path, monkeypatch, capsys):

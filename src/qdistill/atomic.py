@@ -33,8 +33,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise WriteError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is intact)") \
-                from None
+            why = f"{path.parent} is not a folder" if os.path.isfile(path.parent) else e.strerror or e
+            raise WriteError(f"cannot write {path}: {why} (the previous file, if any, is intact)") from None
         raise
 
 

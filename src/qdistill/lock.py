@@ -47,16 +47,16 @@ def _acquire(path: Path, what: str) -> int:
 
 @contextlib.contextmanager
 def locked(folder: str | Path, what: str = "folder"):
-    """Hold ``folder``'s lock for the ``with`` block. The folder is created if needed and
-    removed again if the block leaves nothing in it but the lock, so a command that fails
-    before writing anything leaves nothing behind; temp files a writer killed mid-write
-    left in it (`atomic.remove_temps`) are removed once the lock is held. Raises
-    `RunError` naming the holder when another process holds the lock."""
+    """Hold ``folder``'s lock for the ``with`` block. The folder (and any missing parent) is
+    created if needed and removed again if the block leaves nothing in it but the lock, so a
+    command that fails before writing anything leaves nothing behind; temp files a writer
+    killed mid-write left in it (`atomic.remove_temps`) are removed once the lock is held.
+    Raises `RunError` naming the holder when another process holds the lock, or naming the
+    folder when it cannot be created."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
+    if os.path.exists(folder) and not os.path.isdir(folder):
         raise RunError(f"{what} path {folder} exists and is not a directory")
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    created = _create(folder, what)
     path = folder / NAME
     fd = _acquire(path, what)  # on failure the folder is the holder's: leave it
     try:
@@ -66,12 +66,27 @@ def locked(folder: str | Path, what: str = "folder"):
         yield folder
     finally:
         os.ftruncate(fd, 0)
-        if created:
-            _remove_if_empty(folder, path)
+        if created and {p.name for p in folder.iterdir()} <= {NAME}:
+            path.unlink(missing_ok=True)
+            _remove_empty(created)
         os.close(fd)  # releases the lock
 
 
-def _remove_if_empty(folder: Path, path: Path) -> None:
-    if {p.name for p in folder.iterdir()} <= {NAME}:
-        path.unlink(missing_ok=True)
-        folder.rmdir()
+def _create(folder: Path, what: str) -> list[Path]:
+    """Create ``folder`` and its missing parents; the folders created, deepest first. An OS
+    error (a parent that is a file, no permission, a name too long) is a `RunError`, with
+    what was created removed again."""
+    missing = [p for p in (folder, *folder.parents) if not os.path.exists(p)]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(missing)
+        raise RunError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where they exist and are empty."""
+    for p in folders:
+        with contextlib.suppress(OSError):
+            p.rmdir()

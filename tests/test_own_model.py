@@ -59,6 +59,10 @@ def wrong_shape(num_classes=10):
 
 def not_a_module():
     return 3
+
+
+def frozen(num_classes=10):
+    return wrong_shape(num_classes - 1).requires_grad_(False)
 '''
 
 
@@ -150,12 +154,25 @@ def test_a_layer_with_unquantized_input_is_named_in_one_warning():
         warnings.simplefilter("always")
         q = quantize(Functional())
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "\n" not in messages[0] and "of c " in messages[0]
+    assert len(messages) == 1 and "\n" not in messages[0] and "of c (fed by relu)" in messages[0]
     assert isinstance(q.relu, QuantAct) and q(torch.rand(1, 3, 12, 12)).shape == (1, 10)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         q = quantize(Untraceable())
     assert any("cannot be traced" in str(w.message) for w in caught) and isinstance(q.relu, QuantAct)
+
+
+def test_a_gelu_is_named_as_what_feeds_a_layer_and_a_net_with_no_quantized_weight_is_told():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
+    with pytest.warns(UserWarning, match=r"input of 2 \(fed by GELU\): it sees full-precision activations"):
+        quantize(net)
+    edges_only = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    with pytest.warns(UserWarning, match="Sequential has no layer but its first convolution and last linear"):
+        q = quantize(edges_only)
+    assert [m.weight_bits for m in (q[0], q[3])] == [32, 32]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quantizing the edges too: nothing to say
+        assert quantize(edges_only, quantize_first_last=True)[3].weight_bits == 2
 
 
 def test_the_api_is_importable_from_the_package():
@@ -202,8 +219,10 @@ def test_a_module_model_builds(monkeypatch, net_file):
     ("{dir}/mynet.py:raises", "model factory {dir}/mynet.py:raises raised ValueError: no such width"),
     ("{dir}/mynet.py:wrong_shape", "gives (2, 11) for a (2, 3, 32, 32) batch; qdistill needs (2, 10) logits"),
     ("{dir}/mynet.py:not_a_module", "returned int, not a torch.nn.Module"),
+    ("{dir}/mynet.py:frozen", "model {dir}/mynet.py:frozen has no trainable parameter: nothing to train"),
     ("no_such_package_here.net:f", "cannot find model module no_such_package_here.net"),
-], ids=["name", "file", "function", "import", "raises", "shape", "type", "module"])
+    ("sys:exit", "model module sys has no source file (origin: built-in)"),
+], ids=["name", "file", "function", "import", "raises", "shape", "type", "frozen", "module", "no-file"])
 def test_a_bad_model_is_one_line_exit_2_and_nothing_written(ref, line, net_file, tmp_path, capsys):
     (net_file.parent / "broken.py").write_text("def f(:\n")
     ref = ref.format(dir=net_file.parent)

@@ -120,7 +120,8 @@ def _relus_to_quantize(model: nn.Module, gm: fx.GraphModule | None) -> set[str]:
 
 def _unquantized_inputs(model: nn.Module, gm: fx.GraphModule | None) -> list[str]:
     """The quantized layers of ``model`` (swapped) whose input no activation quantizer
-    (or the image) gives, read off the graph traced before the swap (names are kept)."""
+    (or the image) gives, each with what feeds it (``"conv2 (fed by GELU)"``), read off
+    the graph traced before the swap (names are kept)."""
     if gm is None:
         return []
     acts = {n for n, m in model.named_modules() if isinstance(m, QuantAct)}
@@ -130,7 +131,9 @@ def _unquantized_inputs(model: nn.Module, gm: fx.GraphModule | None) -> list[str
         if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_bits < FULL:
             src = _source(gm, node)
             if not (isinstance(src, fx.Node) and (src.op == "placeholder" or src.target in acts)):
-                out.append(node.target)
+                feeder = _module(gm, src) if isinstance(src, fx.Node) else None
+                what = type(feeder).__name__ if feeder is not None else getattr(src, "target", src)
+                out.append(f"{node.target} (fed by {getattr(what, '__name__', what)})")
     return out
 
 
@@ -153,9 +156,11 @@ def quantize(model: nn.Module, *, scheme: str = "dorefa", weight_bits: int = 2, 
       as larq's guide for binary networks advises (the shortcut carries what the branch
       cannot).
 
-    A quantized layer whose input no quantizer gives (a functional ``F.relu``, an add
-    feeding it directly) is named in one warning line. Where ``torch.fx`` cannot trace
-    the network, every ``nn.ReLU`` is quantized and the warning says so.
+    A quantized layer whose input no quantizer gives (a functional ``F.relu``, a GELU, an
+    add feeding it directly) is named, with what feeds it, in one warning line; so is a
+    network with no quantized weight (only a first convolution and a last linear layer).
+    Where ``torch.fx`` cannot trace the network, every ``nn.ReLU`` is quantized and the
+    warning says so.
     """
     quant = schemes.get(scheme)
     model = copy.deepcopy(model)
@@ -178,6 +183,9 @@ def quantize(model: nn.Module, *, scheme: str = "dorefa", weight_bits: int = 2, 
                                         FULL if first or isinstance(old, nn.Linear) else grad_bits, quant.name))
     bare = _unquantized_inputs(model, gm) if act_bits < FULL else []
     if bare:
-        warnings.warn(f"nothing quantizes the input of {', '.join(bare)} (a functional F.relu or a residual "
-                      "add feeding it?): it sees full-precision activations")
+        warnings.warn(f"nothing quantizes the input of {', '.join(bare)}: it sees full-precision activations "
+                      "(only an nn.ReLU module becomes an activation quantizer)")
+    if weight_bits < FULL and not any(n not in edges for n in order):
+        warnings.warn(f"{type(model).__name__} has no layer but its first convolution and last linear layer, "
+                      f"which keep full precision: no weight is quantized (quantize_first_last=True quantizes them)")
     return model

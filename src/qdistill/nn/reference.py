@@ -63,8 +63,11 @@ def _module_file(name: str) -> Path:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError) as e:
         raise ModelError(f"cannot find model module {name}: {type(e).__name__}: {e}") from None
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+    if spec is None:
         raise ModelError(f"cannot find model module {name} (is it installed, or on PYTHONPATH?)")
+    if not spec.origin or not Path(spec.origin).is_file():
+        raise ModelError(f"model module {name} has no source file (origin: {spec.origin}); qdistill keeps "
+                         "a model's source with its runs")
     return Path(spec.origin)
 
 
@@ -154,6 +157,8 @@ def build_float(ref: str, digest: str, model_args: dict, num_classes: int):
         raise ModelError(f"model factory {ref} raised {type(e).__name__}: {e}") from None
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"model factory {ref} returned {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"model {ref} has no trainable parameter: nothing to train")
     was = model.training
     try:
         with torch.no_grad():

@@ -190,6 +190,35 @@ def test_bad_input_shape_is_a_user_error(exported):
 
 # ---------------------------------------------------------------- kernels
 
+@pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="the notice is about numba compiling")
+def test_a_slow_first_engine_call_says_it_compiles_once_and_on_a_terminal_only(exported, monkeypatch):
+    """A process's first engine call (`deploy.load`'s empty batch) runs in `compiling_notice`:
+    still running after NOTICE_AFTER seconds, it gets one line on a terminal's stderr."""
+    import time
+    from qdistill.deploy import numba_kernels as nb
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def first_call(stderr, seconds, after=0.01):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        monkeypatch.setattr(nb, "_noticed", [])
+        monkeypatch.setattr(nb, "NOTICE_AFTER", after)
+        with nb.compiling_notice():
+            time.sleep(seconds)  # numba compiling
+        with nb.compiling_notice():  # a later call: never told
+            time.sleep(0.1)
+        return stderr.getvalue()
+
+    assert first_call(Terminal(), 0.5) == nb.NOTICE + "\n"
+    assert first_call(io.StringIO(), 0.2) == ""  # not a terminal
+    assert first_call(Terminal(), 0.0, after=30.0) == ""  # quick: the kernels were cached
+    monkeypatch.setattr(nb, "_noticed", [])
+    deploy.load(exported[0])
+    assert nb._noticed  # the load's first call went through it
+
+
 def test_pack_unpack_round_trip():
     rng = np.random.default_rng(0)
     for c, bits in ((3, 1), (64, 2), (70, 3), (130, 4)):

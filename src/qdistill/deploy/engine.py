@@ -12,11 +12,13 @@ order it runs in (with a residual tail fused into one kernel) in `graph`.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from . import graph, kernels, qdz
+from . import numba_kernels as nb
 from .qdz import QdzError
 from .residual import Add, Quant
 from .stages import AvgPool, Clip, ConvFloat, ConvPacked, Flatten, GlobalAvgPool, Linear, MaxPool, Resize, cut_border
@@ -121,11 +123,13 @@ class Engine:
 
 def load(path: str | Path, backend: str = "auto", fuse: bool = True) -> Engine:
     """Read, verify and load a ``.qdz`` file (see `qdz.read` for what is checked), then
-    run an empty batch through it so inconsistent layer shapes fail here, not later."""
+    run an empty batch through it so inconsistent layer shapes fail here, not later (and
+    numba compiles the kernels here, saying so on a terminal: `numba_kernels.compiling_notice`)."""
     manifest, arrays = qdz.read(path)
     try:
         engine = Engine(manifest, arrays, backend, fuse)
-        logits = engine.predict(np.zeros((0,) + INPUT_SHAPE, np.float32))
+        with nb.compiling_notice() if engine.backend == "numba" else contextlib.nullcontext():
+            logits = engine.predict(np.zeros((0,) + INPUT_SHAPE, np.float32))
         if logits.shape != (0, len(engine.class_names)):
             raise QdzError(f"the model has {logits.shape[1]} outputs for {len(engine.class_names)} class names")
     except QdzError as e:

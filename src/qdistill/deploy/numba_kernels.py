@@ -8,6 +8,10 @@ engine runs the numpy kernels.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
+
 import numpy as np
 
 try:
@@ -18,6 +22,29 @@ except ImportError:  # numba is optional: the numpy kernels compute the same val
     numba = None
 
 HAVE_NUMBA = numba is not None
+
+NOTICE_AFTER = 2.0  # seconds: a first call with cached kernels takes a fraction of this
+NOTICE = "qdistill: compiling the engine's numba kernels, once per install (about half a minute on 2 cores)"
+_noticed = []  # non-empty once a process's first engine call has ended
+
+
+@contextlib.contextmanager
+def compiling_notice():
+    """Around a process's first engine call: numba compiles the kernels there unless its
+    cache (beside this file, or numba's user-wide one) holds them, about 25 s on 2 cores
+    instead of a fraction of a second. If the call is still running after `NOTICE_AFTER`
+    seconds, one line on a terminal's stderr says why it is silent."""
+    if _noticed or not HAVE_NUMBA or not sys.stderr.isatty():
+        yield
+        return
+    timer = threading.Timer(NOTICE_AFTER, lambda: print(NOTICE, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        _noticed.append(True)
 
 if HAVE_NUMBA:
     @intrinsic

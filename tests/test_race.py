@@ -53,6 +53,20 @@ def test_paired_t_matches_scipy_one_sided():
     assert math.isnan(t) and p == 1.0
 
 
+def test_paired_t_reads_float32_accuracies_two_images_apart_in_every_seed_as_constant():
+    """The demo's Q1 and Q2 runs: 354 and 353 of 359 test images against 352 and 351. As
+    float32 accuracies the differences are 0.0055710077 and 0.0055710673: R's rule alone
+    saw a standard error and gave t = 186,933 (p = 1.7e-6)."""
+    f32 = lambda k, n: float(np.float32(k / n))
+    best, other = [f32(354, 359), f32(353, 359)], [f32(352, 359), f32(351, 359)]
+    assert best[0] - other[0] != best[1] - other[1]
+    t, p = paired_t(best, other)
+    assert math.isnan(t) and p == 1.0
+    n = 26032  # SVHN's test split: one image apart is still a difference
+    t, p = paired_t([f32(25000, n), f32(25010, n), f32(25020, n)], [f32(24990, n), f32(25001, n), f32(25010, n)])
+    assert t == pytest.approx(stats.ttest_rel([10, 9, 10], [0, 0, 0], alternative="greater").statistic, rel=1e-3)
+
+
 def test_holm_by_hand():
     # sorted 0.01, 0.03, 0.04, 1.0 -> 4*0.01, 3*0.03, max(0.09, 2*0.04), 1
     assert holm([0.01, 0.04, 0.03, 1.0]) == pytest.approx([0.04, 0.09, 0.09, 1.0], abs=1e-15)

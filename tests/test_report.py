@@ -300,6 +300,18 @@ def test_identical_paired_differences_claim_nothing(tmp_path):
     assert "zero width" in md and "larger than its uncertainty" not in md
 
 
+def test_differences_of_equal_image_counts_in_float32_accuracies_claim_nothing(tmp_path):
+    # the demo's figures: Q1 354 and 353 of 359 images, Q2 352 and 351; as float32 the
+    # per-seed differences disagree in the 8th digit, which gave a "CI" of [-0.56, -0.56]
+    images = {("q1", 0): 354, ("q1", 1): 353, ("q2", 0): 352, ("q2", 1): 351}
+    acc = lambda q, t, s: float(np.float32(images[q, s] / 359))
+    d = make_study(tmp_path / "S", ["q1", "q2"], [4], [0, 1], acc, acc)
+    report.write_report(d)
+    md = (d / "report.md").read_text()
+    assert "-0.56 points vs Q1 over 2 paired seeds" in md
+    assert "zero width" in md and "larger than its uncertainty" not in md and "[-0.56, -0.56]" not in md
+
+
 def test_report_marks_runs_that_end_at_chance(tmp_path):
     # 4 classes: chance is 25%, and "at chance" means at most 30% test accuracy.
     s = make_study(tmp_path / "S", ["q1", "q2"], [1.0, 4.0], [0],

@@ -97,17 +97,37 @@ def wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return min(w_plus, w_minus), float(2 * stats.norm.sf(abs(z))), w_plus - w_minus
 
 
+# Accuracies are float32 values (a float32 mean of 0/1 per image): each is rounded by up to
+# 2**-24 of itself, so two differences a - b of the same number of images differ by up to
+# 4 * 2**-24 = 2**-22 of the largest value. A real difference is a multiple of 1/N (N images):
+# above 2**-22 for any N below 4 million.
+STORED_RESOLUTION = 2.0 ** -22
+
+
+def constant_differences(a, b) -> bool:
+    """Whether the paired differences ``a - b`` are all equal as far as the stored values
+    tell (their spread within `STORED_RESOLUTION` of the largest value), or by R's
+    ``t.test`` rule (a standard error below 10 machine epsilons of the mean)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = a - b
+    if len(d) < 2:
+        return True
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max()))
+    se = float(np.std(d, ddof=1)) / math.sqrt(len(d))
+    return float(d.max() - d.min()) <= STORED_RESOLUTION * scale or se <= 10 * np.finfo(np.float64).eps * abs(
+        float(np.mean(d)))
+
+
 def paired_t(best: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     """One-sided paired t test that ``best`` is higher: d = best - other,
-    t = mean(d) / (sd(d) / sqrt(n)), p = P(T_{n-1} > t). Constant differences (a standard
-    error below 10 machine epsilons of the mean, R's ``t.test`` rule) cannot be tested:
-    (nan, 1), as irace treats them."""
+    t = mean(d) / (sd(d) / sqrt(n)), p = P(T_{n-1} > t). Constant differences
+    (`constant_differences`) cannot be tested: (nan, 1), as irace treats them."""
     from scipy import stats
+    if constant_differences(best, other):
+        return math.nan, 1.0
     d = np.asarray(best, dtype=np.float64) - np.asarray(other, dtype=np.float64)
     n, mean = len(d), float(np.mean(d))
-    se = float(np.std(d, ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-    if se <= 10 * np.finfo(np.float64).eps * abs(mean):
-        return math.nan, 1.0
+    se = float(np.std(d, ddof=1)) / math.sqrt(n)
     t = mean / se
     return t, float(stats.t.sf(t, n - 1))
 

@@ -19,6 +19,7 @@ from ..atomic import atomic_write_text
 from ..errors import RunError
 from ..nn import KD_TERMS
 from . import QUESTIONS
+from .racetests import constant_differences
 from .studydir import RESULTS, StudyDir
 
 COLUMNS = ["run", "question", "loss", "kd", "temperature", "c", "seed", "weight_bits", "act_bits",
@@ -167,14 +168,18 @@ def paired_difference(a: dict, b: dict, level: float = 0.95) -> dict | None:
     """Paired difference over the seeds both dicts ({seed: value}) hold:
     d_s = a_s - b_s, mean d, and the Student-t interval
     mean ± t_{(1+level)/2, n-1} · sd(d) / sqrt(n), with sd the sample std.
-    ``lo``/``hi`` are ``None`` for one pair; the result is ``None`` for none."""
+    ``lo``/``hi`` are ``None`` for one pair, both ``mean`` where the differences are
+    constant (`racetests.constant_differences`: equal numbers of images whose float32
+    accuracies differ in the last bits); the result is ``None`` for no pair."""
     seeds = [s for s in a if s in b]
     if not seeds:
         return None
     d = [a[s] - b[s] for s in seeds]
     mean, sd = mean_std(d)
     out = {"n": len(d), "mean": mean, "lo": None, "hi": None, "seeds": seeds}
-    if len(d) > 1:
+    if len(d) > 1 and constant_differences([a[s] for s in seeds], [b[s] for s in seeds]):
+        out["lo"] = out["hi"] = mean
+    elif len(d) > 1:
         from scipy import stats  # imported here: 0.6 s that only a report needs, not each run
         half = stats.t.ppf((1 + level) / 2, len(d) - 1) * sd / math.sqrt(len(d))
         out["lo"], out["hi"] = mean - half, mean + half

@@ -131,10 +131,15 @@ def _unquantized_inputs(model: nn.Module, gm: fx.GraphModule | None) -> list[str
         if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_bits < FULL:
             src = _source(gm, node)
             if not (isinstance(src, fx.Node) and (src.op == "placeholder" or src.target in acts)):
-                feeder = _module(gm, src) if isinstance(src, fx.Node) else None
-                what = type(feeder).__name__ if feeder is not None else getattr(src, "target", src)
-                out.append(f"{node.target} (fed by {getattr(what, '__name__', what)})")
+                out.append(f"{node.target} (fed by {_kind(gm, src)})")
     return out
+
+
+def _kind(gm: fx.GraphModule, src) -> str:
+    """What ``src`` is, for a message: a module's class name, or the function's or method's."""
+    m = _module(gm, src) if isinstance(src, fx.Node) else None
+    target = type(m) if m is not None else getattr(src, "target", src)
+    return getattr(target, "__name__", str(target))
 
 
 def quantize(model: nn.Module, *, scheme: str = "dorefa", weight_bits: int = 2, act_bits: int = 1,

@@ -281,8 +281,13 @@ def test_output_details(named_run, small_teacher, tmp_path, capsys):
     data_dir = next(a for a in sub._actions if "--data-dir" in a.option_strings)
     assert data_dir.help.startswith("svhn, cifar10, cifar100: ") and "imagefolder" not in data_dir.help
     code, out, _ = run(["datasets", "--data-dir", tmp_path], capsys)
+    pad = " " * (len("imagefolder") + 1)  # one column for every name, the longest included
     for name in ("train_32x32.mat", "cifar-10-python.tar.gz", "cifar-100-python.tar.gz"):
-        assert code == 0 and f"        {tmp_path / name}: missing" in out.splitlines(), (name, out)
+        assert code == 0 and f"{pad}{tmp_path / name}: missing" in out.splitlines(), (name, out)
+    rows = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert len(rows) == 7 and all(line[:len(pad)].rstrip() == line.split()[0] and line[len(pad)] != " "
+                                  for line in rows), out
+    assert "imagefolder sizes from your data: " in out
 
 
 # 9. scale shown up front

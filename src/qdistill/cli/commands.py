@@ -189,13 +189,15 @@ def _probe_line(probe: dict) -> str:
 
 def cmd_datasets(args) -> int:
     from ..data.registry import describe
-    for d in describe(_config(args)["data"]["data_dir"]):
-        sizes = f"{d['train']} train / {d['test']} test" if d.get("train") else "sizes from the file"
-        print(f"{d['name']:7s} {sizes}: {d['description']}")
+    records = describe(_config(args)["data"]["data_dir"])
+    width = max(len(d["name"]) for d in records)
+    for d in records:
+        sizes = f"{d['train']} train / {d['test']} test" if d.get("train") else "sizes from your data"
+        print(f"{d['name']:{width}s} {sizes}: {d['description']}")
         if "files" in d:
             for name, present in d["files"].items():
                 state = ("converted" if d["cached"].get(name) else "present") if present else "missing"
-                print(f"        {Path(d['data_dir']) / name}: {state}")
+                print(f"{'':{width}s} {Path(d['data_dir']) / name}: {state}")
     return 0
 
 

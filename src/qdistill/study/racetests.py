@@ -97,10 +97,10 @@ def wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return min(w_plus, w_minus), float(2 * stats.norm.sf(abs(z))), w_plus - w_minus
 
 
-# Accuracies are float32 values (a float32 mean of 0/1 per image): each is rounded by up to
-# 2**-24 of itself, so two differences a - b of the same number of images differ by up to
-# 4 * 2**-24 = 2**-22 of the largest value. A real difference is a multiple of 1/N (N images):
-# above 2**-22 for any N below 4 million.
+# Runs before 2026-12-07 stored accuracies as float32 values (a float32 mean of 0/1 per image),
+# each rounded by up to 2**-24 of itself, so two differences a - b of the same number of images
+# differ by up to 4 * 2**-24 = 2**-22 of the largest value (now correct / N in float64: 2**-51).
+# A real difference is a multiple of 1/N (N images): above 2**-22 for any N below 4 million.
 STORED_RESOLUTION = 2.0 ** -22
 
 

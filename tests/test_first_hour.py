@@ -175,8 +175,8 @@ def test_extend_trains_a_finished_run_on_exactly_when_its_schedule_allows(tmp_pa
     code, _, err = run(["student", "--epochs", "4", "--extend", "--quiet", "--out", tmp_path / "three"], capsys)
     assert code == 2 and one_line(err) == (
         f"qdistill: error: run {tmp_path / 'three'} cannot go from 3 to 4 epochs as if it had been started so: "
-        f"the course schedule's rates for its 3 epochs depend on the number of epochs (its drops fall at a "
-        f"fraction of them); train a new run with --epochs 4")
+        f"the course schedule's rates for its 3 epochs depend on the number of epochs (they are set by the "
+        f"fraction of the run done); train a new run with --epochs 4")
     code, _, err = run(["student", "--epochs", "5", "--resume", "--quiet", "--out", tmp_path / "three"], capsys)
     assert code == 2 and one_line(err) == (
         f"qdistill: error: run {tmp_path / 'three'} already finished with another config (train.epochs: 3 -> 5); "

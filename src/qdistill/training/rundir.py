@@ -149,7 +149,7 @@ class RunDir:
         if not extends_exactly(done, old, new, schedule, cfg["train"]["warmup"]):
             raise RunError(f"run {self.path} cannot go from {old} to {new} epochs as if it had been started so: "
                            + ("give a larger --epochs" if new <= old else f"the {schedule} schedule's rates for its "
-                              f"{done} epochs depend on the number of epochs (its drops fall at a fraction of them)")
+                              f"{done} epochs depend on the number of epochs (they are set by the fraction of the run done)")
                            + f"; train a new run with --epochs {new}")
         for name in (SUMMARY, TEST_LOGITS):
             (self.path / name).unlink(missing_ok=True)

@@ -175,6 +175,32 @@ def test_a_gelu_is_named_as_what_feeds_a_layer_and_a_net_with_no_quantized_weigh
         assert quantize(edges_only, quantize_first_last=True)[3].weight_bits == 2
 
 
+class SharedRelu(nn.Module):
+    """torchvision's BasicBlock pattern: one ``self.relu`` before and after the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.conv2(self.relu(self.conv1(x)))
+        out += x
+        return self.relu(out)
+
+
+def test_one_relu_at_two_places_is_named_where_it_would_share_a_learned_step():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), SharedRelu(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                        nn.Linear(4 * 26 * 26, 10))
+    with pytest.warns(UserWarning, match=r"^2\.relu \(2 places\): one nn.ReLU called at several places becomes one "
+                                         r"lsq quantizer, with one learned step"):
+        q = quantize(net, scheme="lsq", weight_bits=2, act_bits=2)
+    assert isinstance(q[2].relu, QuantAct) and q(torch.rand(1, 3, 30, 30)).shape == (1, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DoReFa's quantizer holds no state: sharing it changes nothing
+        quantize(net, weight_bits=2, act_bits=1)
+
+
 def test_the_api_is_importable_from_the_package():
     assert qdistill.quantize is quantize
     for name in qdistill.__all__:

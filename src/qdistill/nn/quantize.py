@@ -118,6 +118,12 @@ def _relus_to_quantize(model: nn.Module, gm: fx.GraphModule | None) -> set[str]:
     return {n.target for n in gm.graph.nodes if n.target in relus and _feeds(gm, n, (nn.Conv2d, nn.Linear))}
 
 
+def _called_more_than_once(gm: fx.GraphModule | None, names: set[str]) -> list[str]:
+    """``"relu (2 places)"`` for each module of ``names`` that the forward calls more than once."""
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in names] if gm else []
+    return [f"{name} ({calls.count(name)} places)" for name in dict.fromkeys(calls) if calls.count(name) > 1]
+
+
 def _unquantized_inputs(model: nn.Module, gm: fx.GraphModule | None) -> list[str]:
     """The quantized layers of ``model`` (swapped) whose input no activation quantizer
     (or the image) gives, each with what feeds it (``"conv2 (fed by GELU)"``), read off
@@ -163,7 +169,9 @@ def quantize(model: nn.Module, *, scheme: str = "dorefa", weight_bits: int = 2, 
 
     A quantized layer whose input no quantizer gives (a functional ``F.relu``, a GELU, an
     add feeding it directly) is named, with what feeds it, in one warning line; so is a
-    network with no quantized weight (only a first convolution and a last linear layer).
+    network with no quantized weight (only a first convolution and a last linear layer), and,
+    for a learned scheme (LSQ), an ``nn.ReLU`` the forward calls at several places (as
+    torchvision's ResNet blocks do): its one quantizer would learn one step for all of them.
     Where ``torch.fx`` cannot trace the network, every ``nn.ReLU`` is quantized and the
     warning says so.
     """
@@ -177,8 +185,13 @@ def quantize(model: nn.Module, *, scheme: str = "dorefa", weight_bits: int = 2, 
     linears = [n for n in order if isinstance(model.get_submodule(n), nn.Linear)]
     edges = {convs[0]} if convs and not (quantize_first_last or quant.quantizes_first_conv) else set()
     edges |= {linears[-1]} if linears and not quantize_first_last else set()
-    for name in _relus_to_quantize(model, gm):
+    relus = _relus_to_quantize(model, gm)
+    for name in relus:
         _swap(model, name, QuantAct(act_bits, quant.plain_act))
+    shared = _called_more_than_once(gm, relus) if quant.learned and act_bits < FULL else []
+    if shared:
+        warnings.warn(f"{', '.join(shared)}: one nn.ReLU called at several places becomes one {quant.name} quantizer, "
+                      "with one learned step for all of them; give each place its own nn.ReLU")
     for name in order:
         old = model.get_submodule(name)
         if isinstance(old, (QuantConv2d, QuantLinear)):

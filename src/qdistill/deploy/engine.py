@@ -12,7 +12,6 @@ order it runs in (with a residual tail fused into one kernel) in `graph`.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +127,7 @@ def load(path: str | Path, backend: str = "auto", fuse: bool = True) -> Engine:
     manifest, arrays = qdz.read(path)
     try:
         engine = Engine(manifest, arrays, backend, fuse)
-        with nb.compiling_notice() if engine.backend == "numba" else contextlib.nullcontext():
+        with nb.compiling_notice(engine.backend == "numba"):
             logits = engine.predict(np.zeros((0,) + INPUT_SHAPE, np.float32))
         if logits.shape != (0, len(engine.class_names)):
             raise QdzError(f"the model has {logits.shape[1]} outputs for {len(engine.class_names)} class names")

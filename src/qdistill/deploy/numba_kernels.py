@@ -29,12 +29,12 @@ _noticed = []  # non-empty once a process's first engine call has ended
 
 
 @contextlib.contextmanager
-def compiling_notice():
+def compiling_notice(numba_backend: bool = True):
     """Around a process's first engine call: numba compiles the kernels there unless its
     cache (beside this file, or numba's user-wide one) holds them, about 25 s on 2 cores
     instead of a fraction of a second. If the call is still running after `NOTICE_AFTER`
     seconds, one line on a terminal's stderr says why it is silent."""
-    if _noticed or not HAVE_NUMBA or not sys.stderr.isatty():
+    if _noticed or not (HAVE_NUMBA and numba_backend) or not sys.stderr.isatty():
         yield
         return
     timer = threading.Timer(NOTICE_AFTER, lambda: print(NOTICE, file=sys.stderr, flush=True))

@@ -120,6 +120,9 @@ def bad_inputs(tmp_path, teacher):
     finished.mkdir()
     (finished / "summary.json").write_text("{}")
     (finished / "checkpoint.pt").write_text("x")
+    unstarted = tmp_path / "killed-before-its-first-epoch"
+    unstarted.mkdir()
+    (unstarted / "config.toml").write_text((teacher / "config.toml").read_text())
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[train]\nepohcs = 3\n")
     mat_dir = tmp_path / "svhn"
@@ -149,6 +152,8 @@ def bad_inputs(tmp_path, teacher):
          "classes"),
         (["teacher", *SMALL, "--out", finished], "--force"),
         (["eval", tmp_path / "nothing"], "not a qdistill run"),
+        (["eval", unstarted], f"run {unstarted} has not finished an epoch (no best.pt): train it on with --resume"),
+        (["export", unstarted, "--out", tmp_path / "never.qdz"], "has not finished an epoch"),
         (["teacher", "--epochs", "x", *out], "invalid int"),
         (["teacher", "--set", "train.lr=-1", *out], "train.lr"),
         (["bench", "--deploy", "--scaling"], "--scaling"),

@@ -98,7 +98,7 @@ def load_model(run: str | Path, which: str = "best") -> tuple[torch.nn.Module, d
     ``checkpoint.pt`` (``which="last"``), and its meta."""
     if which not in ("best", "last"):
         raise RunError(f"checkpoint must be best or last, got {which!r}")
-    ckpt = load(RunDir(run).best if which == "best" else RunDir(run).checkpoint)
+    ckpt = load(RunDir(run).weights(which))
     meta = member_meta(ckpt)
     model = build_from_meta(meta)
     model.load_state_dict(ckpt["model"])

@@ -92,6 +92,14 @@ class RunDir:
     def best(self) -> Path:
         return self.path / BEST
 
+    def weights(self, which: str = "best") -> Path:
+        """``best.pt``, or ``checkpoint.pt`` for ``which="last"``; a `RunError` saying so
+        where the run has its config but no finished epoch (killed before its first)."""
+        path = self.best if which == "best" else self.checkpoint
+        if not path.is_file() and (self.path / CONFIG).is_file() and not self.started:
+            raise RunError(f"run {self.path} has not finished an epoch (no {path.name}): train it on with --resume")
+        return path
+
     @property
     def finished(self) -> bool:
         return (self.path / SUMMARY).exists()

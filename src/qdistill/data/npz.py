@@ -28,6 +28,13 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if not magic.startswith(b"PK") and magic != b"\x93NUMPY":  # numpy would read anything else as a pickle
+        raise DataError(f"{path} is not a valid .npz file (not a zip archive of .npy arrays)")
+    try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises many kinds for a file that is no npy/npz
         raise DataError(f"{path} is not a valid .npz file ({_one_line(e)})") from None

@@ -250,6 +250,9 @@ def test_predict_on_a_folder_lists_bad_images_and_counts_other_files(small_stude
     (folder / "b.png").write_bytes(b"\x89PNG broken")
     (folder / "notes.txt").write_text("not an image")
     capsys.readouterr()
+    code, _, err = run(["predict", qdz, folder, "--out", tmp_path / "p.csv"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and f"cannot read image {folder / 'b.png'}" in err
+    assert "give --skip-bad-images to list it in the CSV and go on" in err and not (tmp_path / "p.csv").exists()
     code, _, err = run(["predict", qdz, folder, "--out", tmp_path / "p.csv", "--skip-bad-images"], capsys)
     assert code == 0 and err.splitlines() == [
         f"qdistill: 1 file(s) under {folder} are not images (png, jpg, jpeg, bmp, webp) and were left out",

@@ -121,7 +121,8 @@ def predict_folder(qdz_path: str | Path, folder: str | Path, skip_bad_images: bo
                 images.append(load_image(p))
             except DataError as e:
                 if not skip_bad_images:
-                    raise
+                    raise DataError(f"{e}; fix or remove it, or give --skip-bad-images to list it in the CSV and "
+                                    "go on") from None
                 errors[p] = str(e)
         logits = iter(engine.predict(np.concatenate(images)) if images else [])
         for p in chunk:
